@@ -1,0 +1,351 @@
+"""The refstorage file format, version 1: the only encoder and decoder of it.
+
+docs/format.md is the specification; this module implements exactly that.
+Summary (all integers big-endian, unsigned):
+
+    file        := file_header transaction*
+    file_header := 1024 bytes: magic, version, header size, flags, file id,
+                   pack tid, zero padding, crc32 of the first 1020 bytes
+    transaction := txn_header user description extension data_record* tlen
+    txn_header  := tid(8) tlen(8) status(1) ulen(4) dlen(4) elen(4) nrec(4) hcrc(4)
+    data_record := oid(8) tid(8) prev(8) tpos(8) flags(2) nrefs(4) dlen(4)
+                   refs(8 * nrefs) payload crc(4)
+    payload     := data (dlen bytes), or a backpointer (8 bytes) if flags & BACK
+
+`tlen` counts a transaction's bytes from its tid up to, not including, the
+trailing redundant copy of tlen, so `pos + tlen + 8` is the next transaction
+and a reader can step backwards from any boundary.  The transaction header's
+crc covers every header byte but the status, so finishing a commit flips 'c'
+to ' ' in place without touching a checksum.  A data record's crc covers the
+whole record before it.
+
+Decoders take a buffer, an offset in it, the file's path and the file position
+of the buffer's start, and raise `CorruptedError` subclasses naming the path
+and the exact offset; they never let struct.error or an assertion escape.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from typing import NamedTuple
+
+from .errors import (
+    CorruptedDataError,
+    CorruptedHeaderError,
+    CorruptedTransactionError,
+    EmptyFileError,
+    ForeignFormatError,
+    FutureVersionError,
+    NotARefStorageFileError,
+)
+
+crc32 = zlib.crc32
+
+# -- file header -----------------------------------------------------------------
+
+MAGIC = b"\x89RFS\r\n\x1a\n"
+FORMAT_VERSION = 1
+HEADER_SIZE = 1024
+Z64 = b"\0" * 8
+
+_FILE_HEADER = struct.Struct(">8sHHI16s8s")  # magic version hsize flags file_id pack_tid
+_FOREIGN_MAGICS = {
+    b"FS21": "ZODB FileStorage (Python 2, FS21)",
+    b"FS30": "ZODB FileStorage (FS30)",
+}
+
+
+class FileHeader(NamedTuple):
+    version: int
+    file_id: bytes
+    pack_tid: bytes
+
+
+def encode_file_header(file_id: bytes, pack_tid: bytes = Z64) -> bytes:
+    if len(file_id) != 16 or len(pack_tid) != 8:
+        raise ValueError("file_id takes 16 bytes and pack_tid 8")
+    head = _FILE_HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, file_id, pack_tid)
+    body = head + b"\0" * (HEADER_SIZE - 4 - len(head))
+    return body + struct.pack(">I", crc32(body))
+
+
+def decode_file_header(buf: bytes, path: str) -> FileHeader:
+    """Check and decode the first bytes of a file (pass at least HEADER_SIZE)."""
+    if not buf:
+        raise EmptyFileError(path, "file is empty (0 bytes); not a refstorage file")
+    for magic, name in _FOREIGN_MAGICS.items():
+        if buf.startswith(magic):
+            raise ForeignFormatError(
+                path, f"is a {name} file, not a refstorage file; "
+                "convert it with 'refstorage convert'", 0)
+    if not buf.startswith(MAGIC[: len(buf)]) or len(buf) < len(MAGIC):
+        if buf.startswith(MAGIC[: len(buf)]):
+            raise CorruptedHeaderError(path, f"file is {len(buf)} bytes, shorter than its header", 0)
+        raise NotARefStorageFileError(path, f"bad magic {bytes(buf[:8])!r}; not a refstorage file", 0)
+    if len(buf) < _FILE_HEADER.size:
+        raise CorruptedHeaderError(path, f"file is {len(buf)} bytes, shorter than its header", 0)
+    _, version, hsize, _flags, file_id, pack_tid = _FILE_HEADER.unpack_from(buf, 0)
+    if version > FORMAT_VERSION:
+        raise FutureVersionError(
+            path, f"format version {version} is newer than this refstorage reads "
+            f"(up to {FORMAT_VERSION}); upgrade refstorage", 8)
+    if version == 0 or hsize != HEADER_SIZE:
+        raise CorruptedHeaderError(path, f"bad header: version {version}, header size {hsize}", 8)
+    if len(buf) < HEADER_SIZE:
+        raise CorruptedHeaderError(path, f"file is {len(buf)} bytes, shorter than its header", 0)
+    (stored,) = struct.unpack_from(">I", buf, HEADER_SIZE - 4)
+    if crc32(buf[: HEADER_SIZE - 4]) != stored:
+        raise CorruptedHeaderError(path, "file header checksum mismatch", HEADER_SIZE - 4)
+    return FileHeader(version, file_id, pack_tid)
+
+
+# -- transactions ----------------------------------------------------------------
+
+STATUS_COMMITTED = b" "
+STATUS_CHECKPOINT = b"c"  # written at vote, flipped to ' ' at finish
+STATUS_PACKED = b"p"  # copied by a pack from before the pack time
+STATUSES = (STATUS_COMMITTED, STATUS_CHECKPOINT, STATUS_PACKED)
+
+_TXN_HEADER = struct.Struct(">8sQcIIIII")
+TXN_HEADER_SIZE = _TXN_HEADER.size  # 37
+STATUS_OFFSET = 16
+_TLEN = struct.Struct(">Q")
+TRAILER_SIZE = 8
+MIN_TXN_SIZE = TXN_HEADER_SIZE + TRAILER_SIZE
+
+
+class TxnHeader(NamedTuple):
+    pos: int  # file position of the transaction
+    tid: bytes
+    tlen: int
+    status: bytes
+    user: bytes
+    description: bytes
+    extension: bytes
+    nrec: int
+
+    @property
+    def header_len(self) -> int:
+        return TXN_HEADER_SIZE + len(self.user) + len(self.description) + len(self.extension)
+
+    @property
+    def data_pos(self) -> int:
+        """Position of the first data record."""
+        return self.pos + self.header_len
+
+    @property
+    def end(self) -> int:
+        """Position of the trailer (the redundant tlen)."""
+        return self.pos + self.tlen
+
+    @property
+    def next_pos(self) -> int:
+        return self.pos + self.tlen + TRAILER_SIZE
+
+
+def txn_header_len(user: bytes, description: bytes, extension: bytes) -> int:
+    return TXN_HEADER_SIZE + len(user) + len(description) + len(extension)
+
+
+def encode_txn_header(tid: bytes, tlen: int, status: bytes, user: bytes,
+                      description: bytes, extension: bytes, nrec: int) -> bytes:
+    fixed = _TXN_HEADER.pack(tid, tlen, status, len(user), len(description),
+                             len(extension), nrec, 0)
+    crc = crc32(fixed[STATUS_OFFSET + 1: TXN_HEADER_SIZE - 4], crc32(fixed[:STATUS_OFFSET]))
+    crc = crc32(extension, crc32(description, crc32(user, crc)))
+    return b"".join((fixed[:-4], struct.pack(">I", crc), user, description, extension))
+
+
+def encode_trailer(tlen: int) -> bytes:
+    return _TLEN.pack(tlen)
+
+
+def decode_trailer(buf: bytes, offset: int = 0) -> int:
+    return _TLEN.unpack_from(buf, offset)[0]
+
+
+def decode_txn_header_fixed(buf, offset: int, path: str, pos: int):
+    """Decode the fixed part only (no checksum check): the raw tuple + varlen size.
+
+    Returns (tid, tlen, status, ulen, dlen, elen, nrec, hcrc)."""
+    if len(buf) - offset < TXN_HEADER_SIZE:
+        raise CorruptedTransactionError(
+            path, f"transaction header cut short ({len(buf) - offset} of "
+            f"{TXN_HEADER_SIZE} bytes)", pos)
+    return _TXN_HEADER.unpack_from(buf, offset)
+
+
+def decode_txn_header(buf, offset: int, path: str, pos: int, file_size: int | None = None) -> TxnHeader:
+    """Decode and check a transaction header that starts at buf[offset].
+
+    `pos` is its file position.  The buffer must hold the variable part too
+    (the caller reads more when `txn_header_needs` says so).  With `file_size`
+    the length is also checked against the end of the file.
+    """
+    tid, tlen, status, ulen, dlen, elen, nrec, hcrc = decode_txn_header_fixed(buf, offset, path, pos)
+    hlen = TXN_HEADER_SIZE + ulen + dlen + elen
+    if len(buf) - offset < hlen:
+        raise CorruptedTransactionError(
+            path, f"transaction header cut short ({len(buf) - offset} of {hlen} bytes)", pos)
+    var_start = offset + TXN_HEADER_SIZE
+    crc = crc32(buf[offset + STATUS_OFFSET + 1: offset + TXN_HEADER_SIZE - 4],
+                crc32(buf[offset: offset + STATUS_OFFSET]))
+    crc = crc32(buf[var_start: offset + hlen], crc)
+    if crc != hcrc:
+        raise CorruptedTransactionError(path, "transaction header checksum mismatch", pos)
+    if status not in STATUSES:
+        raise CorruptedTransactionError(path, f"invalid transaction status {status!r}", pos + STATUS_OFFSET)
+    if tlen < hlen:
+        raise CorruptedTransactionError(path, f"transaction length {tlen} shorter than its header", pos + 8)
+    if file_size is not None and pos + tlen + TRAILER_SIZE > file_size:
+        raise CorruptedTransactionError(
+            path, f"transaction length {tlen} runs past the end of the file ({file_size})", pos + 8)
+    user = bytes(buf[var_start: var_start + ulen])
+    desc = bytes(buf[var_start + ulen: var_start + ulen + dlen])
+    ext = bytes(buf[var_start + ulen + dlen: offset + hlen])
+    return TxnHeader(pos, tid, tlen, status, user, desc, ext, nrec)
+
+
+def txn_header_needs(buf, offset: int) -> int:
+    """How many bytes from `offset` the whole header needs (0 if not yet known)."""
+    if len(buf) - offset < TXN_HEADER_SIZE:
+        return TXN_HEADER_SIZE
+    _, _, _, ulen, dlen, elen, _, _ = _TXN_HEADER.unpack_from(buf, offset)
+    return TXN_HEADER_SIZE + ulen + dlen + elen
+
+
+def check_trailer(buf, offset: int, th: TxnHeader, path: str) -> None:
+    """Check that the 8 bytes at buf[offset] repeat th.tlen."""
+    if len(buf) - offset < TRAILER_SIZE:
+        raise CorruptedTransactionError(path, "transaction trailer cut short", th.end)
+    tlen = _TLEN.unpack_from(buf, offset)[0]
+    if tlen != th.tlen:
+        raise CorruptedTransactionError(
+            path, f"redundant transaction length {tlen} does not match {th.tlen}", th.end)
+
+
+# -- data records ----------------------------------------------------------------
+
+FLAG_BACKPOINTER = 1  # no data: an 8-byte position follows the refs
+FLAG_REFS_UNKNOWN = 2  # references could not be computed when written
+KNOWN_FLAGS = FLAG_BACKPOINTER | FLAG_REFS_UNKNOWN
+
+_DATA_HEADER = struct.Struct(">8s8sQQHII")
+DATA_HEADER_SIZE = _DATA_HEADER.size  # 42
+CRC_SIZE = 4
+_CRC = struct.Struct(">I")
+_Q = struct.Struct(">Q")
+MAX_DATA_LEN = 0xFFFFFFFF
+MAX_POS = (1 << 48) - 1  # the index keeps 48-bit positions
+
+
+class DataRecord(NamedTuple):
+    pos: int
+    oid: bytes
+    tid: bytes
+    prev: int
+    tpos: int
+    flags: int
+    refs: bytes  # 8 bytes per referenced oid
+    data: bytes | None  # None for a backpointer
+    back: int  # backpointer position (0: no data, object deleted/undone)
+    length: int  # bytes the whole record takes in the file
+
+    @property
+    def is_backpointer(self) -> bool:
+        return bool(self.flags & FLAG_BACKPOINTER)
+
+    @property
+    def refs_known(self) -> bool:
+        return not self.flags & FLAG_REFS_UNKNOWN
+
+    def ref_oids(self) -> list[bytes]:
+        return split_refs(self.refs)
+
+
+def record_length(nrefs: int, flags: int, dlen: int) -> int:
+    payload = 8 if flags & FLAG_BACKPOINTER else dlen
+    return DATA_HEADER_SIZE + 8 * nrefs + payload + CRC_SIZE
+
+
+def encode_data_record(oid: bytes, tid: bytes, prev: int, tpos: int, refs: bytes,
+                       data: bytes | None, back: int = 0, refs_known: bool = True) -> bytes:
+    """One data record: `data`, or (data None) a backpointer to `back`."""
+    flags = 0 if refs_known else FLAG_REFS_UNKNOWN
+    if data is None:
+        if refs:
+            raise ValueError("a backpointer record carries no references")
+        flags |= FLAG_BACKPOINTER
+        payload = _Q.pack(back)
+        dlen = 0
+    else:
+        payload = data
+        dlen = len(data)
+        if dlen > MAX_DATA_LEN:
+            raise ValueError(f"a record's data is limited to {MAX_DATA_LEN} bytes")
+    body = b"".join((_DATA_HEADER.pack(oid, tid, prev, tpos, flags, len(refs) >> 3, dlen),
+                     refs, payload))
+    return body + _CRC.pack(crc32(body))
+
+
+def peek_data_header(buf, offset: int, path: str, pos: int):
+    """(oid, tid, prev, tpos, flags, nrefs, dlen, length) of the record at buf[offset].
+
+    Checks the header's self-consistency, not the checksum (that needs the
+    whole record: see `decode_data_record`)."""
+    if len(buf) - offset < DATA_HEADER_SIZE:
+        raise CorruptedDataError(
+            path, f"data record header cut short ({len(buf) - offset} of {DATA_HEADER_SIZE} bytes)", pos)
+    oid, tid, prev, tpos, flags, nrefs, dlen = _DATA_HEADER.unpack_from(buf, offset)
+    if flags & ~KNOWN_FLAGS:
+        raise CorruptedDataError(path, f"unknown data record flags {flags:#x}", pos + 32)
+    if flags & FLAG_BACKPOINTER and (dlen or nrefs):
+        raise CorruptedDataError(path, "backpointer record with data or references", pos + 32)
+    length = DATA_HEADER_SIZE + 8 * nrefs + (8 if flags & FLAG_BACKPOINTER else dlen) + CRC_SIZE
+    return oid, tid, prev, tpos, flags, nrefs, dlen, length
+
+
+def decode_data_record(buf, offset: int, path: str, pos: int) -> DataRecord:
+    """Decode and checksum the whole data record at buf[offset] (file position `pos`)."""
+    oid, tid, prev, tpos, flags, nrefs, dlen, length = peek_data_header(buf, offset, path, pos)
+    end = offset + length
+    if len(buf) < end:
+        raise CorruptedDataError(path, f"data record cut short ({len(buf) - offset} of {length} bytes)", pos)
+    body_end = end - CRC_SIZE
+    if crc32(buf[offset:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
+        raise CorruptedDataError(path, f"data record checksum mismatch (oid {oid.hex()})", pos)
+    refs_end = offset + DATA_HEADER_SIZE + 8 * nrefs
+    refs = bytes(buf[offset + DATA_HEADER_SIZE: refs_end])
+    if flags & FLAG_BACKPOINTER:
+        back = _Q.unpack_from(buf, refs_end)[0]
+        return DataRecord(pos, oid, tid, prev, tpos, flags, refs, None, back, length)
+    return DataRecord(pos, oid, tid, prev, tpos, flags, refs, bytes(buf[refs_end:body_end]), 0, length)
+
+
+def check_data_record(buf, offset: int, length: int, path: str, pos: int) -> None:
+    """Verify only the checksum of a record whose length is known."""
+    body_end = offset + length - CRC_SIZE
+    if crc32(buf[offset:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
+        raise CorruptedDataError(path, "data record checksum mismatch", pos)
+
+
+# -- references ------------------------------------------------------------------
+
+def pack_refs(oids) -> bytes:
+    """The refs field for a list of oids (duplicates dropped, order kept)."""
+    if not oids:
+        return b""
+    return b"".join(dict.fromkeys(oids))
+
+
+def split_refs(refs: bytes) -> list[bytes]:
+    return [refs[i: i + 8] for i in range(0, len(refs), 8)]
+
+
+def p64(n: int) -> bytes:
+    return _Q.pack(n)
+
+
+def u64(b: bytes) -> int:
+    return _Q.unpack(b)[0]

@@ -1,0 +1,164 @@
+"""The on-disk format: the golden file decoded field by field, and each decoder's errors."""
+
+import importlib.util
+import pathlib
+import struct
+
+import pytest
+
+from refstorage import errors
+from refstorage import format as fmt
+
+DATA = pathlib.Path(__file__).parent / "data"
+GOLDEN = DATA / "golden-v1.rfs"
+T1, T2, T3 = (bytes.fromhex(h) for h in ("03e5a0d4d5555555", "03e5a0d4d6666666", "03e5a0d4d7777777"))
+
+
+def oid(n):
+    return n.to_bytes(8, "big")
+
+
+@pytest.fixture(scope="module")
+def golden():
+    return GOLDEN.read_bytes()
+
+
+def test_golden_file_header(golden):
+    assert len(golden) == 1516
+    assert golden[:8] == b"\x89RFS\r\n\x1a\n"
+    assert struct.unpack(">HHI", golden[8:16]) == (1, 1024, 0)
+    h = fmt.decode_file_header(golden, "golden")
+    assert h == fmt.FileHeader(1, bytes(range(16)), b"\0" * 8)
+    assert golden[40:1020] == b"\0" * 980
+
+
+def test_golden_transactions_field_by_field(golden):
+    a = fmt.decode_txn_header(golden, 1024, "golden", 1024, len(golden))
+    assert (a.pos, a.tid, a.tlen, a.status, a.user, a.description, a.extension, a.nrec) == (
+        1024, T1, 155, b"p", b"alice", b"create", b"", 2)
+    assert a.header_len == 37 + 11
+    assert golden[a.end:a.next_pos] == struct.pack(">Q", 155)
+    b = fmt.decode_txn_header(golden, a.next_pos, "golden", a.next_pos, len(golden))
+    assert (b.pos, b.tid, b.tlen, b.status, b.user, b.description, b.extension, b.nrec) == (
+        1187, T2, 161, b" ", b"", b"edit", b"EXT", 2)
+    c = fmt.decode_txn_header(golden, b.next_pos, "golden", b.next_pos, len(golden))
+    assert (c.pos, c.tid, c.tlen, c.status, c.user, c.description, c.extension, c.nrec) == (
+        1356, T3, 152, b" ", b"bob", b"undo", b"", 2)
+    assert c.next_pos == len(golden)
+
+
+def test_golden_data_records_field_by_field(golden):
+    def rec(pos):
+        return fmt.decode_data_record(golden, pos, "golden", pos)
+
+    r = rec(1072)  # txn A, oid 0
+    assert (r.oid, r.tid, r.prev, r.tpos, r.flags, r.refs, r.data, r.back, r.length) == (
+        oid(0), T1, 0, 1024, 0, oid(1), b"ROOT", 0, 42 + 8 + 4 + 4)
+    r = rec(1130)  # txn A, oid 1
+    assert (r.oid, r.prev, r.tpos, r.flags, r.refs, r.data, r.length) == (
+        oid(1), 0, 1024, 0, b"", b"ONE", 49)
+    r = rec(1231)  # txn B, oid 1: refs unknown, prev -> A's record
+    assert (r.oid, r.tid, r.prev, r.tpos, r.flags, r.data, r.refs_known) == (
+        oid(1), T2, 1130, 1187, fmt.FLAG_REFS_UNKNOWN, b"ONE-v2", False)
+    r = rec(1283)  # txn B, oid 2
+    assert (r.oid, r.prev, r.refs, r.data) == (oid(2), 0, oid(0) + oid(1), b"TWO")
+    assert r.ref_oids() == [oid(0), oid(1)]
+    r = rec(1400)  # txn C, oid 1: backpointer to A's record
+    assert (r.oid, r.tid, r.prev, r.tpos, r.flags, r.data, r.back, r.length) == (
+        oid(1), T3, 1231, 1356, fmt.FLAG_BACKPOINTER, None, 1130, 54)
+    r = rec(1454)  # txn C, oid 2: creation undone
+    assert (r.oid, r.prev, r.flags, r.data, r.back, r.is_backpointer) == (
+        oid(2), 1283, fmt.FLAG_BACKPOINTER, None, 0, True)
+
+
+def test_golden_file_is_what_the_encoders_write(golden):
+    spec = importlib.util.spec_from_file_location("make_golden", DATA / "make_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    assert mod.build() == golden
+
+
+def test_status_flip_keeps_checksums_valid():
+    head = fmt.encode_txn_header(T1, 100, b"c", b"u", b"d", b"e", 0)
+    for status in fmt.STATUSES:
+        flipped = head[:fmt.STATUS_OFFSET] + status + head[fmt.STATUS_OFFSET + 1:]
+        assert fmt.decode_txn_header(flipped, 0, "f", 0).status == status
+
+
+@pytest.mark.parametrize("buf,error", [
+    (b"", errors.EmptyFileError),
+    (b"FS30" + b"\0" * 2000, errors.ForeignFormatError),
+    (b"FS21" + b"\0" * 2000, errors.ForeignFormatError),
+    (b"hello world" * 200, errors.NotARefStorageFileError),
+    (b"\x89RFS", errors.CorruptedHeaderError),
+])
+def test_file_header_errors(buf, error):
+    with pytest.raises(error) as info:
+        fmt.decode_file_header(buf, "/x/Data.rfs")
+    assert "/x/Data.rfs" in str(info.value)
+
+
+def test_future_version_and_header_checksum():
+    good = fmt.encode_file_header(bytes(16))
+    future = bytearray(good)
+    future[8:10] = struct.pack(">H", fmt.FORMAT_VERSION + 1)
+    with pytest.raises(errors.FutureVersionError, match="offset 8"):
+        fmt.decode_file_header(bytes(future), "p")
+    damaged = bytearray(good)
+    damaged[100] ^= 1
+    with pytest.raises(errors.CorruptedHeaderError, match="checksum"):
+        fmt.decode_file_header(bytes(damaged), "p")
+    with pytest.raises(errors.CorruptedHeaderError, match="shorter"):
+        fmt.decode_file_header(good[:500], "p")
+
+
+def test_every_bit_of_a_data_record_is_covered():
+    rec = fmt.encode_data_record(oid(7), T1, 1234, 1024, oid(1) + oid(2), b"payload")
+    assert fmt.decode_data_record(rec, 0, "f", 5000).data == b"payload"
+    for i in range(len(rec) * 8):
+        bad = bytearray(rec)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(errors.CorruptedDataError) as info:
+            fmt.decode_data_record(bytes(bad), 0, "f", 5000)
+        assert info.value.offset is not None and info.value.offset >= 5000
+
+
+def test_every_bit_of_a_txn_header_but_the_status_is_covered():
+    head = fmt.encode_txn_header(T1, 200, b" ", b"user", b"desc", b"ext", 3)
+    for i in range(len(head) * 8):
+        if i // 8 == fmt.STATUS_OFFSET:
+            continue
+        bad = bytearray(head)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(errors.CorruptedTransactionError):
+            fmt.decode_txn_header(bytes(bad), 0, "f", 0)
+
+
+def test_single_bit_flips_of_the_status_never_give_a_valid_status():
+    for status in fmt.STATUSES:
+        for bit in range(8):
+            assert bytes([status[0] ^ (1 << bit)]) not in fmt.STATUSES
+
+
+def test_cut_short_records_name_their_offset():
+    rec = fmt.encode_data_record(oid(7), T1, 0, 1024, b"", b"x" * 50)
+    for n in range(len(rec)):
+        with pytest.raises(errors.CorruptedDataError, match="offset 9000"):
+            fmt.decode_data_record(rec[:n], 0, "f", 9000)
+    head = fmt.encode_txn_header(T1, 200, b" ", b"user", b"", b"", 0)
+    for n in range(len(head)):
+        with pytest.raises(errors.CorruptedTransactionError, match="offset 77"):
+            fmt.decode_txn_header(head[:n], 0, "f", 77)
+
+
+def test_backpointer_records_carry_no_refs():
+    with pytest.raises(ValueError):
+        fmt.encode_data_record(oid(1), T1, 0, 1024, oid(2), None, 1100)
+    rec = fmt.encode_data_record(oid(1), T1, 0, 1024, b"", None, 1100)
+    assert len(rec) == fmt.record_length(0, fmt.FLAG_BACKPOINTER, 0) == 54
+
+
+def test_refs_are_deduplicated_in_order():
+    assert fmt.pack_refs([oid(3), oid(1), oid(3)]) == oid(3) + oid(1)
+    assert fmt.split_refs(oid(3) + oid(1)) == [oid(3), oid(1)]
+    assert fmt.pack_refs([]) == b""
