@@ -6,3 +6,7 @@ checks and tools never unpickle anything.
     import ZODB, refstorage
     db = ZODB.DB(refstorage.FileStorage("Data.rfs"))
 """
+
+from .storage import FileStorage
+
+__all__ = ["FileStorage"]

@@ -1,0 +1,611 @@
+"""refstorage.FileStorage: opening, two-phase commit, loads and MVCC reads.
+
+Locks.  `_commit_lock` is held from tpc_begin to tpc_finish/tpc_abort, so one
+transaction at a time writes.  `_lock` is the readers' lock: lastTransaction
+takes it, and tpc_finish holds it only to call the DB's callback and publish
+the new index entries and tid -- never across I/O.  Loads take no lock at all:
+they use positioned reads and an index that only ever points at durable,
+finished records, so they run while a commit writes and syncs.
+
+Commit.  store() buffers records in memory (never in the data file).  tpc_vote
+appends the whole transaction at once with status 'c'; tpc_finish flips the
+status to ' ', fsyncs once, and only then publishes and returns.  tpc_abort,
+or a vote that fails (disk full, I/O error), truncates back to where the
+transaction started, so no partial record remains.
+
+Open.  The saved index is used when it matches the data file (file id, and
+the last transaction it covers); only what was written after it is scanned.
+A torn or unfinished last transaction is moved to a side file; damage
+followed by valid transactions is refused (read-write) or served up to the
+damage (read-only).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from typing import Any
+
+import zc.lockfile
+import zope.interface
+from persistent.TimeStamp import TimeStamp
+from ZODB import POSException
+from ZODB.ConflictResolution import ConflictResolvingStorage
+from ZODB.Connection import TransactionMetaData
+from ZODB.interfaces import IStorage, IStorageIteration
+from ZODB.serialize import referencesf
+from ZODB.utils import p64, u64, z64
+
+from . import fileio
+from . import format as fmt
+from .errors import (
+    CorruptedError,
+    IndexFileError,
+    MissingFileError,
+    PathIsDirectoryError,
+    QuotaError,
+    StorageLockedError,
+)
+from .index import OidIndex, load_index, save_index
+from .iterator import TransactionIterator
+from .log import LogReader, scan
+
+logger = logging.getLogger("refstorage")
+
+# Save the index while running once this many bytes were committed since the
+# last save, so a reopen after a crash scans at most about this much.
+INDEX_SAVE_BYTES = 32 << 20
+# Flush a voting transaction to the file in pieces of about this size.
+WRITE_CHUNK = 1 << 20
+
+
+class _State:
+    """What a read needs, swapped as one object (pack replaces the file)."""
+
+    __slots__ = ("file", "reader", "index")
+
+    def __init__(self, file: fileio.DataFile, index: OidIndex):
+        self.file = file
+        self.reader = LogReader(file)
+        self.index = index
+
+
+class _Pending:
+    """The transaction being committed: buffered records until vote."""
+
+    __slots__ = ("transaction", "tid", "status", "user", "description", "extension",
+                 "records", "tpos", "voted", "size")
+
+    def __init__(self, transaction, tid: bytes, status: bytes, user: bytes,
+                 description: bytes, extension: bytes, tpos: int):
+        self.transaction = transaction
+        self.tid = tid
+        self.status = status
+        self.user = user
+        self.description = description
+        self.extension = extension
+        # oid -> (data or None, refs, refs_known, backpointer)
+        self.records: dict[bytes, tuple[bytes | None, bytes, bool, int]] = {}
+        self.tpos = tpos
+        self.voted = False
+        self.size = fmt.txn_header_len(user, description, extension) + fmt.TRAILER_SIZE
+
+
+def _as_bytes(value: Any) -> bytes:
+    if value is None:
+        return b""
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+@zope.interface.implementer(IStorage, IStorageIteration)
+class FileStorage(ConflictResolvingStorage):
+    """A file-based, append-only, transactional ZODB storage.
+
+    The constructor mirrors ZODB's FileStorage: a missing file is created
+    (unless read_only), create=True starts a new empty database, quota limits
+    the file size in bytes, pack_gc and pack_keep_old shape pack.
+    """
+
+    _transaction = None
+
+    def __init__(self, file_name: str, create: bool = False, read_only: bool = False,
+                 quota: int | None = None, pack_gc: bool = True, pack_keep_old: bool = True,
+                 blob_dir: str | None = None):
+        if blob_dir is not None:
+            raise POSException.Unsupported("blob_dir: refstorage does not support blobs yet")
+        self.__name__ = self._file_name = os.fspath(file_name)
+        self._is_read_only = bool(read_only)
+        self._quota = quota
+        self._pack_gc = pack_gc
+        self._pack_keep_old = pack_keep_old
+        self._lock = threading.RLock()
+        self._commit_lock = threading.Lock()
+        self._pending: _Pending | None = None
+        self._resolved: list[bytes] = []
+        self._untransform = lambda data: data
+        self._lock_file = None
+        self._closed = False
+        self._index_path = self._file_name + ".index"
+        try:
+            self._open(create)
+        except BaseException:
+            self._release_lock_file()
+            raise
+
+    # -- opening -------------------------------------------------------------------
+
+    def _open(self, create: bool) -> None:
+        path = self._file_name
+        if os.path.isdir(path):
+            raise PathIsDirectoryError(path, "is a directory, not a storage file")
+        if self._is_read_only:
+            if create:
+                raise POSException.ReadOnlyError("cannot create a storage read-only")
+            if not fileio.exists(path):
+                raise MissingFileError(path, "no such file (read-only open does not create one)")
+        else:
+            self._take_lock_file()
+            if create or not fileio.exists(path):
+                self._create_file()
+        file = fileio.DataFile(path, read_only=self._is_read_only)
+        try:
+            header = fmt.decode_file_header(file.read(0, fmt.HEADER_SIZE), path)
+            self._file_id = header.file_id
+            self._pack_tid = header.pack_tid
+            index, end, last_tid = self._build_index(file)
+        except BaseException:
+            file.close()
+            raise
+        self._state = _State(file, index)
+        self._end = end  # end of the last finished transaction
+        self._ltid = last_tid or z64
+        self._ts = TimeStamp(self._ltid)
+        max_oid = index.max_oid()
+        self._oid = max_oid if max_oid is not None else z64
+        self._saved_end = self._index_saved_end
+
+    def _take_lock_file(self) -> None:
+        lock_path = self._file_name + ".lock"
+        try:
+            self._lock_file = zc.lockfile.LockFile(lock_path, content_template="pid {pid} on {hostname}")
+        except zc.lockfile.LockError:
+            try:
+                holder = fileio.read_whole(lock_path).decode("utf-8", "replace").strip() or "unknown"
+            except Exception:
+                holder = "unknown"
+            raise StorageLockedError(
+                self._file_name, f"is open for writing by another process ({holder}); "
+                "open it read_only=True beside it, or stop that process") from None
+
+    def _release_lock_file(self) -> None:
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    def _create_file(self) -> None:
+        fileio.atomic_write(self._file_name, [fmt.encode_file_header(uuid.uuid4().bytes)],
+                            point_prefix="create")
+        fileio.remove_if_exists(self._index_path)
+
+    def _build_index(self, file: fileio.DataFile) -> tuple[OidIndex, int, bytes | None]:
+        """The index, the end of the good log, and its last tid, repairing a torn tail."""
+        reader = LogReader(file)
+        size = file.size
+        index, start, last_tid = self._load_saved_index(reader, size)
+        self._index_saved_end = start if index is not None else 0
+        if index is None:
+            index, start, last_tid = OidIndex(), fmt.HEADER_SIZE, None
+        result = scan(reader, start, size)
+        index.update(result.oids)
+        if result.last_tid is not None:
+            last_tid = result.last_tid
+        end = result.end
+        if result.bad_pos is not None:
+            end = self._handle_damage(file, result)
+        if not self._is_read_only and end - self._index_saved_end > INDEX_SAVE_BYTES:
+            self._save_index_now(index, end, last_tid)
+        return index, end, last_tid
+
+    def _load_saved_index(self, reader: LogReader, size: int):
+        try:
+            loaded = load_index(self._index_path)
+        except IndexFileError as exc:
+            logger.warning("%s; rebuilding the index from the data file", exc)
+            return None, 0, None
+        if loaded is None:
+            return None, 0, None
+        index, file_id, pos, tid = loaded
+        why = None
+        if file_id != self._file_id:
+            why = "it belongs to another data file"
+        elif pos == fmt.HEADER_SIZE:
+            if tid != z64:
+                why = "it describes transactions the data file does not hold"
+        elif not fmt.HEADER_SIZE < pos <= size:
+            why = f"it covers {pos} bytes but the data file has {size}"
+        else:
+            try:
+                th = reader.txn_ending_at(pos, size)
+                if th.tid != tid or th.status == fmt.STATUS_CHECKPOINT:
+                    why = "its last transaction does not match the data file"
+            except CorruptedError as exc:
+                why = f"its end position is not a transaction boundary ({exc})"
+        if why:
+            logger.warning("%s: ignoring the saved index (%s); rebuilding it", self._index_path, why)
+            return None, 0, None
+        return index, pos, (tid if tid != z64 else None)
+
+    def _handle_damage(self, file: fileio.DataFile, result) -> int:
+        path = self._file_name
+        bad = result.bad_pos
+        if not result.torn_tail:
+            if not self._is_read_only:
+                raise type(result.error)(
+                    path, f"damaged transaction followed by valid ones: {result.error.detail}; "
+                    "open read-only to read the data before it, or run 'refstorage recover'",
+                    result.error.offset)
+            logger.error("%s: damage at offset %s (%s); serving only the %d bytes before it",
+                         path, result.error.offset, result.error.detail, bad)
+            return bad
+        if self._is_read_only:
+            logger.warning("%s: ignoring an incomplete last transaction at %d (%s)",
+                           path, bad, result.error.detail)
+            return bad
+        tail = file.read(bad, file.size - bad)
+        side = fileio.save_side_file(path, tail)
+        file.truncate(bad)
+        file.sync()
+        logger.warning("%s: moved an incomplete last transaction (%d bytes at offset %d: %s) to %s",
+                       path, len(tail), bad, result.error.detail, side)
+        return bad
+
+    # -- index persistence -----------------------------------------------------------
+
+    def _save_index_now(self, index: OidIndex, end: int, last_tid: bytes | None) -> None:
+        save_index(self._index_path, index, file_id=self._file_id, pos=end, tid=last_tid or z64)
+        self._index_saved_end = self._saved_end = end
+
+    def _maybe_save_index(self) -> None:
+        """Called with the commit lock held, so the index does not change meanwhile."""
+        if self._end - self._saved_end >= INDEX_SAVE_BYTES:
+            try:
+                self._save_index_now(self._state.index, self._end, self._ltid)
+            except Exception:
+                logger.exception("%s: could not save the index (it will be rebuilt)", self._file_name)
+
+    # -- simple queries ------------------------------------------------------------
+
+    def getName(self) -> str:
+        return self.__name__
+
+    def sortKey(self) -> str:
+        return os.path.abspath(self._file_name)
+
+    def getSize(self) -> int:
+        return self._state.file.size
+
+    def __len__(self) -> int:
+        return len(self._state.index)
+
+    def isReadOnly(self) -> bool:
+        return self._is_read_only
+
+    def lastTransaction(self) -> bytes:
+        with self._lock:
+            return self._ltid
+
+    def registerDB(self, wrapper) -> None:
+        ConflictResolvingStorage.registerDB(self, wrapper)
+        self._untransform = wrapper.untransform_record_data
+
+    def new_oid(self) -> bytes:
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        with self._lock:
+            self._oid = p64(u64(self._oid) + 1)
+            return self._oid
+
+    def set_max_oid(self, oid: bytes) -> None:
+        with self._lock:
+            if oid > self._oid:
+                self._oid = oid
+
+    def tpc_transaction(self):
+        return self._transaction
+
+    # -- reads ---------------------------------------------------------------------
+
+    def _current(self, oid: bytes) -> tuple[_State, fmt.DataRecord]:
+        # The lock orders this read after a finishing commit's callback (ZODB's
+        # tid-ordering contract); it is held for the lookup only, not the read.
+        with self._lock:
+            state = self._state
+            pos = state.index.get(oid)
+        if pos is None:
+            raise POSException.POSKeyError(oid)
+        return state, state.reader.read_data_record(pos, oid)
+
+    def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
+        state, rec = self._current(oid)
+        data_rec = state.reader.resolve(rec)
+        if data_rec is None:
+            raise POSException.POSKeyError(oid)
+        return data_rec.data, rec.tid
+
+    def getTid(self, oid: bytes) -> bytes:
+        state, rec = self._current(oid)
+        if rec.is_backpointer and not rec.back:
+            raise POSException.POSKeyError(oid)
+        return rec.tid
+
+    def loadSerial(self, oid: bytes, serial: bytes) -> bytes:
+        state, rec = self._current(oid)
+        reader = state.reader
+        while rec.tid != serial:
+            if not rec.prev or rec.tid < serial:
+                raise POSException.POSKeyError(oid)
+            rec = reader.read_data_record(rec.prev, oid)
+        data_rec = reader.resolve(rec)
+        if data_rec is None:
+            raise POSException.POSKeyError(oid)
+        return data_rec.data
+
+    def loadBefore(self, oid: bytes, tid: bytes):
+        state, rec = self._current(oid)
+        reader = state.reader
+        end_tid = None
+        while rec.tid >= tid:
+            if not rec.prev:
+                return None
+            end_tid = rec.tid
+            rec = reader.read_data_record(rec.prev, oid)
+        data_rec = reader.resolve(rec)
+        if data_rec is None:
+            raise POSException.POSKeyError(oid)
+        return data_rec.data, rec.tid, end_tid
+
+    def history(self, oid: bytes, size: int = 1, filter=None) -> list[dict]:
+        state, rec = self._current(oid)
+        reader = state.reader
+        result: list[dict] = []
+        while len(result) < size:
+            th = reader.read_txn_header(rec.tpos)
+            d = dict(TransactionMetaData(th.user, th.description, th.extension).extension)
+            data_rec = reader.resolve(rec)
+            d.update(time=TimeStamp(rec.tid).timeTime(), user_name=th.user,
+                     description=th.description, tid=rec.tid, serial=rec.tid,
+                     size=len(data_rec.data) if data_rec is not None else 0)
+            if filter is None or filter(d):
+                result.append(d)
+            if not rec.prev:
+                break
+            rec = reader.read_data_record(rec.prev, oid)
+        return result
+
+    def iterator(self, start: bytes | None = None, stop: bytes | None = None) -> TransactionIterator:
+        end = self._end  # as ZODB expects, later commits are not seen
+        return TransactionIterator(self._state.reader, end, start, stop)
+
+    # -- two-phase commit ----------------------------------------------------------
+
+    def _check_transaction(self, transaction) -> _Pending:
+        pending = self._pending
+        if pending is None or transaction is not pending.transaction:
+            raise POSException.StorageTransactionError(self, transaction)
+        return pending
+
+    def tpc_begin(self, transaction, tid: bytes | None = None, status: str | bytes = " ") -> None:
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        with self._lock:
+            if self._transaction is transaction:
+                raise POSException.StorageTransactionError(
+                    "Duplicate tpc_begin calls for same transaction")
+        status = _as_bytes(status) or fmt.STATUS_COMMITTED
+        if status not in (fmt.STATUS_COMMITTED, fmt.STATUS_PACKED):
+            if status == b"u":  # legacy "undone" status of old FileStorage files
+                status = fmt.STATUS_COMMITTED
+            else:
+                raise POSException.StorageTransactionError(f"invalid transaction status {status!r}")
+        self._commit_lock.acquire()
+        try:
+            with self._lock:
+                if self._closed:
+                    raise POSException.StorageError("storage is closed")
+                if tid is None:
+                    now = time.time()
+                    ts = TimeStamp(*(time.gmtime(now)[:5] + (now % 60,)))
+                    ts = ts.laterThan(self._ts)
+                    tid = ts.raw()
+                else:
+                    if tid <= self._ltid:
+                        raise POSException.StorageTransactionError(
+                            f"transaction id {tid.hex()} is not after the last one {self._ltid.hex()}")
+                    ts = TimeStamp(tid)
+                ext = getattr(transaction, "extension_bytes", None)
+                if ext is None:
+                    ext = TransactionMetaData(extension=getattr(transaction, "extension", None)
+                                              or {}).extension_bytes
+                self._pending = _Pending(
+                    transaction, tid, status, _as_bytes(transaction.user),
+                    _as_bytes(transaction.description), _as_bytes(ext), self._end)
+                self._pending_ts = ts
+                self._resolved = []
+                self._transaction = transaction
+        except BaseException:
+            self._commit_lock.release()
+            raise
+
+    def _references(self, data: bytes) -> tuple[bytes, bool]:
+        try:
+            return fmt.pack_refs(referencesf(self._untransform(data))), True
+        except Exception:
+            logger.debug("could not compute references of a record", exc_info=True)
+            return b"", False
+
+    def _add_record(self, pending: _Pending, oid: bytes, data: bytes | None, back: int = 0) -> None:
+        if data is None:
+            refs, known = b"", True
+        else:
+            refs, known = self._references(data)
+        old = pending.records.get(oid)
+        if old is not None:
+            pending.size -= fmt.record_length(len(old[1]) >> 3, 0 if old[0] is not None else 1,
+                                              len(old[0] or b""))
+        pending.records[oid] = (data, refs, known, back)
+        pending.size += fmt.record_length(len(refs) >> 3, 0 if data is not None else 1, len(data or b""))
+        if self._quota is not None and self._end + pending.size > self._quota:
+            raise QuotaError(self._file_name, f"the transaction would take the file past its quota "
+                             f"of {self._quota} bytes")
+        if oid > self._oid:
+            self.set_max_oid(oid)
+
+    def store(self, oid: bytes, serial: bytes, data: bytes, version: str, transaction) -> None:
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        pending = self._check_transaction(transaction)
+        if version:
+            raise POSException.Unsupported("versions are not supported")
+        if data is not None and len(data) > fmt.MAX_DATA_LEN:
+            raise POSException.StorageError(f"record of {len(data)} bytes exceeds the format's limit")
+        state = self._state
+        pos = state.index.get(oid)
+        if pos is not None:
+            committed = state.reader.read_data_record(pos, oid).tid
+            if serial != committed:
+                data = self.tryToResolveConflict(oid, committed, serial, data)
+                self._resolved.append(oid)
+        self._add_record(pending, oid, data)
+
+    def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, transaction) -> None:
+        self._check_transaction(transaction)
+        committed = self.getTid(oid)
+        if committed != serial:
+            raise POSException.ReadConflictError(oid=oid, serials=(committed, serial))
+
+    def tpc_vote(self, transaction):
+        pending = self._check_transaction(transaction)
+        if not pending.voted:
+            self._write_pending(pending)
+        return list(self._resolved) or None
+
+    def _write_pending(self, pending: _Pending) -> None:
+        state = self._state
+        file = state.file
+        index_get = state.index.get
+        tpos = pending.tpos
+        hlen = fmt.txn_header_len(pending.user, pending.description, pending.extension)
+        tlen = pending.size - fmt.TRAILER_SIZE
+        parts = [fmt.encode_txn_header(pending.tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
+                                       pending.description, pending.extension, len(pending.records))]
+        pos = tpos + hlen
+        new_positions = {}
+        buffered = len(parts[0])
+        written = tpos
+        encode = fmt.encode_data_record
+        try:
+            for oid, (data, refs, known, back) in pending.records.items():
+                rec = encode(oid, pending.tid, index_get(oid, 0), tpos, refs, data, back, known)
+                new_positions[oid] = pos
+                pos += len(rec)
+                parts.append(rec)
+                buffered += len(rec)
+                if buffered >= WRITE_CHUNK:
+                    chunk = b"".join(parts)
+                    file.write_at(written, chunk)
+                    written += len(chunk)
+                    parts, buffered = [], 0
+            parts.append(fmt.encode_trailer(tlen))
+            file.write_at(written, b"".join(parts))
+            if pos + fmt.TRAILER_SIZE != tpos + pending.size:
+                raise POSException.StorageError("internal error: transaction length mismatch")
+            fileio.point("commit.after-data-write")
+        except BaseException:
+            self._truncate_back(pending)
+            raise
+        pending.voted = True
+        self._new_positions = new_positions
+
+    def _truncate_back(self, pending: _Pending) -> None:
+        file = self._state.file
+        if file.size > pending.tpos or file.physical_size() > pending.tpos:
+            try:
+                file.truncate(pending.tpos)
+            except Exception:
+                logger.exception("%s: could not truncate an aborted transaction at %d",
+                                 self._file_name, pending.tpos)
+
+    def tpc_finish(self, transaction, f=None) -> bytes:
+        pending = self._check_transaction(transaction)
+        try:
+            if not pending.voted:
+                self._write_pending(pending)
+            file = self._state.file
+            file.write_at(pending.tpos + fmt.STATUS_OFFSET, pending.status)
+            fileio.point("commit.after-status-flip")
+            file.sync()
+            fileio.point("commit.after-fsync")
+            tid = pending.tid
+            with self._lock:
+                if f is not None:
+                    f(tid)
+                self._state.index.update(self._new_positions)
+                self._end = pending.tpos + pending.size
+                self._ltid = tid
+                self._ts = self._pending_ts
+            self._maybe_save_index()
+            return tid
+        finally:
+            self._clear_pending()
+            self._commit_lock.release()
+
+    def tpc_abort(self, transaction) -> None:
+        pending = self._pending
+        if pending is None or transaction is not pending.transaction:
+            return
+        try:
+            if pending.voted:
+                self._truncate_back(pending)
+        finally:
+            self._clear_pending()
+            self._commit_lock.release()
+
+    def _clear_pending(self) -> None:
+        with self._lock:
+            self._pending = None
+            self._transaction = None
+            self._new_positions = {}
+            self._resolved = []
+
+    # -- closing ---------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        # Wait a little for a commit in progress; never hang a close on it.
+        locked = self._commit_lock.acquire(timeout=30)
+        try:
+            self._closed = True
+            state = self._state
+            try:
+                if locked and not self._is_read_only and self._end != self._saved_end:
+                    try:
+                        self._save_index_now(state.index, self._end, self._ltid)
+                    except Exception:
+                        logger.exception("%s: could not save the index on close", self._file_name)
+            finally:
+                state.file.close()
+                self._release_lock_file()
+        finally:
+            if locked:
+                self._commit_lock.release()
+
+    def cleanup(self) -> None:
+        """Remove the data file and every file derived from it (used by tests)."""
+        for suffix in ("", ".index", ".lock", ".pack", ".old", ".tmp"):
+            fileio.remove_if_exists(self._file_name + suffix)
