@@ -1,0 +1,201 @@
+"""ZODB's own storage conformance suites, run against refstorage.FileStorage.
+
+The mixins come from ``ZODB.tests`` and are wired the way ZODB's
+``tests/testFileStorage.py`` wires them for its FileStorage: one class for the
+storage itself and one for the storage wrapped in ``ZODB.tests.hexstorage``'s
+HexStorage (a record-transforming IStorageWrapper).  Their test methods are
+named ``test*`` and the classes are unittest.TestCase subclasses, so pytest
+collects them without extra configuration.
+
+Undo and pack are not implemented yet.  The tests that need them are listed
+in NEEDS_UNDO / NEEDS_PACK below (found by reading the mixins: every test that
+calls undo/undoLog/undoInfo/_undo/_begin_undos_vote, or calls pack) and are
+marked ``xfail(strict=True)``: they must fail for now, and an unexpected pass
+fails the run.  Remove names from the lists as the features land.
+
+MTStorage.test4ExtStorageThread also looks at supportsUndo(), but is not
+listed: without undo it only exercises loads and passes; once supportsUndo()
+returns true it also runs undoLog, loadSerial and iterator in its threads.
+"""
+
+import functools
+
+import pytest
+
+try:
+    import zope.testing  # noqa: F401  (ZODB.tests.util needs it)
+except ImportError as exc:  # pragma: no cover - a setup problem, not a test failure
+    raise ImportError(
+        "ZODB's conformance mixins import zope.testing, which ZODB does not install; "
+        "add 'zope.testing' to the [test] extra in pyproject.toml"
+    ) from exc
+
+from ZODB.tests import (
+    BasicStorage,
+    ConflictResolution,
+    HistoryStorage,
+    IteratorStorage,
+    MTStorage,
+    PackableStorage,
+    PersistentStorage,
+    ReadOnlyStorage,
+    RevisionStorage,
+    StorageTestBase,
+    Synchronization,
+    TransactionalUndoStorage,
+)
+from ZODB.tests.hexstorage import HexStorage
+
+import refstorage
+
+UNDO_REASON = "needs undo (issue 3)"
+PACK_REASON = "needs pack (issue 4)"
+
+# Tests that need undo (issue 3).
+NEEDS_UNDO = [
+    # TransactionalUndoStorage
+    "testSimpleTransactionalUndo",
+    "testCreationUndoneGetTid",
+    "testUndoCreationBranch1",
+    "testUndoCreationBranch2",
+    "testTwoObjectUndo",
+    "testTwoObjectUndoAtOnce",
+    "testTwoObjectUndoAgain",
+    "testNotUndoable",
+    "testTransactionalUndoIterator",
+    "testUndoLogMetadata",
+    "testIndicesInUndoInfo",
+    "testIndicesInUndoLog",
+    "testUndoMultipleConflictResolution",
+    "testUndoMultipleConflictResolutionReversed",
+    # ConflictResolvingTransUndoStorage
+    "testUndoConflictResolution",
+    "testUndoUnresolvable",
+    # RevisionStorage
+    "testLoadBeforeUndo",
+    # IteratorStorage
+    "testUndoZombie",
+    # ReadOnlyStorage: expects undo() on a read-only storage to raise ReadOnlyError
+    "testWriteMethods",
+    # TransactionalUndoStorage / PackableUndoStorage tests that need pack too
+    "testTransactionalUndoAfterPack",
+    "testTransactionalUndoAfterPackWithObjectUnlinkFromRoot",
+    "testPackAfterUndoDeletion",
+    "testPackAfterUndoManyTimes",
+    "testPackUnlinkedFromRoot",
+    "testPackUndoLog",
+]
+
+# Tests that need pack (issue 4).
+NEEDS_PACK = [
+    # TransactionalUndoStorage / PackableUndoStorage tests that need undo too
+    "testTransactionalUndoAfterPack",
+    "testTransactionalUndoAfterPackWithObjectUnlinkFromRoot",
+    "testPackAfterUndoDeletion",
+    "testPackAfterUndoManyTimes",
+    "testPackUnlinkedFromRoot",
+    "testPackUndoLog",
+    "testRedundantPack",
+    # PackableStorage / PackableStorageWithOptionalGC
+    "testPackEmptyStorage",
+    "testPackTomorrow",
+    "testPackYesterday",
+    "testPackWhileWriting",
+    "testPackNowWhileWriting",
+    "testPackLotsWhileWriting",
+    "testPackWithMultiDatabaseReferences",
+    "testPackAllRevisions",
+    "testPackJustOldRevisions",
+    "testPackOnlyOneObject",
+    "testPackAllRevisionsNoGC",
+    # BasicStorage: IStorage declares pack(), so verifyObject fails without it.
+    # (HexStorage defines its own pack, so the Hex class runs it unmarked.)
+    "testInterfaces",
+]
+
+
+def _mark_pending_features(cls):
+    """Override each listed test in `cls` with an xfail(strict=True) wrapper.
+
+    The mixin functions themselves stay untouched.  A test in both lists is
+    expected to fail until both features exist.
+    """
+    for name in sorted(set(NEEDS_UNDO) | set(NEEDS_PACK)):
+        inherited = getattr(cls, name, None)
+        if inherited is None:
+            raise AttributeError(f"{cls.__name__} has no test {name!r}; fix NEEDS_UNDO/NEEDS_PACK")
+        reasons = [reason for reason, names in ((UNDO_REASON, NEEDS_UNDO), (PACK_REASON, NEEDS_PACK))
+                   if name in names]
+        setattr(cls, name, pytest.mark.xfail(reason=" and ".join(reasons), strict=True)(_wrap(inherited)))
+    return cls
+
+
+def _wrap(func):
+    @functools.wraps(func)
+    def wrapper(self, *args, **kwargs):  # some tests call others with arguments
+        return func(self, *args, **kwargs)
+
+    return wrapper
+
+
+@_mark_pending_features
+class RefStorageTests(
+    StorageTestBase.StorageTestBase,
+    BasicStorage.BasicStorage,
+    TransactionalUndoStorage.TransactionalUndoStorage,
+    RevisionStorage.RevisionStorage,
+    PackableStorage.PackableStorageWithOptionalGC,
+    PackableStorage.PackableUndoStorage,
+    Synchronization.SynchronizedStorage,
+    ConflictResolution.ConflictResolvingStorage,
+    ConflictResolution.ConflictResolvingTransUndoStorage,
+    HistoryStorage.HistoryStorage,
+    IteratorStorage.IteratorStorage,
+    IteratorStorage.ExtendedIteratorStorage,
+    PersistentStorage.PersistentStorage,
+    MTStorage.MTStorage,
+    ReadOnlyStorage.ReadOnlyStorage,
+):
+    """refstorage.FileStorage under ZODB's storage conformance suites."""
+
+    file_name = "RefStorageTests.rfs"
+
+    # Like ZODB's FileStorage we keep the transaction extension as the bytes
+    # TransactionMetaData serialized, and the iterator hands them back as is.
+    use_extension_bytes = True
+
+    def open(self, **kwargs):
+        self._storage = refstorage.FileStorage(self.file_name, **kwargs)
+
+    def setUp(self):
+        # StorageTestBase.setUp chdirs into a fresh temporary directory.
+        StorageTestBase.StorageTestBase.setUp(self)
+        self.open(create=True)
+
+    def _new_storage_client(self):
+        # BasicStorage's race tests test_race_load_vs_external_invalidate and
+        # test_race_external_invalidate_vs_disconnect need several *clients of
+        # one storage*, each committing and receiving the others'
+        # invalidations: that is a storage server (ZEO, NEO, RelStorage).  A
+        # second FileStorage on the same file is not one (read-only, it
+        # neither commits nor sees later commits), so, like ZODB's own
+        # FileStorage tests, we don't run them here.
+        # test_race_loadopen_vs_local_invalidate needs no second client and
+        # does run.
+        self.skipTest("needs several clients of one storage server (e.g. ZEO); "
+                      "refstorage.FileStorage is an embedded, single-process storage")
+
+
+class RefStorageHexTests(RefStorageTests):
+    """The same suites through HexStorage, which transforms every record.
+
+    It checks that the storage works under an IStorageWrapper: the records it
+    is given are not plain pickles (HexStorage stores b".h" + hex(pickle) and
+    registers itself with the storage as its DB, offering
+    transform_record_data/untransform_record_data).
+    """
+
+    testInterfaces = BasicStorage.BasicStorage.testInterfaces
+
+    def open(self, **kwargs):
+        self._storage = HexStorage(refstorage.FileStorage(self.file_name, **kwargs))
