@@ -21,8 +21,8 @@ per block, a sparse block holding exactly suffixes 0..c-1 with c >= 32 turns
 dense when a higher suffix is inserted.  A delete leaving a dense block with
 fewer than 128 entries makes it sparse again.  Hence every dense block holds at
 least 32 entries.  There are no per-entry Python objects: a dense oid costs
-about 6.5 bytes, an oid alone in its block about 115-150 bytes (ZODB's fsIndex:
-8 and about 380).
+about 6.5 bytes, an oid alone in its block about 100-130 bytes (dict slot, int
+key, 7-byte bytes object); ZODB's fsIndex takes 8 and about 380.
 
 Threads: `get`, `__getitem__`, `__contains__` and `len` may run in any number
 of threads while ONE writer thread calls the mutating methods.  The writer
@@ -377,8 +377,9 @@ class OidIndex:
         """Set many entries: a mapping or an iterable of (oid, pos) pairs (later pairs win).
 
         Everything is checked before anything changes: on ValueError the index
-        is untouched.  Large updates group the entries per block and build each
-        block once, which is several times faster than setting them one by one.
+        is untouched.  From 16 entries on, the entries are grouped per block and
+        each block is built once, with C-level passes over the entries: for
+        dense oids about 3 times faster than setting them one by one.
         """
         if isinstance(pairs, dict):
             d = pairs
@@ -389,11 +390,7 @@ class OidIndex:
         if not d:
             return
         oids = list(d)
-        try:
-            joined = _join(oids)  # also proves every oid is bytes-like
-        except TypeError:
-            joined = b""
-        if len(joined) != 8 * len(oids) or set(map(len, oids)) != {8}:
+        if set(map(type, oids)) != {bytes} or set(map(len, oids)) != {8}:
             bad = next(o for o in oids if type(o) is not bytes or len(o) != 8)
             raise ValueError(f"an oid is 8 bytes, not {bad!r}")
         try:
@@ -408,7 +405,7 @@ class OidIndex:
             for oid, pos in zip(oids, poss, strict=True):
                 self[oid] = pos
             return
-        self._bulk_update(oids, joined, poss.tolist())
+        self._bulk_update(oids, _join(oids), poss.tolist())
 
     def _bulk_update(self, oids: list[bytes], joined: bytes, poss: list[int]) -> None:
         """Set `oids` (distinct, 8 bytes; `joined` is their concatenation) to `poss`.
@@ -541,6 +538,34 @@ class OidIndex:
         else:
             s = b[len(b) // 7 - 1]
         return ((mk << 8) | s).to_bytes(8, "big")
+
+    def min_key(self, oid: bytes) -> bytes | None:
+        """The smallest oid present that is >= `oid`, or None (record_iternext)."""
+        n = _fb(oid, "big")
+        blocks = self._blocks
+        key, low = n >> 8, n & 255
+        b = blocks.get(key)
+        while True:
+            if b is not None:
+                if len(b) == _DENSE_SIZE:
+                    for s, p in enumerate(_unpack6(b)[low:], low):
+                        if p:
+                            return ((key << 8) | s).to_bytes(8, "big")
+                else:
+                    for s in b[:len(b) // 7]:
+                        if s >= low:
+                            return ((key << 8) | s).to_bytes(8, "big")
+            # the next block: usually the adjacent one; else search all keys
+            low = 0
+            b = blocks.get(key + 1)
+            if b is not None:
+                key += 1
+                continue
+            later = [k for k in blocks if k > key]
+            if not later:
+                return None
+            key = min(later)
+            b = blocks[key]
 
     def copy(self) -> OidIndex:
         """An independent copy (sparse blocks are immutable and shared)."""
