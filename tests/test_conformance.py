@@ -7,15 +7,14 @@ HexStorage (a record-transforming IStorageWrapper).  Their test methods are
 named ``test*`` and the classes are unittest.TestCase subclasses, so pytest
 collects them without extra configuration.
 
-Undo and pack are not implemented yet.  The tests that need them are listed
-in NEEDS_UNDO / NEEDS_PACK below (found by reading the mixins: every test that
-calls undo/undoLog/undoInfo/_undo/_begin_undos_vote, or calls pack) and are
-marked ``xfail(strict=True)``: they must fail for now, and an unexpected pass
-fails the run.  Remove names from the lists as the features land.
+Tests that need a feature not built yet are listed in NEEDS_UNDO /
+NEEDS_PACK below (found by reading the mixins) and are marked
+``xfail(strict=True)``: they must fail for now, and an unexpected pass fails
+the run.  Remove names from the lists as the features land.
 
-MTStorage.test4ExtStorageThread also looks at supportsUndo(), but is not
-listed: without undo it only exercises loads and passes; once supportsUndo()
-returns true it also runs undoLog, loadSerial and iterator in its threads.
+RecoveryStorage (copyTransactionsFrom and restore) runs in three directions:
+refstorage to refstorage, ZODB's FileStorage to refstorage, and refstorage to
+ZODB's FileStorage, each also through HexStorage.
 """
 
 import functools
@@ -39,6 +38,7 @@ from ZODB.tests import (
     PackableStorage,
     PersistentStorage,
     ReadOnlyStorage,
+    RecoveryStorage,
     RevisionStorage,
     StorageTestBase,
     Synchronization,
@@ -51,44 +51,12 @@ import refstorage
 UNDO_REASON = "needs undo (issue 3)"
 PACK_REASON = "needs pack (issue 4)"
 
-# Tests that need undo (issue 3).
-NEEDS_UNDO = [
-    # TransactionalUndoStorage
-    "testSimpleTransactionalUndo",
-    "testCreationUndoneGetTid",
-    "testUndoCreationBranch1",
-    "testUndoCreationBranch2",
-    "testTwoObjectUndo",
-    "testTwoObjectUndoAtOnce",
-    "testTwoObjectUndoAgain",
-    "testNotUndoable",
-    "testTransactionalUndoIterator",
-    "testUndoLogMetadata",
-    "testIndicesInUndoInfo",
-    "testIndicesInUndoLog",
-    "testUndoMultipleConflictResolution",
-    "testUndoMultipleConflictResolutionReversed",
-    # ConflictResolvingTransUndoStorage
-    "testUndoConflictResolution",
-    "testUndoUnresolvable",
-    # RevisionStorage
-    "testLoadBeforeUndo",
-    # IteratorStorage
-    "testUndoZombie",
-    # ReadOnlyStorage: expects undo() on a read-only storage to raise ReadOnlyError
-    "testWriteMethods",
-    # TransactionalUndoStorage / PackableUndoStorage tests that need pack too
-    "testTransactionalUndoAfterPack",
-    "testTransactionalUndoAfterPackWithObjectUnlinkFromRoot",
-    "testPackAfterUndoDeletion",
-    "testPackAfterUndoManyTimes",
-    "testPackUnlinkedFromRoot",
-    "testPackUndoLog",
-]
+# Tests that need undo (issue 3): all pass now.
+NEEDS_UNDO: list[str] = []
 
 # Tests that need pack (issue 4).
 NEEDS_PACK = [
-    # TransactionalUndoStorage / PackableUndoStorage tests that need undo too
+    # TransactionalUndoStorage / PackableUndoStorage tests that use undo too
     "testTransactionalUndoAfterPack",
     "testTransactionalUndoAfterPackWithObjectUnlinkFromRoot",
     "testPackAfterUndoDeletion",
@@ -199,3 +167,68 @@ class RefStorageHexTests(RefStorageTests):
 
     def open(self, **kwargs):
         self._storage = HexStorage(refstorage.FileStorage(self.file_name, **kwargs))
+
+
+RECOVERY_NEEDS_PACK = ["testRestoreAcrossPack", "testPackWithGCOnDestinationAfterRestore"]
+
+
+def _mark_recovery(cls):
+    for name in RECOVERY_NEEDS_PACK:
+        setattr(cls, name, pytest.mark.xfail(reason=PACK_REASON, strict=True)(_wrap(getattr(cls, name))))
+    return cls
+
+
+def _zodb_fs(name):
+    from ZODB.FileStorage import FileStorage
+    return FileStorage(name, create=True)
+
+
+def _rfs(name):
+    return refstorage.FileStorage(name, create=True)
+
+
+class _Recovery(StorageTestBase.StorageTestBase, RecoveryStorage.RecoveryStorage):
+    """copyTransactionsFrom/restore from self._storage into self._dst."""
+
+    __test__ = False  # only the concrete classes below run
+
+    source = staticmethod(_rfs)
+    dest = staticmethod(_rfs)
+    wrap = staticmethod(lambda storage: storage)
+
+    def setUp(self):
+        StorageTestBase.StorageTestBase.setUp(self)
+        self._storage = self.wrap(self.source("Source.data"))
+        self._dst = self.wrap(self.dest("Dest.data"))
+
+    def tearDown(self):
+        self._dst.close()
+        StorageTestBase.StorageTestBase.tearDown(self)
+
+
+@_mark_recovery
+class RecoveryRefToRef(_Recovery):
+    __test__ = True
+
+
+@_mark_recovery
+class RecoveryZODBFileStorageToRef(_Recovery):
+    __test__ = True
+    source = staticmethod(_zodb_fs)
+
+
+class RecoveryRefToZODBFileStorage(_Recovery):
+    __test__ = True
+    dest = staticmethod(_zodb_fs)
+
+
+class RecoveryRefToRefHex(RecoveryRefToRef):
+    wrap = staticmethod(HexStorage)
+
+
+class RecoveryZODBFileStorageToRefHex(RecoveryZODBFileStorageToRef):
+    wrap = staticmethod(HexStorage)
+
+
+class RecoveryRefToZODBFileStorageHex(RecoveryRefToZODBFileStorage):
+    wrap = staticmethod(HexStorage)

@@ -35,7 +35,14 @@ from persistent.TimeStamp import TimeStamp
 from ZODB import POSException
 from ZODB.ConflictResolution import ConflictResolvingStorage
 from ZODB.Connection import TransactionMetaData
-from ZODB.interfaces import IStorage, IStorageIteration
+from ZODB.interfaces import (
+    IExternalGC,
+    IStorage,
+    IStorageCurrentRecordIteration,
+    IStorageIteration,
+    IStorageRestoreable,
+    IStorageUndoable,
+)
 from ZODB.serialize import referencesf
 from ZODB.utils import p64, u64, z64
 
@@ -52,6 +59,7 @@ from .errors import (
 from .index import OidIndex, load_index, save_index
 from .iterator import TransactionIterator
 from .log import LogReader, scan
+from .undo import UndoPlanner, find_txn, tid_from_undo_id, undo_log
 
 logger = logging.getLogger("refstorage")
 
@@ -77,7 +85,7 @@ class _Pending:
     """The transaction being committed: buffered records until vote."""
 
     __slots__ = ("transaction", "tid", "status", "user", "description", "extension",
-                 "records", "tpos", "voted", "size")
+                 "records", "latest", "tpos", "voted", "size")
 
     def __init__(self, transaction, tid: bytes, status: bytes, user: bytes,
                  description: bytes, extension: bytes, tpos: int):
@@ -87,8 +95,11 @@ class _Pending:
         self.user = user
         self.description = description
         self.extension = extension
-        # oid -> (data or None, refs, refs_known, backpointer)
-        self.records: dict[bytes, tuple[bytes | None, bytes, bool, int]] = {}
+        # (oid, data or None, refs, refs_known, backpointer) in store order; an
+        # oid stored twice keeps both records (as copies of other storages need)
+        self.records: list[tuple[bytes, bytes | None, bytes, bool, int]] = []
+        # oid -> (data or None, backpointer) of its latest record here
+        self.latest: dict[bytes, tuple[bytes | None, int]] = {}
         self.tpos = tpos
         self.voted = False
         self.size = fmt.txn_header_len(user, description, extension) + fmt.TRAILER_SIZE
@@ -102,7 +113,8 @@ def _as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-@zope.interface.implementer(IStorage, IStorageIteration)
+@zope.interface.implementer(IStorage, IStorageIteration, IStorageUndoable, IStorageRestoreable,
+                            IStorageCurrentRecordIteration, IExternalGC)
 class FileStorage(ConflictResolvingStorage):
     """A file-based, append-only, transactional ZODB storage.
 
@@ -453,11 +465,8 @@ class FileStorage(ConflictResolvingStorage):
             refs, known = b"", True
         else:
             refs, known = self._references(data)
-        old = pending.records.get(oid)
-        if old is not None:
-            pending.size -= fmt.record_length(len(old[1]) >> 3, 0 if old[0] is not None else 1,
-                                              len(old[0] or b""))
-        pending.records[oid] = (data, refs, known, back)
+        pending.records.append((oid, data, refs, known, back))
+        pending.latest[oid] = (data, back)
         pending.size += fmt.record_length(len(refs) >> 3, 0 if data is not None else 1, len(data or b""))
         if self._quota is not None and self._end + pending.size > self._quota:
             raise QuotaError(self._file_name, f"the transaction would take the file past its quota "
@@ -509,7 +518,7 @@ class FileStorage(ConflictResolvingStorage):
         written = tpos
         encode = fmt.encode_data_record
         try:
-            for oid, (data, refs, known, back) in pending.records.items():
+            for oid, data, refs, known, back in pending.records:
                 rec = encode(oid, pending.tid, index_get(oid, 0), tpos, refs, data, back, known)
                 new_positions[oid] = pos
                 pos += len(rec)
@@ -581,6 +590,93 @@ class FileStorage(ConflictResolvingStorage):
             self._transaction = None
             self._new_positions = {}
             self._resolved = []
+
+    # -- undo ------------------------------------------------------------------------
+
+    def supportsUndo(self) -> bool:
+        return True
+
+    def undoLog(self, first: int = 0, last: int = -20, filter=None) -> list[dict]:
+        state = self._state
+        return undo_log(state.reader, self._end, self._pack_tid, first, last, filter)
+
+    def undoInfo(self, first: int = 0, last: int = -20, specification: dict | None = None) -> list[dict]:
+        flt = None
+        if specification:
+            items = list(specification.items())
+
+            def flt(desc):
+                return all(desc.get(k, None) == v for k, v in items)
+        return self.undoLog(first, last, flt)
+
+    def undo(self, transaction_id, transaction):
+        """Undo a transaction: returns (this transaction's tid, the oids it changes)."""
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        pending = self._check_transaction(transaction)
+        tid = tid_from_undo_id(transaction_id)
+        state = self._state
+        th = find_txn(state.reader, self._end, self._pack_tid, tid)
+        oids = UndoPlanner(self, state.reader, pending).plan(th)
+        return pending.tid, oids
+
+    # -- restore, delete, record iteration, copy -------------------------------------
+
+    def restore(self, oid: bytes, serial: bytes, data: bytes | None, version: str,
+                prev_txn: bytes | None, transaction) -> None:
+        """Write a record as another storage had it (copying, recovery).
+
+        No conflict checks.  Data equal to the revision written in `prev_txn`
+        becomes a backpointer to it; None records an undone creation."""
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        pending = self._check_transaction(transaction)
+        if version:
+            raise POSException.Unsupported("versions are not supported")
+        back = 0
+        if data is not None and prev_txn:
+            target = self._revision(oid, prev_txn)
+            if target is not None and target.data == data:
+                back, data = target.pos, None
+        self._add_record(pending, oid, data, back)
+
+    def _revision(self, oid: bytes, tid: bytes) -> fmt.DataRecord | None:
+        """The data record holding oid's data as written by transaction `tid`."""
+        state = self._state
+        pos = state.index.get(oid)
+        reader = state.reader
+        while pos:
+            rec = reader.read_data_record(pos, oid)
+            if rec.tid == tid:
+                return reader.resolve(rec)
+            if rec.tid < tid:
+                return None
+            pos = rec.prev
+        return None
+
+    def deleteObject(self, oid: bytes, oldserial: bytes, transaction) -> None:
+        """Write a deletion record (IExternalGC); ConflictError on a stale serial."""
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        pending = self._check_transaction(transaction)
+        _state, rec = self._current(oid)
+        if rec.tid != oldserial:
+            raise POSException.ConflictError(oid=oid, serials=(rec.tid, oldserial))
+        self._add_record(pending, oid, None, 0)
+
+    def record_iternext(self, next: bytes | None = None):
+        """(oid, tid, data, next_oid) of the current record at or after `next`."""
+        index = self._state.index
+        oid = index.min_key(next or z64)
+        if oid is None:
+            raise ValueError("no more records")
+        following = index.min_key(p64(u64(oid) + 1)) if oid != b"\xff" * 8 else None
+        data, tid = self.load(oid)
+        return oid, tid, data, following
+
+    def copyTransactionsFrom(self, other, verbose: bool = False) -> None:
+        from .copy import copy_transactions
+        copy_transactions(other, self)
 
     # -- closing ---------------------------------------------------------------------
 
