@@ -20,7 +20,7 @@ from ZODB.utils import p64, u64, z64
 import refstorage
 from refstorage import errors, fileio, storage
 from refstorage import format as fmt
-from refstorage.log import LogReader
+from refstorage.log import LogReader, scan
 
 
 def commit(st, oid_data, serials=None, user="", description=""):
@@ -191,10 +191,11 @@ def test_damage_before_the_last_transaction_is_refused(path):
     ro.close()
 
 
-def test_damage_in_a_middle_data_record_is_refused(path):
+def test_damage_in_a_middle_data_record(path):
+    """Open reads oid tables, not every record: the damage is reported when
+    the record is read, and by a verifying scan -- never truncated."""
     tids = make(path, 3)
     th = _last_txn(path)
-    # damage the second transaction's first record (it is not the last one)
     f = fileio.DataFile(path, read_only=True)
     second = LogReader(f).txn_ending_at(th.pos)
     f.close()
@@ -202,11 +203,15 @@ def test_damage_in_a_middle_data_record_is_refused(path):
         fh.seek(second.data_pos + fmt.DATA_HEADER_SIZE + 2)
         fh.write(b"X")
     os.remove(path + ".index")
+    size = os.path.getsize(path)
+    st = refstorage.FileStorage(path)
+    assert st.lastTransaction() == tids[2] and os.path.getsize(path) == size
     with pytest.raises(errors.CorruptedDataError, match=f"offset {second.data_pos}"):
-        refstorage.FileStorage(path)
-    ro = refstorage.FileStorage(path, read_only=True)
-    assert ro.lastTransaction() == tids[0]
-    ro.close()
+        st.loadSerial(p64(0), tids[1])
+    result = scan(st._state.reader, fmt.HEADER_SIZE, size, verify=True)
+    assert result.bad_pos == second.pos and not result.torn_tail
+    assert isinstance(result.error, errors.CorruptedDataError)
+    st.close()
 
 
 def test_damaged_record_is_an_error_at_load_time(path):
@@ -232,7 +237,7 @@ def test_index_is_saved_on_close_and_reused(path, monkeypatch):
     scanned = []
     real_scan = storage.scan
 
-    def spy(reader, start, size, verify=True):
+    def spy(reader, start, size, verify=False):
         scanned.append((start, size))
         return real_scan(reader, start, size, verify)
 

@@ -6,15 +6,18 @@ Summary (all integers big-endian, unsigned):
     file        := file_header transaction*
     file_header := 1024 bytes: magic, version, header size, flags, file id,
                    pack tid, zero padding, crc32 of the first 1020 bytes
-    transaction := txn_header user description extension data_record* tlen
+    transaction := txn_header user description extension data_record* oid_table tlen
     txn_header  := tid(8) tlen(8) status(1) ulen(4) dlen(4) elen(4) nrec(4) hcrc(4)
+    oid_table   := (oid(8) offset(4)){nrec} tcrc(4)   offset: from the transaction's start
     data_record := oid(8) tid(8) prev(8) tpos(8) flags(2) nrefs(4) dlen(4)
                    refs(8 * nrefs) payload crc(4)
     payload     := data (dlen bytes), or a backpointer (8 bytes) if flags & BACK
 
 `tlen` counts a transaction's bytes from its tid up to, not including, the
 trailing redundant copy of tlen, so `pos + tlen + 8` is the next transaction
-and a reader can step backwards from any boundary.  The transaction header's
+and a reader can step backwards from any boundary.  The oid table lists each
+record's oid and offset, so rebuilding the index reads one table per
+transaction instead of every record.  The transaction header's
 crc covers every header byte but the status, so finishing a commit flips 'c'
 to ' ' in place without touching a checksum.  A data record's crc covers the
 whole record before it.
@@ -140,6 +143,11 @@ class TxnHeader(NamedTuple):
         return self.pos + self.tlen
 
     @property
+    def records_end(self) -> int:
+        """Position after the last data record (where the oid table starts)."""
+        return self.pos + self.tlen - oid_table_size(self.nrec)
+
+    @property
     def next_pos(self) -> int:
         return self.pos + self.tlen + TRAILER_SIZE
 
@@ -196,8 +204,9 @@ def decode_txn_header(buf, offset: int, path: str, pos: int, file_size: int | No
         raise CorruptedTransactionError(path, "transaction header checksum mismatch", pos)
     if status not in STATUSES:
         raise CorruptedTransactionError(path, f"invalid transaction status {status!r}", pos + STATUS_OFFSET)
-    if tlen < hlen:
-        raise CorruptedTransactionError(path, f"transaction length {tlen} shorter than its header", pos + 8)
+    if tlen < hlen + oid_table_size(nrec):
+        raise CorruptedTransactionError(
+            path, f"transaction length {tlen} too short for its header and {nrec} records", pos + 8)
     if file_size is not None and pos + tlen + TRAILER_SIZE > file_size:
         raise CorruptedTransactionError(
             path, f"transaction length {tlen} runs past the end of the file ({file_size})", pos + 8)
@@ -213,6 +222,32 @@ def txn_header_needs(buf, offset: int) -> int:
         return TXN_HEADER_SIZE
     _, _, _, ulen, dlen, elen, _, _ = _TXN_HEADER.unpack_from(buf, offset)
     return TXN_HEADER_SIZE + ulen + dlen + elen
+
+
+_TABLE_ENTRY = struct.Struct(">8sI")
+TABLE_ENTRY_SIZE = _TABLE_ENTRY.size  # 12
+MAX_TXN_LEN = 0xFFFFFFFF  # record offsets in the oid table are u32
+
+
+def oid_table_size(nrec: int) -> int:
+    return TABLE_ENTRY_SIZE * nrec + CRC_SIZE
+
+
+def encode_oid_table(entries: list[tuple[bytes, int]]) -> bytes:
+    """The oid table: (oid, offset of its record from the transaction's start)."""
+    body = b"".join([_TABLE_ENTRY.pack(oid, off) for oid, off in entries])
+    return body + _CRC.pack(crc32(body))
+
+
+def decode_oid_table(buf, offset: int, nrec: int, path: str, pos: int) -> list[tuple[bytes, int]]:
+    """The checked (oid, offset) entries of the table at buf[offset] (file position pos)."""
+    size = oid_table_size(nrec)
+    if len(buf) - offset < size:
+        raise CorruptedTransactionError(path, "oid table cut short", pos)
+    body_end = offset + size - CRC_SIZE
+    if crc32(buf[offset:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
+        raise CorruptedTransactionError(path, "oid table checksum mismatch", pos)
+    return list(_TABLE_ENTRY.iter_unpack(buf[offset:body_end]))
 
 
 def check_trailer(buf, offset: int, th: TxnHeader, path: str) -> None:

@@ -87,7 +87,7 @@ class LogReader:
     def txn_records(self, th: fmt.TxnHeader) -> Iterator[fmt.DataRecord]:
         """The checked data records of one transaction, in file order."""
         pos = th.data_pos
-        end = th.end
+        end = th.records_end
         while pos < end:
             chunk_end = min(end, pos + SCAN_CHUNK)
             buf = self.file.read(pos, chunk_end - pos)
@@ -139,12 +139,15 @@ class ScanResult(NamedTuple):
     torn_tail: bool  # True: the bad part is only an unfinished last transaction
 
 
-def scan(reader: LogReader, start: int, file_size: int, verify: bool = True) -> ScanResult:
+def scan(reader: LogReader, start: int, file_size: int, verify: bool = False) -> ScanResult:
     """Walk the transactions in [start, file_size) and classify the first damage.
 
-    Every transaction header and trailer is checked; with `verify` every data
-    record's checksum too.  Returns the map of each oid to its newest record.
-    A transaction with status 'c' (voted, never finished) counts as bad.
+    Every transaction header, oid table and trailer is checked.  The records
+    themselves are decoded and checksummed (and matched against the oid
+    table) for the last transaction -- the only one a crash can leave half
+    written -- and, with `verify`, for every transaction.  Returns the map of
+    each oid to its newest record.  A transaction with status 'c' (voted,
+    never finished) counts as bad.
     """
     path = reader.path
     oids: dict[bytes, int] = {}
@@ -153,8 +156,6 @@ def scan(reader: LogReader, start: int, file_size: int, verify: bool = True) -> 
     pos = start
     buf = b""
     bufpos = start
-    peek = fmt.peek_data_header
-    check = fmt.check_data_record
     while pos < file_size:
         try:
             off = pos - bufpos
@@ -168,41 +169,55 @@ def scan(reader: LogReader, start: int, file_size: int, verify: bool = True) -> 
             th = fmt.decode_txn_header(buf, off, path, pos, file_size)
             if th.status == fmt.STATUS_CHECKPOINT:
                 raise CorruptedTransactionError(path, "transaction was voted but never finished", pos)
-            tend = th.next_pos
-            if tend - bufpos > len(buf):
-                buf = reader.file.read(pos, max(SCAN_CHUNK, th.tlen + fmt.TRAILER_SIZE))
-                bufpos, off = pos, 0
-            base = bufpos
-            rpos = th.data_pos - base
-            rend = th.end - base
-            local: dict[bytes, int] = {}
-            nrec = 0
-            while rpos < rend:
-                oid, _tid, _prev, _tpos, _flags, _nrefs, _dlen, length = peek(buf, rpos, path, base + rpos)
-                if rpos + length > rend:
-                    raise CorruptedDataError(path, "data record runs past its transaction", base + rpos)
-                if verify:
-                    check(buf, rpos, length, path, base + rpos)
-                if _tid != th.tid or _tpos != pos:
-                    raise CorruptedDataError(path, "data record does not belong to its transaction",
-                                             base + rpos)
-                local[oid] = base + rpos
-                rpos += length
-                nrec += 1
-            if nrec != th.nrec:
-                raise CorruptedTransactionError(
-                    path, f"transaction holds {nrec} data records, its header says {th.nrec}", pos)
-            fmt.check_trailer(buf, rend, th, path)
             if last_tid is not None and th.tid <= last_tid:
                 raise CorruptedTransactionError(path, "transaction id does not increase", pos)
+            tend = th.next_pos
+            full = verify or tend >= file_size
+            if full:
+                # a whole transaction's records are read into memory at once
+                if tend - bufpos > len(buf):
+                    buf = reader.file.read(pos, max(SCAN_CHUNK, tend - pos))
+                    bufpos = pos
+            else:
+                # only the table and trailer are needed
+                tstart = th.records_end
+                if tend - bufpos > len(buf) or tstart < bufpos:
+                    buf = reader.file.read(tstart, max(SCAN_CHUNK, tend - tstart))
+                    bufpos = tstart
+            table = fmt.decode_oid_table(buf, th.records_end - bufpos, th.nrec, path, th.records_end)
+            fmt.check_trailer(buf, th.end - bufpos, th, path)
+            if full:
+                _check_records(buf, bufpos, th, table, path)
+            tpos = th.pos
+            for oid, rel in table:
+                oids[oid] = tpos + rel
         except CorruptedError as exc:
             torn = _is_torn_tail(reader, pos, file_size)
             return ScanResult(pos, last_tid, oids, ntxn, pos, exc, torn)
-        oids.update(local)
         last_tid = th.tid
         ntxn += 1
         pos = tend
     return ScanResult(pos, last_tid, oids, ntxn, None, None, False)
+
+
+def _check_records(buf, bufpos: int, th: fmt.TxnHeader, table, path: str) -> None:
+    """Decode every record of a transaction held in buf; match them to its table."""
+    rpos = th.data_pos - bufpos
+    rend = th.records_end - bufpos
+    n = 0
+    for oid, rel in table:
+        if rpos >= rend or bufpos + rpos != th.pos + rel:
+            raise CorruptedTransactionError(path, "oid table does not match the records", th.records_end)
+        rec = fmt.decode_data_record(buf, rpos, path, bufpos + rpos)
+        if rec.oid != oid or rec.tid != th.tid or rec.tpos != th.pos:
+            raise CorruptedDataError(path, "data record does not belong to its transaction", rec.pos)
+        if bufpos + rpos + rec.length > th.records_end:
+            raise CorruptedDataError(path, "data record runs past its transaction", rec.pos)
+        rpos += rec.length
+        n += 1
+    if rpos != rend:
+        raise CorruptedTransactionError(
+            path, f"transaction holds more data than its {n} records", bufpos + rpos)
 
 
 def _is_torn_tail(reader: LogReader, bad: int, file_size: int) -> bool:
@@ -230,8 +245,9 @@ def _is_torn_tail(reader: LogReader, bad: int, file_size: int) -> bool:
 def _valid_txn_at(reader: LogReader, pos: int, file_size: int) -> bool:
     try:
         th = reader.read_txn_header(pos, file_size)
-        raw = reader.file.read(th.end, fmt.TRAILER_SIZE)
-        fmt.check_trailer(raw, 0, th, reader.path)
+        raw = reader.file.read(th.records_end, fmt.oid_table_size(th.nrec) + fmt.TRAILER_SIZE)
+        fmt.decode_oid_table(raw, 0, th.nrec, reader.path, th.records_end)
+        fmt.check_trailer(raw, fmt.oid_table_size(th.nrec), th, reader.path)
     except CorruptedError:
         return False
     return True

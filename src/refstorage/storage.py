@@ -43,7 +43,6 @@ from ZODB.interfaces import (
     IStorageRestoreable,
     IStorageUndoable,
 )
-from ZODB.serialize import referencesf
 from ZODB.utils import p64, u64, z64
 
 from . import fileio
@@ -59,6 +58,7 @@ from .errors import (
 from .index import OidIndex, load_index, save_index
 from .iterator import TransactionIterator
 from .log import LogReader, scan
+from .refs import references_many
 from .undo import UndoPlanner, find_txn, tid_from_undo_id, undo_log
 
 logger = logging.getLogger("refstorage")
@@ -95,14 +95,23 @@ class _Pending:
         self.user = user
         self.description = description
         self.extension = extension
-        # (oid, data or None, refs, refs_known, backpointer) in store order; an
-        # oid stored twice keeps both records (as copies of other storages need)
-        self.records: list[tuple[bytes, bytes | None, bytes, bool, int]] = []
+        # (oid, data or None, backpointer) in store order; an oid stored twice
+        # keeps both records (as copies of other storages need).  References
+        # are computed for all of them at once, at vote.
+        self.records: list[tuple[bytes, bytes | None, int]] = []
         # oid -> (data or None, backpointer) of its latest record here
         self.latest: dict[bytes, tuple[bytes | None, int]] = {}
         self.tpos = tpos
         self.voted = False
-        self.size = fmt.txn_header_len(user, description, extension) + fmt.TRAILER_SIZE
+        # bytes the transaction takes without its references (for the quota)
+        self.size = fmt.txn_header_len(user, description, extension) + fmt.TRAILER_SIZE + fmt.CRC_SIZE
+
+
+def _identity(data: bytes) -> bytes:
+    return data
+
+
+_NO_REFS = (b"", True)
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -139,7 +148,7 @@ class FileStorage(ConflictResolvingStorage):
         self._commit_lock = threading.Lock()
         self._pending: _Pending | None = None
         self._resolved: list[bytes] = []
-        self._untransform = lambda data: data
+        self._untransform = _identity
         self._lock_file = None
         self._closed = False
         self._index_path = self._file_name + ".index"
@@ -453,26 +462,19 @@ class FileStorage(ConflictResolvingStorage):
             self._commit_lock.release()
             raise
 
-    def _references(self, data: bytes) -> tuple[bytes, bool]:
-        try:
-            return fmt.pack_refs(referencesf(self._untransform(data))), True
-        except Exception:
-            logger.debug("could not compute references of a record", exc_info=True)
-            return b"", False
-
     def _add_record(self, pending: _Pending, oid: bytes, data: bytes | None, back: int = 0) -> None:
-        if data is None:
-            refs, known = b"", True
-        else:
-            refs, known = self._references(data)
-        pending.records.append((oid, data, refs, known, back))
+        pending.records.append((oid, data, back))
         pending.latest[oid] = (data, back)
-        pending.size += fmt.record_length(len(refs) >> 3, 0 if data is not None else 1, len(data or b""))
-        if self._quota is not None and self._end + pending.size > self._quota:
-            raise QuotaError(self._file_name, f"the transaction would take the file past its quota "
-                             f"of {self._quota} bytes")
+        pending.size += (fmt.DATA_HEADER_SIZE + fmt.CRC_SIZE + fmt.TABLE_ENTRY_SIZE
+                         + (8 if data is None else len(data)))
+        self._check_quota(pending.size)
         if oid > self._oid:
             self.set_max_oid(oid)
+
+    def _check_quota(self, size: int) -> None:
+        if self._quota is not None and self._end + size > self._quota:
+            raise QuotaError(self._file_name, f"the transaction would take the file past its quota "
+                             f"of {self._quota} bytes")
 
     def store(self, oid: bytes, serial: bytes, data: bytes, version: str, transaction) -> None:
         if self._is_read_only:
@@ -504,24 +506,37 @@ class FileStorage(ConflictResolvingStorage):
         return list(self._resolved) or None
 
     def _write_pending(self, pending: _Pending) -> None:
+        """Append the whole transaction, status 'c', records and oid table."""
+        records = pending.records
+        untransform = self._untransform if self._untransform is not _identity else None
+        with_data = [data for _oid, data, _back in records if data is not None]
+        refs_iter = iter(references_many(with_data, untransform))
+        refs_of = [next(refs_iter) if data is not None else _NO_REFS for _oid, data, _back in records]
+        hlen = fmt.txn_header_len(pending.user, pending.description, pending.extension)
+        body = sum(fmt.record_length(len(refs) >> 3, 0 if data is not None else fmt.FLAG_BACKPOINTER,
+                                     len(data) if data is not None else 0)
+                   for (_oid, data, _back), (refs, _known) in zip(records, refs_of, strict=True))
+        tlen = hlen + body + fmt.oid_table_size(len(records))
+        if tlen > fmt.MAX_TXN_LEN:
+            raise POSException.StorageError(
+                f"transaction of {tlen} bytes exceeds the format's limit of {fmt.MAX_TXN_LEN}")
+        self._check_quota(tlen + fmt.TRAILER_SIZE)
         state = self._state
         file = state.file
         index_get = state.index.get
-        tpos = pending.tpos
-        hlen = fmt.txn_header_len(pending.user, pending.description, pending.extension)
-        tlen = pending.size - fmt.TRAILER_SIZE
-        parts = [fmt.encode_txn_header(pending.tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
-                                       pending.description, pending.extension, len(pending.records))]
-        pos = tpos + hlen
-        new_positions = {}
+        tpos, tid = pending.tpos, pending.tid
+        parts = [fmt.encode_txn_header(tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
+                                       pending.description, pending.extension, len(records))]
         buffered = len(parts[0])
+        rel = hlen
+        table = []
         written = tpos
         encode = fmt.encode_data_record
         try:
-            for oid, data, refs, known, back in pending.records:
-                rec = encode(oid, pending.tid, index_get(oid, 0), tpos, refs, data, back, known)
-                new_positions[oid] = pos
-                pos += len(rec)
+            for (oid, data, back), (refs, known) in zip(records, refs_of, strict=True):
+                rec = encode(oid, tid, index_get(oid, 0), tpos, refs, data, back, known)
+                table.append((oid, rel))
+                rel += len(rec)
                 parts.append(rec)
                 buffered += len(rec)
                 if buffered >= WRITE_CHUNK:
@@ -529,16 +544,18 @@ class FileStorage(ConflictResolvingStorage):
                     file.write_at(written, chunk)
                     written += len(chunk)
                     parts, buffered = [], 0
+            if rel != hlen + body:
+                raise POSException.StorageError("internal error: transaction length mismatch")
+            parts.append(fmt.encode_oid_table(table))
             parts.append(fmt.encode_trailer(tlen))
             file.write_at(written, b"".join(parts))
-            if pos + fmt.TRAILER_SIZE != tpos + pending.size:
-                raise POSException.StorageError("internal error: transaction length mismatch")
             fileio.point("commit.after-data-write")
         except BaseException:
             self._truncate_back(pending)
             raise
         pending.voted = True
-        self._new_positions = new_positions
+        pending.size = tlen + fmt.TRAILER_SIZE
+        self._new_positions = {oid: tpos + off for oid, off in table}
 
     def _truncate_back(self, pending: _Pending) -> None:
         file = self._state.file

@@ -39,15 +39,18 @@ def build() -> bytes:
         hlen = fmt.txn_header_len(user, desc, ext)
         pos = tpos + hlen
         body = []
+        table = []
         for o, data, refs, known, back in records:
             rec = fmt.encode_data_record(o, tid, index.get(o, 0), tpos, refs, data, back, known)
             index[o] = pos
+            table.append((o, pos - tpos))
             pos += len(rec)
             body.append(rec)
-        tlen = pos - tpos
+        tlen = pos - tpos + fmt.oid_table_size(len(records))
         out.extend(fmt.encode_txn_header(tid, tlen, status, user, desc, ext, len(records)))
         for rec in body:
             out.extend(rec)
+        out.extend(fmt.encode_oid_table(table))
         out.extend(fmt.encode_trailer(tlen))
         return tpos
 
