@@ -24,7 +24,7 @@ def golden():
 
 
 def test_golden_file_header(golden):
-    assert len(golden) == 1600
+    assert len(golden) == 1624
     assert golden[:8] == b"\x89RFS\r\n\x1a\n"
     assert struct.unpack(">HHI", golden[8:16]) == (1, 1024, 0)
     h = fmt.decode_file_header(golden, "golden")
@@ -35,22 +35,22 @@ def test_golden_file_header(golden):
 def test_golden_transactions_field_by_field(golden):
     a = fmt.decode_txn_header(golden, 1024, "golden", 1024, len(golden))
     assert (a.pos, a.tid, a.tlen, a.status, a.user, a.description, a.extension, a.nrec) == (
-        1024, T1, 183, b"p", b"alice", b"create", b"", 2)
+        1024, T1, 191, b"p", b"alice", b"create", b"", 2)
     assert a.header_len == 37 + 11
-    assert golden[a.end:a.next_pos] == struct.pack(">Q", 183)
+    assert golden[a.end:a.next_pos] == struct.pack(">Q", 191)
     assert a.records_end == 1179
-    assert fmt.decode_oid_table(golden, a.records_end, 2, "golden", a.records_end) == [
-        (oid(0), 48), (oid(1), 106)]
+    assert list(fmt.decode_oid_table(golden, a.records_end, 2, "golden", a.records_end)) == [
+        (oid(0), 1072), (oid(1), 1130)]
     b = fmt.decode_txn_header(golden, a.next_pos, "golden", a.next_pos, len(golden))
     assert (b.pos, b.tid, b.tlen, b.status, b.user, b.description, b.extension, b.nrec) == (
-        1215, T2, 189, b" ", b"", b"edit", b"EXT", 2)
-    assert fmt.decode_oid_table(golden, b.records_end, 2, "golden", b.records_end) == [
-        (oid(1), 44), (oid(2), 96)]
+        1223, T2, 197, b" ", b"", b"edit", b"EXT", 2)
+    assert list(fmt.decode_oid_table(golden, b.records_end, 2, "golden", b.records_end)) == [
+        (oid(1), 1267), (oid(2), 1319)]
     c = fmt.decode_txn_header(golden, b.next_pos, "golden", b.next_pos, len(golden))
     assert (c.pos, c.tid, c.tlen, c.status, c.user, c.description, c.extension, c.nrec) == (
-        1412, T3, 180, b" ", b"bob", b"undo", b"", 2)
-    assert fmt.decode_oid_table(golden, c.records_end, 2, "golden", c.records_end) == [
-        (oid(1), 44), (oid(2), 98)]
+        1428, T3, 188, b" ", b"bob", b"undo", b"", 2)
+    assert list(fmt.decode_oid_table(golden, c.records_end, 2, "golden", c.records_end)) == [
+        (oid(1), 1472), (oid(2), 1526)]
     assert c.next_pos == len(golden)
 
 
@@ -64,18 +64,18 @@ def test_golden_data_records_field_by_field(golden):
     r = rec(1130)  # txn A, oid 1
     assert (r.oid, r.prev, r.tpos, r.flags, r.refs, r.data, r.length) == (
         oid(1), 0, 1024, 0, b"", b"ONE", 49)
-    r = rec(1259)  # txn B, oid 1: refs unknown, prev -> A's record
+    r = rec(1267)  # txn B, oid 1: refs unknown, prev -> A's record
     assert (r.oid, r.tid, r.prev, r.tpos, r.flags, r.data, r.refs_known) == (
-        oid(1), T2, 1130, 1215, fmt.FLAG_REFS_UNKNOWN, b"ONE-v2", False)
-    r = rec(1311)  # txn B, oid 2
+        oid(1), T2, 1130, 1223, fmt.FLAG_REFS_UNKNOWN, b"ONE-v2", False)
+    r = rec(1319)  # txn B, oid 2
     assert (r.oid, r.prev, r.refs, r.data) == (oid(2), 0, oid(0) + oid(1), b"TWO")
     assert r.ref_oids() == [oid(0), oid(1)]
-    r = rec(1456)  # txn C, oid 1: backpointer to A's record
+    r = rec(1472)  # txn C, oid 1: backpointer to A's record
     assert (r.oid, r.tid, r.prev, r.tpos, r.flags, r.data, r.back, r.length) == (
-        oid(1), T3, 1259, 1412, fmt.FLAG_BACKPOINTER, None, 1130, 54)
-    r = rec(1510)  # txn C, oid 2: creation undone
+        oid(1), T3, 1267, 1428, fmt.FLAG_BACKPOINTER, None, 1130, 54)
+    r = rec(1526)  # txn C, oid 2: creation undone
     assert (r.oid, r.prev, r.flags, r.data, r.back, r.is_backpointer) == (
-        oid(2), 1311, fmt.FLAG_BACKPOINTER, None, 0, True)
+        oid(2), 1319, fmt.FLAG_BACKPOINTER, None, 0, True)
 
 
 def test_golden_file_is_what_the_encoders_write(golden):
@@ -173,9 +173,9 @@ def test_refs_are_deduplicated_in_order():
 
 
 def test_every_bit_of_the_oid_table_is_covered():
-    table = fmt.encode_oid_table([(oid(1), 44), (oid(9), 100)])
-    assert len(table) == fmt.oid_table_size(2) == 28
-    assert fmt.decode_oid_table(table, 0, 2, "f", 0) == [(oid(1), 44), (oid(9), 100)]
+    table = fmt.encode_oid_table([(oid(1), 1044), (oid(9), 2100)])
+    assert len(table) == fmt.oid_table_size(2) == 36
+    assert list(fmt.decode_oid_table(table, 0, 2, "f", 0)) == [(oid(1), 1044), (oid(9), 2100)]
     for i in range(len(table) * 8):
         bad = bytearray(table)
         bad[i // 8] ^= 1 << (i % 8)

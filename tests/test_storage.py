@@ -208,7 +208,7 @@ def test_damage_in_a_middle_data_record(path):
     assert st.lastTransaction() == tids[2] and os.path.getsize(path) == size
     with pytest.raises(errors.CorruptedDataError, match=f"offset {second.data_pos}"):
         st.loadSerial(p64(0), tids[1])
-    result = scan(st._state.reader, fmt.HEADER_SIZE, size, verify=True)
+    result = scan(st._state.reader, fmt.HEADER_SIZE, size, None, verify=True)
     assert result.bad_pos == second.pos and not result.torn_tail
     assert isinstance(result.error, errors.CorruptedDataError)
     st.close()
@@ -237,9 +237,9 @@ def test_index_is_saved_on_close_and_reused(path, monkeypatch):
     scanned = []
     real_scan = storage.scan
 
-    def spy(reader, start, size, verify=False):
+    def spy(reader, start, size, index=None, verify=False):
         scanned.append((start, size))
-        return real_scan(reader, start, size, verify)
+        return real_scan(reader, start, size, index, verify)
 
     monkeypatch.setattr(storage, "scan", spy)
     st = refstorage.FileStorage(path)

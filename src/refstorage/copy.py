@@ -5,7 +5,8 @@ storage named by a zodburi URI or a ZConfig file.  Each transaction keeps its
 tid, status, user, description and extension bytes; each record goes through
 the destination's restore(), so a record that repeats the data of the
 revision named by data_txn becomes a backpointer again (undo history survives
-the round trip).
+the round trip).  When both sides support blobs (IBlobStorage), the blob file
+of each blob record is copied too, through the destination's restoreBlob.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from ZODB.POSException import StorageTransactionError
+
+from .blobs import copies_blobs, copy_blob_to_temporary
 
 
 @dataclass
@@ -28,6 +31,7 @@ def copy_transactions(source, dest, start: bytes | None = None,
                       progress: Callable[[CopyReport], None] | None = None) -> CopyReport:
     """Copy every transaction of `source` with tid >= start into `dest`."""
     report = CopyReport()
+    with_blobs = copies_blobs(source, dest)
     it = source.iterator(start) if start is not None else source.iterator()
     try:
         for txn in it:
@@ -40,7 +44,11 @@ def copy_transactions(source, dest, start: bytes | None = None,
             dest.tpc_begin(txn, tid, txn.status)
             try:
                 for rec in txn:
-                    dest.restore(rec.oid, rec.tid, rec.data, "", rec.data_txn, txn)
+                    blob = copy_blob_to_temporary(source, dest, rec) if with_blobs else None
+                    if blob is not None:
+                        dest.restoreBlob(rec.oid, rec.tid, rec.data, blob, rec.data_txn, txn)
+                    else:
+                        dest.restore(rec.oid, rec.tid, rec.data, "", rec.data_txn, txn)
                     report.records += 1
                     report.bytes += len(rec.data or b"")
                 dest.tpc_vote(txn)

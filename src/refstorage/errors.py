@@ -30,6 +30,8 @@ __all__ = [
     "QuotaError",
     "StorageLockedError",
     "PackError",
+    "BlobDirectoryError",
+    "URIError",
     "ReadOnlyError",
 ]
 
@@ -130,3 +132,11 @@ class StorageLockedError(FileError):
 
 class PackError(RefStorageError):
     """Pack cannot run (a pack is already running, or it failed)."""
+
+
+class BlobDirectoryError(FileError):
+    """The blob directory cannot be used (not a directory, not writable, another layout)."""
+
+
+class URIError(RefStorageError, ValueError):
+    """A refstorage: URI that cannot be understood (see refstorage.uri)."""

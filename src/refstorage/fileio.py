@@ -34,11 +34,19 @@ __all__ = [
     "atomic_write",
     "fsync_dir",
     "replace_durably",
+    "link_durably",
     "read_whole",
     "save_side_file",
     "remove_if_exists",
     "point",
+    "make_dirs",
+    "same_file",
 ]
+
+
+# Reads longer than this are first cut to what the file holds: os.pread allocates
+# the whole length it is asked for before reading.
+READ_CLAMP = 1 << 20
 
 
 class Ops:
@@ -80,6 +88,9 @@ class Ops:
 
     def point(self, name: str) -> None:
         """A named step (e.g. ``"commit.after-data-write"``); a hook for tests."""
+
+    def link(self, src: str, dst: str) -> None:
+        os.link(src, dst)
 
 
 ops: Ops = Ops()
@@ -144,6 +155,8 @@ class DataFile:
     def read(self, pos: int, n: int) -> bytes:
         """Read up to `n` bytes at `pos`; fewer only at the end of the file."""
         try:
+            if n > READ_CLAMP:  # a damaged length field must not make pread allocate n bytes
+                n = max(0, min(n, ops.fsize(self.fd) - pos))
             data = ops.pread(self.fd, n, pos)
             if len(data) < n and data:
                 parts = [data]
@@ -222,6 +235,17 @@ class DataFile:
             except OSError:
                 pass
 
+    def __del__(self) -> None:
+        # A file nobody references any more closes itself: pack swaps in a new
+        # file while loads and iterators may still read the old one, so the old
+        # one is not closed explicitly.  close() clears fd first, so a file
+        # closed explicitly is never closed twice.
+        if getattr(self, "fd", -1) >= 0:
+            try:
+                self.close()
+            except Exception:  # interpreter shutdown: nothing useful to do
+                pass
+
 
 def fsync_dir(dirpath: str) -> None:
     try:
@@ -237,6 +261,18 @@ def replace_durably(src: str, dst: str) -> None:
     except OSError as exc:
         raise _io_error(dst, f"rename from {src}", exc) from exc
     fsync_dir(_dir_of(dst))
+
+
+def link_durably(src: str, dst: str) -> None:
+    """Give the file `src` the second name `dst` (a hard link), then fsync the directory.
+
+    `dst` must not exist.  Pack uses it to keep the previous database as
+    ``<name>.old`` while ``<name>`` is replaced, so the name never goes missing."""
+    try:
+        ops.link(str(src), str(dst))
+    except OSError as exc:
+        raise _io_error(str(dst), f"hard link to {src}", exc) from exc
+    fsync_dir(_dir_of(str(dst)))
 
 
 def atomic_write(path: str, chunks: Iterable[bytes], point_prefix: str = "") -> None:
@@ -332,3 +368,20 @@ def remove_if_exists(path: str) -> None:
 
 def exists(path: str) -> bool:
     return os.path.exists(str(path))
+
+
+def make_dirs(path: str) -> None:
+    """Create the directory `path` and any missing parents (nothing if it exists)."""
+    path = str(path)
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise _io_error(path, "create directory", exc) from exc
+
+
+def same_file(a: str, b: str) -> bool:
+    """Do both paths exist and name the same file?"""
+    try:
+        return os.path.samefile(str(a), str(b))
+    except OSError:
+        return False

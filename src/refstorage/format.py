@@ -8,7 +8,7 @@ Summary (all integers big-endian, unsigned):
                    pack tid, zero padding, crc32 of the first 1020 bytes
     transaction := txn_header user description extension data_record* oid_table tlen
     txn_header  := tid(8) tlen(8) status(1) ulen(4) dlen(4) elen(4) nrec(4) hcrc(4)
-    oid_table   := (oid(8) offset(4)){nrec} tcrc(4)   offset: from the transaction's start
+    oid_table   := (oid(8) position(8)){nrec} tcrc(4)   position of each record in the file
     data_record := oid(8) tid(8) prev(8) tpos(8) flags(2) nrefs(4) dlen(4)
                    refs(8 * nrefs) payload crc(4)
     payload     := data (dlen bytes), or a backpointer (8 bytes) if flags & BACK
@@ -16,7 +16,7 @@ Summary (all integers big-endian, unsigned):
 `tlen` counts a transaction's bytes from its tid up to, not including, the
 trailing redundant copy of tlen, so `pos + tlen + 8` is the next transaction
 and a reader can step backwards from any boundary.  The oid table lists each
-record's oid and offset, so rebuilding the index reads one table per
+record's oid and position, so rebuilding the index reads one table per
 transaction instead of every record.  The transaction header's
 crc covers every header byte but the status, so finishing a commit flips 'c'
 to ' ' in place without touching a checksum.  A data record's crc covers the
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Iterator
 from typing import NamedTuple
 
 from .errors import (
@@ -224,9 +225,8 @@ def txn_header_needs(buf, offset: int) -> int:
     return TXN_HEADER_SIZE + ulen + dlen + elen
 
 
-_TABLE_ENTRY = struct.Struct(">8sI")
-TABLE_ENTRY_SIZE = _TABLE_ENTRY.size  # 12
-MAX_TXN_LEN = 0xFFFFFFFF  # record offsets in the oid table are u32
+_TABLE_ENTRY = struct.Struct(">8sQ")
+TABLE_ENTRY_SIZE = _TABLE_ENTRY.size  # 16
 
 
 def oid_table_size(nrec: int) -> int:
@@ -234,20 +234,22 @@ def oid_table_size(nrec: int) -> int:
 
 
 def encode_oid_table(entries: list[tuple[bytes, int]]) -> bytes:
-    """The oid table: (oid, offset of its record from the transaction's start)."""
+    """The oid table: (oid, file position of its record) for each record."""
     body = b"".join([_TABLE_ENTRY.pack(oid, off) for oid, off in entries])
     return body + _CRC.pack(crc32(body))
 
 
-def decode_oid_table(buf, offset: int, nrec: int, path: str, pos: int) -> list[tuple[bytes, int]]:
-    """The checked (oid, offset) entries of the table at buf[offset] (file position pos)."""
+def decode_oid_table(buf, offset: int, nrec: int, path: str, pos: int) -> Iterator[tuple[bytes, int]]:
+    """The checked (oid, position) entries of the table at buf[offset] (file position pos).
+
+    `dict()` of the result is the transaction's oid -> position map, built at C speed."""
     size = oid_table_size(nrec)
     if len(buf) - offset < size:
         raise CorruptedTransactionError(path, "oid table cut short", pos)
     body_end = offset + size - CRC_SIZE
     if crc32(buf[offset:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
         raise CorruptedTransactionError(path, "oid table checksum mismatch", pos)
-    return list(_TABLE_ENTRY.iter_unpack(buf[offset:body_end]))
+    return _TABLE_ENTRY.iter_unpack(buf[offset:body_end])
 
 
 def check_trailer(buf, offset: int, th: TxnHeader, path: str) -> None:

@@ -14,7 +14,8 @@ it never decodes bytes itself.  It knows how to
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from bisect import bisect_right
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from . import format as fmt
@@ -24,6 +25,7 @@ from .fileio import DataFile
 # One read fetches this much; most records and transaction headers fit.
 READ_AHEAD = 4096
 SCAN_CHUNK = 8 << 20
+INDEX_BATCH = 1 << 20
 
 
 class LogReader:
@@ -111,6 +113,25 @@ class LogReader:
                 off = length
             pos += off
 
+    def read_data_records(self, positions: Sequence[int]) -> Iterator[fmt.DataRecord]:
+        """The checked data records at `positions` (ascending), read in large chunks.
+
+        For reading many records spread over the file (every current record,
+        say) without one read per record; a chunk covers the positions within
+        SCAN_CHUNK of its start, so sparse positions cost small reads."""
+        buf = b""
+        bufpos = 0
+        n = len(positions)
+        for i, pos in enumerate(positions):
+            off = pos - bufpos
+            if off < 0 or off + fmt.DATA_HEADER_SIZE > len(buf):
+                last = positions[min(n, bisect_right(positions, pos + SCAN_CHUNK - READ_AHEAD, i)) - 1]
+                buf, bufpos, off = self.file.read(pos, last - pos + READ_AHEAD), pos, 0
+            length = fmt.peek_data_header(buf, off, self.path, pos)[7]
+            if off + length > len(buf):
+                buf, bufpos, off = self.file.read(pos, max(length, READ_AHEAD)), pos, 0
+            yield fmt.decode_data_record(buf, off, self.path, pos)
+
     # -- walking transactions ----------------------------------------------------------
 
     def iter_txns(self, start: int, end: int) -> Iterator[fmt.TxnHeader]:
@@ -132,36 +153,39 @@ class LogReader:
 class ScanResult(NamedTuple):
     end: int  # position after the last good transaction
     last_tid: bytes | None  # tid of that transaction (None if none was scanned)
-    oids: dict  # oid -> position of its newest record in the scanned region
     ntxn: int
     bad_pos: int | None  # where the first bad transaction starts, if any
     error: CorruptedError | None  # what was wrong there
     torn_tail: bool  # True: the bad part is only an unfinished last transaction
 
 
-def scan(reader: LogReader, start: int, file_size: int, verify: bool = False) -> ScanResult:
+def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool = False) -> ScanResult:
     """Walk the transactions in [start, file_size) and classify the first damage.
 
     Every transaction header, oid table and trailer is checked.  The records
     themselves are decoded and checksummed (and matched against the oid
     table) for the last transaction -- the only one a crash can leave half
-    written -- and, with `verify`, for every transaction.  Returns the map of
-    each oid to its newest record.  A transaction with status 'c' (voted,
-    never finished) counts as bad.
+    written -- and, with `verify`, for every transaction.  Each good
+    transaction's oid -> position map goes into `index` (anything with
+    update(), e.g. an OidIndex), in log order.  A transaction with status 'c'
+    (voted, never finished) counts as bad.
     """
     path = reader.path
-    oids: dict[bytes, int] = {}
     last_tid = None
     ntxn = 0
     pos = start
     buf = b""
     bufpos = start
+    # entries are merged into the index in large batches: the index builds
+    # each block once per merge, which is slow per transaction when a
+    # transaction's oids are scattered over many blocks
+    batch: dict[bytes, int] = {}
     while pos < file_size:
         try:
             off = pos - bufpos
             need = fmt.txn_header_needs(buf, off) if off < len(buf) else fmt.TXN_HEADER_SIZE
             if off + need > len(buf):
-                buf = reader.file.read(pos, max(SCAN_CHUNK, need))
+                buf = reader.file.read(pos, max(READ_AHEAD, need))
                 bufpos, off = pos, 0
                 need = fmt.txn_header_needs(buf, 0)
                 if need > len(buf):
@@ -172,41 +196,50 @@ def scan(reader: LogReader, start: int, file_size: int, verify: bool = False) ->
             if last_tid is not None and th.tid <= last_tid:
                 raise CorruptedTransactionError(path, "transaction id does not increase", pos)
             tend = th.next_pos
-            full = verify or tend >= file_size
-            if full:
-                # a whole transaction's records are read into memory at once
+            if verify or tend >= file_size:
+                # decode every record; the last transaction is always checked
+                # fully, as the only one a crash can leave half written
                 if tend - bufpos > len(buf):
                     buf = reader.file.read(pos, max(SCAN_CHUNK, tend - pos))
                     bufpos = pos
-            else:
-                # only the table and trailer are needed
-                tstart = th.records_end
-                if tend - bufpos > len(buf) or tstart < bufpos:
-                    buf = reader.file.read(tstart, max(SCAN_CHUNK, tend - tstart))
-                    bufpos = tstart
-            table = fmt.decode_oid_table(buf, th.records_end - bufpos, th.nrec, path, th.records_end)
-            fmt.check_trailer(buf, th.end - bufpos, th, path)
-            if full:
+                table = list(fmt.decode_oid_table(buf, th.records_end - bufpos, th.nrec, path,
+                                                  th.records_end))
+                fmt.check_trailer(buf, th.end - bufpos, th, path)
                 _check_records(buf, bufpos, th, table, path)
-            tpos = th.pos
-            for oid, rel in table:
-                oids[oid] = tpos + rel
+            else:
+                # only the oid table and the trailer are read
+                tstart = th.records_end
+                if tend - bufpos > len(buf):
+                    buf = reader.file.read(tstart, tend - tstart)
+                    bufpos = tstart
+                table = fmt.decode_oid_table(buf, tstart - bufpos, th.nrec, path, tstart)
+                fmt.check_trailer(buf, th.end - bufpos, th, path)
+            if index is not None:
+                batch.update(table)
+                if len(batch) >= INDEX_BATCH:
+                    index.update(batch)
+                    batch = {}
         except CorruptedError as exc:
+            if index is not None and batch:
+                index.update(batch)
             torn = _is_torn_tail(reader, pos, file_size)
-            return ScanResult(pos, last_tid, oids, ntxn, pos, exc, torn)
+            return ScanResult(pos, last_tid, ntxn, pos, exc, torn)
         last_tid = th.tid
         ntxn += 1
         pos = tend
-    return ScanResult(pos, last_tid, oids, ntxn, None, None, False)
+    if index is not None and batch:
+        index.update(batch)
+    return ScanResult(pos, last_tid, ntxn, None, None, False)
 
 
-def _check_records(buf, bufpos: int, th: fmt.TxnHeader, table, path: str) -> None:
+def _check_records(buf, bufpos: int, th: fmt.TxnHeader, table, path: str) -> list[fmt.DataRecord]:
     """Decode every record of a transaction held in buf; match them to its table."""
     rpos = th.data_pos - bufpos
     rend = th.records_end - bufpos
     n = 0
-    for oid, rel in table:
-        if rpos >= rend or bufpos + rpos != th.pos + rel:
+    recs = []
+    for oid, where in table:
+        if rpos >= rend or bufpos + rpos != where:
             raise CorruptedTransactionError(path, "oid table does not match the records", th.records_end)
         rec = fmt.decode_data_record(buf, rpos, path, bufpos + rpos)
         if rec.oid != oid or rec.tid != th.tid or rec.tpos != th.pos:
@@ -215,9 +248,53 @@ def _check_records(buf, bufpos: int, th: fmt.TxnHeader, table, path: str) -> Non
             raise CorruptedDataError(path, "data record runs past its transaction", rec.pos)
         rpos += rec.length
         n += 1
+        recs.append(rec)
     if rpos != rend:
         raise CorruptedTransactionError(
             path, f"transaction holds more data than its {n} records", bufpos + rpos)
+    return recs
+
+
+def _read_txn(reader: LogReader, pos: int, file_size: int):
+    """(buffer holding the whole transaction at pos, its header, its checked oid table entries)."""
+    buf = reader.file.read(pos, READ_AHEAD)
+    need = fmt.txn_header_needs(buf, 0)
+    if need > len(buf):
+        buf = reader.file.read(pos, need)
+    th = fmt.decode_txn_header(buf, 0, reader.path, pos, file_size)
+    if th.next_pos - pos > len(buf):
+        buf = reader.file.read(pos, th.next_pos - pos)
+    table = list(fmt.decode_oid_table(buf, th.records_end - pos, th.nrec, reader.path, th.records_end))
+    fmt.check_trailer(buf, th.end - pos, th, reader.path)
+    return buf, th, table
+
+
+def read_checked_txn(reader: LogReader, pos: int, file_size: int,
+                     ) -> tuple[fmt.TxnHeader, list[fmt.DataRecord]]:
+    """The transaction at `pos` and its records, everything checked as `scan(verify=True)` does.
+
+    Header checksum and status, the length against `file_size`, the oid table
+    (checksum, and matching the records), the trailer, and every record
+    (checksum, tid and tpos).  The whole transaction is read at once.  Status
+    and tid order are the caller's to judge."""
+    buf, th, table = _read_txn(reader, pos, file_size)
+    return th, _check_records(buf, pos, th, table, reader.path)
+
+
+def read_moved_txn(reader: LogReader, pos: int, file_size: int,
+                   ) -> tuple[fmt.TxnHeader, list[fmt.DataRecord], int]:
+    """Like `read_checked_txn`, for a transaction written `delta` bytes before where it is now.
+
+    After bytes were lost from (or inserted into) the middle of a file, the
+    transactions after the gap are intact but sit at other positions than
+    the ones their oid table and records' tpos name.  This accepts one whose
+    table and records are consistent with a single origin ``pos - delta``.
+    Returns (th, records, delta): th and each record's `pos` are where they
+    are now; tpos, prev and backpointers still hold the old positions."""
+    buf, th, table = _read_txn(reader, pos, file_size)
+    delta = th.data_pos - table[0][1] if table else 0
+    recs = _check_records(buf, pos - delta, th._replace(pos=pos - delta), table, reader.path)
+    return th, [rec._replace(pos=rec.pos + delta) for rec in recs], delta
 
 
 def _is_torn_tail(reader: LogReader, bad: int, file_size: int) -> bool:

@@ -43,10 +43,12 @@ from ZODB.interfaces import (
     IStorageRestoreable,
     IStorageUndoable,
 )
+from ZODB.serialize import referencesf as _referencesf
 from ZODB.utils import p64, u64, z64
 
 from . import fileio
 from . import format as fmt
+from .blobs import BlobSupport
 from .errors import (
     CorruptedError,
     IndexFileError,
@@ -58,6 +60,7 @@ from .errors import (
 from .index import OidIndex, load_index, save_index
 from .iterator import TransactionIterator
 from .log import LogReader, scan
+from .pack import PackReport, Progress, pack_storage
 from .refs import references_many
 from .undo import UndoPlanner, find_txn, tid_from_undo_id, undo_log
 
@@ -95,23 +98,22 @@ class _Pending:
         self.user = user
         self.description = description
         self.extension = extension
-        # (oid, data or None, backpointer) in store order; an oid stored twice
-        # keeps both records (as copies of other storages need).  References
-        # are computed for all of them at once, at vote.
-        self.records: list[tuple[bytes, bytes | None, int]] = []
+        # (oid, data or None, backpointer, prev) in store order; an oid stored
+        # twice keeps both records (as copies of other storages need).  prev is
+        # the oid's committed record (stable: the commit lock is held until
+        # finish).  References are computed for all records at once, at vote.
+        self.records: list[tuple[bytes, bytes | None, int, int]] = []
         # oid -> (data or None, backpointer) of its latest record here
         self.latest: dict[bytes, tuple[bytes | None, int]] = {}
         self.tpos = tpos
         self.voted = False
-        # bytes the transaction takes without its references (for the quota)
-        self.size = fmt.txn_header_len(user, description, extension) + fmt.TRAILER_SIZE + fmt.CRC_SIZE
+        # bytes of data buffered so far (for the quota; exact size at vote)
+        self.size = 0
 
 
 def _identity(data: bytes) -> bytes:
     return data
 
-
-_NO_REFS = (b"", True)
 
 
 def _as_bytes(value: Any) -> bytes:
@@ -124,21 +126,21 @@ def _as_bytes(value: Any) -> bytes:
 
 @zope.interface.implementer(IStorage, IStorageIteration, IStorageUndoable, IStorageRestoreable,
                             IStorageCurrentRecordIteration, IExternalGC)
-class FileStorage(ConflictResolvingStorage):
+class FileStorage(BlobSupport, ConflictResolvingStorage):
     """A file-based, append-only, transactional ZODB storage.
 
     The constructor mirrors ZODB's FileStorage: a missing file is created
     (unless read_only), create=True starts a new empty database, quota limits
-    the file size in bytes, pack_gc and pack_keep_old shape pack.
+    the file size in bytes, pack_gc and pack_keep_old shape pack, and
+    blob_dir enables blobs (see blobs.py).
     """
 
     _transaction = None
+    last_pack_report: PackReport | None = None
 
     def __init__(self, file_name: str, create: bool = False, read_only: bool = False,
                  quota: int | None = None, pack_gc: bool = True, pack_keep_old: bool = True,
                  blob_dir: str | None = None):
-        if blob_dir is not None:
-            raise POSException.Unsupported("blob_dir: refstorage does not support blobs yet")
         self.__name__ = self._file_name = os.fspath(file_name)
         self._is_read_only = bool(read_only)
         self._quota = quota
@@ -156,6 +158,11 @@ class FileStorage(ConflictResolvingStorage):
             self._open(create)
         except BaseException:
             self._release_lock_file()
+            raise
+        try:
+            self._blob_init(blob_dir, create)
+        except BaseException:
+            self.close()
             raise
 
     # -- opening -------------------------------------------------------------------
@@ -221,8 +228,7 @@ class FileStorage(ConflictResolvingStorage):
         self._index_saved_end = start if index is not None else 0
         if index is None:
             index, start, last_tid = OidIndex(), fmt.HEADER_SIZE, None
-        result = scan(reader, start, size)
-        index.update(result.oids)
+        result = scan(reader, start, size, index)
         if result.last_tid is not None:
             last_tid = result.last_tid
         end = result.end
@@ -409,8 +415,13 @@ class FileStorage(ConflictResolvingStorage):
         return result
 
     def iterator(self, start: bytes | None = None, stop: bytes | None = None) -> TransactionIterator:
-        end = self._end  # as ZODB expects, later commits are not seen
-        return TransactionIterator(self._state.reader, end, start, stop)
+        state, end = self._snapshot()  # as ZODB expects, later commits are not seen
+        return TransactionIterator(state.reader, end, start, stop)
+
+    def _snapshot(self) -> tuple[_State, int]:
+        """The file and the end of its log, consistent with each other (pack swaps both)."""
+        with self._lock:
+            return self._state, self._end
 
     # -- two-phase commit ----------------------------------------------------------
 
@@ -462,12 +473,15 @@ class FileStorage(ConflictResolvingStorage):
             self._commit_lock.release()
             raise
 
-    def _add_record(self, pending: _Pending, oid: bytes, data: bytes | None, back: int = 0) -> None:
-        pending.records.append((oid, data, back))
+    def _add_record(self, pending: _Pending, oid: bytes, data: bytes | None, back: int = 0,
+                    prev: int | None = None) -> None:
+        if prev is None:
+            prev = self._state.index.get(oid, 0)
+        pending.records.append((oid, data, back, prev))
         pending.latest[oid] = (data, back)
-        pending.size += (fmt.DATA_HEADER_SIZE + fmt.CRC_SIZE + fmt.TABLE_ENTRY_SIZE
-                         + (8 if data is None else len(data)))
-        self._check_quota(pending.size)
+        if self._quota is not None:
+            pending.size += 8 if data is None else len(data)
+            self._check_quota(pending.size)
         if oid > self._oid:
             self.set_max_oid(oid)
 
@@ -477,9 +491,11 @@ class FileStorage(ConflictResolvingStorage):
                              f"of {self._quota} bytes")
 
     def store(self, oid: bytes, serial: bytes, data: bytes, version: str, transaction) -> None:
-        if self._is_read_only:
-            raise POSException.ReadOnlyError()
-        pending = self._check_transaction(transaction)
+        pending = self._pending
+        if pending is None or transaction is not pending.transaction:
+            if self._is_read_only:
+                raise POSException.ReadOnlyError()
+            raise POSException.StorageTransactionError(self, transaction)
         if version:
             raise POSException.Unsupported("versions are not supported")
         if data is not None and len(data) > fmt.MAX_DATA_LEN:
@@ -491,7 +507,14 @@ class FileStorage(ConflictResolvingStorage):
             if serial != committed:
                 data = self.tryToResolveConflict(oid, committed, serial, data)
                 self._resolved.append(oid)
-        self._add_record(pending, oid, data)
+        # _add_record, inlined for the commit-heavy path
+        pending.records.append((oid, data, 0, pos or 0))
+        pending.latest[oid] = (data, 0)
+        if self._quota is not None:
+            pending.size += len(data)
+            self._check_quota(pending.size)
+        if oid > self._oid:
+            self.set_max_oid(oid)
 
     def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, transaction) -> None:
         self._check_transaction(transaction)
@@ -506,56 +529,61 @@ class FileStorage(ConflictResolvingStorage):
         return list(self._resolved) or None
 
     def _write_pending(self, pending: _Pending) -> None:
-        """Append the whole transaction, status 'c', records and oid table."""
+        """Append the whole transaction, status 'c': header, records, oid table.
+
+        The records are written first, in chunks, and the header last, once
+        the length is known; until the trailer is written the transaction is
+        a torn tail to any reader."""
         records = pending.records
         untransform = self._untransform if self._untransform is not _identity else None
-        with_data = [data for _oid, data, _back in records if data is not None]
-        refs_iter = iter(references_many(with_data, untransform))
-        refs_of = [next(refs_iter) if data is not None else _NO_REFS for _oid, data, _back in records]
+        refs_iter = iter(references_many([r[1] for r in records if r[1] is not None], untransform))
         hlen = fmt.txn_header_len(pending.user, pending.description, pending.extension)
-        body = sum(fmt.record_length(len(refs) >> 3, 0 if data is not None else fmt.FLAG_BACKPOINTER,
-                                     len(data) if data is not None else 0)
-                   for (_oid, data, _back), (refs, _known) in zip(records, refs_of, strict=True))
-        tlen = hlen + body + fmt.oid_table_size(len(records))
-        if tlen > fmt.MAX_TXN_LEN:
-            raise POSException.StorageError(
-                f"transaction of {tlen} bytes exceeds the format's limit of {fmt.MAX_TXN_LEN}")
-        self._check_quota(tlen + fmt.TRAILER_SIZE)
-        state = self._state
-        file = state.file
-        index_get = state.index.get
+        file = self._state.file
         tpos, tid = pending.tpos, pending.tid
-        parts = [fmt.encode_txn_header(tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
-                                       pending.description, pending.extension, len(records))]
-        buffered = len(parts[0])
         rel = hlen
         table = []
-        written = tpos
+        parts: list[bytes] = []
+        buffered = 0
+        written = tpos + hlen
         encode = fmt.encode_data_record
         try:
-            for (oid, data, back), (refs, known) in zip(records, refs_of, strict=True):
-                rec = encode(oid, tid, index_get(oid, 0), tpos, refs, data, back, known)
-                table.append((oid, rel))
+            for oid, data, back, prev in records:
+                if data is None:
+                    rec = encode(oid, tid, prev, tpos, b"", None, back)
+                else:
+                    refs, known = next(refs_iter)
+                    rec = encode(oid, tid, prev, tpos, refs, data, 0, known)
+                table.append((oid, tpos + rel))
                 rel += len(rec)
                 parts.append(rec)
                 buffered += len(rec)
                 if buffered >= WRITE_CHUNK:
+                    self._check_size(rel)
                     chunk = b"".join(parts)
                     file.write_at(written, chunk)
                     written += len(chunk)
                     parts, buffered = [], 0
-            if rel != hlen + body:
-                raise POSException.StorageError("internal error: transaction length mismatch")
+            tlen = rel + fmt.oid_table_size(len(records))
+            self._check_size(tlen)
+            header = fmt.encode_txn_header(tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
+                                           pending.description, pending.extension, len(records))
             parts.append(fmt.encode_oid_table(table))
             parts.append(fmt.encode_trailer(tlen))
-            file.write_at(written, b"".join(parts))
+            if written == tpos + hlen:  # nothing flushed yet: one write for all
+                file.write_at(tpos, b"".join([header, *parts]))
+            else:
+                file.write_at(written, b"".join(parts))
+                file.write_at(tpos, header)
             fileio.point("commit.after-data-write")
         except BaseException:
             self._truncate_back(pending)
             raise
         pending.voted = True
         pending.size = tlen + fmt.TRAILER_SIZE
-        self._new_positions = {oid: tpos + off for oid, off in table}
+        self._new_positions = dict(table)
+
+    def _check_size(self, tlen: int) -> None:
+        self._check_quota(tlen + fmt.TRAILER_SIZE)
 
     def _truncate_back(self, pending: _Pending) -> None:
         file = self._state.file
@@ -584,6 +612,7 @@ class FileStorage(ConflictResolvingStorage):
                 self._end = pending.tpos + pending.size
                 self._ltid = tid
                 self._ts = self._pending_ts
+            self._blob_tpc_finish()
             self._maybe_save_index()
             return tid
         finally:
@@ -597,6 +626,7 @@ class FileStorage(ConflictResolvingStorage):
         try:
             if pending.voted:
                 self._truncate_back(pending)
+            self._blob_tpc_abort()
         finally:
             self._clear_pending()
             self._commit_lock.release()
@@ -614,8 +644,9 @@ class FileStorage(ConflictResolvingStorage):
         return True
 
     def undoLog(self, first: int = 0, last: int = -20, filter=None) -> list[dict]:
-        state = self._state
-        return undo_log(state.reader, self._end, self._pack_tid, first, last, filter)
+        with self._lock:
+            state, end, pack_tid = self._state, self._end, self._pack_tid
+        return undo_log(state.reader, end, pack_tid, first, last, filter)
 
     def undoInfo(self, first: int = 0, last: int = -20, specification: dict | None = None) -> list[dict]:
         flt = None
@@ -635,6 +666,7 @@ class FileStorage(ConflictResolvingStorage):
         state = self._state
         th = find_txn(state.reader, self._end, self._pack_tid, tid)
         oids = UndoPlanner(self, state.reader, pending).plan(th)
+        self._blob_undo(pending, oids)
         return pending.tid, oids
 
     # -- restore, delete, record iteration, copy -------------------------------------
@@ -682,18 +714,96 @@ class FileStorage(ConflictResolvingStorage):
         self._add_record(pending, oid, None, 0)
 
     def record_iternext(self, next: bytes | None = None):
-        """(oid, tid, data, next_oid) of the current record at or after `next`."""
+        """(oid, tid, data, next_oid) of the first live object at or after `next`.
+
+        Deleted objects (undone creations, deleteObject) are skipped."""
         index = self._state.index
-        oid = index.min_key(next or z64)
+        oid = self._live_oid_from(index, next or z64)
         if oid is None:
             raise ValueError("no more records")
-        following = index.min_key(p64(u64(oid) + 1)) if oid != b"\xff" * 8 else None
         data, tid = self.load(oid)
+        following = self._live_oid_from(index, p64(u64(oid) + 1)) if oid != b"\xff" * 8 else None
         return oid, tid, data, following
+
+    def _live_oid_from(self, index: OidIndex, oid: bytes) -> bytes | None:
+        while True:
+            oid = index.min_key(oid)
+            if oid is None:
+                return None
+            try:
+                self.getTid(oid)
+                return oid
+            except POSException.POSKeyError:
+                if oid == b"\xff" * 8:
+                    return None
+                oid = p64(u64(oid) + 1)
 
     def copyTransactionsFrom(self, other, verbose: bool = False) -> None:
         from .copy import copy_transactions
         copy_transactions(other, self)
+
+    # -- pack ------------------------------------------------------------------------
+
+    def pack(self, t: float, referencesf=None, gc: bool | None = None, *,
+             progress: Progress | None = None) -> None:
+        """Remove the revisions not needed as of time `t` (seconds since the epoch).
+
+        Loads and commits go on meanwhile.  References come from the records;
+        `referencesf` is used only for records whose references are not stored.
+        gc=None uses the storage's pack_gc; gc=False keeps every object's
+        revision at `t` and drops only older history.  Returns None, as ZODB
+        storages do; what the pack did is in `last_pack_report` (a PackReport).
+        See refstorage.pack.
+        """
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        if gc is None:
+            gc = self._pack_gc
+        if referencesf is None:
+            untransform = self._untransform
+
+            def referencesf(data: bytes) -> list:
+                return _referencesf(untransform(data))
+        self.last_pack_report = pack_storage(self, t, referencesf, bool(gc), progress)
+
+    def _install_packed(self, file: fileio.DataFile, index: OidIndex, end: int, file_id: bytes,
+                        pack_tid: bytes) -> None:
+        """Make the packed file, already renamed to our name, the storage's file.
+
+        Called by pack with the commit lock held.  The old file is not closed:
+        a load or an iterator may still be reading it; it closes itself when
+        the last of them lets go of it."""
+        with self._lock:
+            self._state = _State(file, index)
+            self._end = end
+            self._file_id = file_id
+            self._pack_tid = pack_tid
+            self._saved_end = self._index_saved_end = fmt.HEADER_SIZE
+        try:
+            self._save_index_now(index, end, self._ltid)
+        except Exception:
+            logger.exception("%s: could not save the index after the pack (it will be rebuilt)",
+                             self._file_name)
+
+    # -- ZEO -------------------------------------------------------------------------
+
+    def lastInvalidations(self, count: int) -> list[tuple[bytes, list[bytes]]]:
+        """The last `count` transactions as (tid, oids it changed), oldest first.
+
+        ZEO's server seeds its invalidation queue with this, so clients that
+        reconnect after a server restart can catch up without full cache
+        verification."""
+        state, end = self._snapshot()
+        reader = state.reader
+        result: list[tuple[bytes, list[bytes]]] = []
+        if count <= 0:
+            return result
+        for th in reader.iter_txns_backward(end):
+            result.append((th.tid, list(dict.fromkeys(rec.oid for rec in reader.txn_records(th)))))
+            if len(result) >= count:
+                break
+        result.reverse()
+        return result
 
     # -- closing ---------------------------------------------------------------------
 

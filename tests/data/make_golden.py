@@ -43,7 +43,7 @@ def build() -> bytes:
         for o, data, refs, known, back in records:
             rec = fmt.encode_data_record(o, tid, index.get(o, 0), tpos, refs, data, back, known)
             index[o] = pos
-            table.append((o, pos - tpos))
+            table.append((o, pos))
             pos += len(rec)
             body.append(rec)
         tlen = pos - tpos + fmt.oid_table_size(len(records))

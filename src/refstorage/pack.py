@@ -1,0 +1,868 @@
+"""Pack: drop every revision not needed as of a pack time, from the stored references.
+
+What a pack keeps
+=================
+
+The pack time t becomes a pack tid (as ZODB's FileStorage computes it); a
+transaction with ``tid <= pack tid`` is *before* t, any other one *after* t.
+
+* Every transaction after t is copied whole, status kept.
+* Before t, a data record is kept if it is
+  - the revision current at t of an object reachable at t (with gc), or of any
+    object (without gc) -- unless that revision is a deletion (a backpointer 0);
+  - the target of a backpointer written after t (by undo or restore).
+  Every other record before t is dropped, and a transaction left without
+  records with it (except the last one of the file, which stays, empty, so the
+  last tid does not go back).  Kept transactions get status 'p'.
+* *Reachable at t*: from the root (oid 0) and from everything a record written
+  after t references (its data's references, or those of the data its
+  backpointer stands for), through the revisions current at t.  So an object
+  unreachable at t but referenced again later survives, and every snapshot at
+  or after t stays complete.  A deleted object references nothing.
+
+References come from the records (the format stores them); no pickle is
+loaded.  Only a record written with REFS_UNKNOWN is handed to `referencesf`.
+
+Rewriting: prev pointers point to the previous *kept* record of the object,
+tpos to the new transaction.  A backpointer is remapped to its target's new
+position; a kept record whose target was dropped gets the data (and refs)
+inline; a backpointer 0 stays 0.
+
+How, and what is locked
+=======================
+
+1. Under the readers' lock: the end of the log (and, without gc, a copy of
+   the index; gc only looks oids up in the live one).
+2. GC, no lock: find the first transaction after t by stepping back from the
+   end, read the records after t, then mark breadth-first from the roots,
+   reading one record header per reachable object, each level in file order
+   through a growing window (the history before t is not scanned; only records
+   with references are decoded).  Marks are bitmaps over file positions: a
+   record takes at least 46 bytes, so ``pos // 46`` is unique -- one bit per
+   46 bytes of file.
+3. Copy, no lock, into ``<name>.pack`` (new file id, header pack tid): the
+   history before t in large sequential reads, a transaction without any kept
+   record skipped at C speed (one count over its bitmap bytes), in the others
+   only the kept records decoded (the oid table says where each starts) and
+   re-encoded; then the transactions after t.  If nothing would be removed,
+   stop: nothing changes.
+4. Under the commit lock: copy the transactions committed meanwhile (refusing,
+   with PackError and nothing changed, if one references an object the pack
+   removed: a concurrent undo or a stale cache resurrected it), fsync,
+   hard-link the current file to ``<name>.old`` (if kept), replace the file
+   (so the name always holds one complete database), install the new file
+   and index in the storage, save the index.  The old file stays open for
+   loads and iterators still using it and closes when they let go.
+
+Fault points (``fileio.point``): pack.after-gc, pack.after-copy,
+pack.after-fsync, pack.after-link-old, pack.after-replace,
+pack.after-index-save.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+import time
+import uuid
+import weakref
+from array import array
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import compress, islice, repeat
+from operator import and_, floordiv, itemgetter, lt, rshift
+
+from persistent.TimeStamp import TimeStamp
+
+from . import fileio
+from . import format as fmt
+from .errors import CorruptedDataError, CorruptedTransactionError, PackError, StorageIOError
+from .index import OidIndex
+from .log import LogReader
+
+__all__ = ["PackReport", "Progress", "pack_storage", "pack_tid_for"]
+
+logger = logging.getLogger("refstorage.pack")
+
+Progress = Callable[[str, int, int], None]
+"""progress(phase, done, total): phase "gc" counts objects, "copy" bytes read."""
+
+Z64 = b"\0" * 8
+READ_CHUNK = 1 << 20  # sequential reads of the old file ...
+WHOLE_TXN = 4 << 20  # ... or a whole transaction up to this size at once
+WRITE_CHUNK = 256 << 10  # writes to the new file
+MIN_RECORD = fmt.record_length(0, 0, 0)  # 46: no two records share pos // MIN_RECORD
+PROGRESS_EVERY = 1 << 16
+PEEK_SIZE = 512  # bytes read to look at a record's header ...
+MAX_WINDOW = 64 << 10  # ... or more while the reads are close to each other
+
+
+@dataclass
+class PackReport:
+    """What a pack did (returned by FileStorage.pack, logged, printed by the CLI)."""
+
+    path: str
+    pack_tid: bytes
+    packed: bool = False  # True: a packed file replaced the storage's file
+    reason: str = ""  # why nothing was done, when packed is False
+    bytes_before: int = 0
+    bytes_after: int = 0
+    transactions_removed: int = 0
+    revisions_removed: int = 0
+    objects_removed: int = 0
+    transactions_during_pack: int = 0  # committed while the pack ran, copied at the end
+    seconds: float = 0.0
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.bytes_before - self.bytes_after if self.packed else 0
+
+    def __str__(self) -> str:
+        when = TimeStamp(self.pack_tid) if self.pack_tid != Z64 else "?"
+        if not self.packed:
+            return f"{self.path}: not packed to {when} ({self.reason}); {self.seconds:.2f} s"
+        ratio = 100.0 * self.bytes_freed / self.bytes_before if self.bytes_before else 0.0
+        return (f"{self.path}: packed to {when}: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
+                f"({ratio:.1f}% freed); removed {self.revisions_removed:,} revisions, "
+                f"{self.objects_removed:,} objects, {self.transactions_removed:,} transactions; "
+                f"{self.seconds:.2f} s")
+
+
+def pack_tid_for(t: float) -> bytes:
+    """The pack tid of time `t` (seconds since the epoch), as ZODB's FileStorage computes it."""
+    try:
+        tid = TimeStamp(*time.gmtime(t)[:5] + (t % 60,)).raw()
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise PackError(f"invalid pack time {t!r}: {exc}") from None
+    if tid == Z64:
+        raise PackError(f"invalid pack time {t!r}")
+    return tid
+
+
+# -- one pack at a time per storage ----------------------------------------------------
+
+_running: weakref.WeakSet = weakref.WeakSet()
+_running_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _exclusive(storage) -> Iterator[None]:
+    with _running_lock:
+        if storage in _running:
+            raise PackError(f"{storage.getName()}: a pack of this storage is already running; "
+                            "wait for it to finish")
+        _running.add(storage)
+    try:
+        yield
+    finally:
+        with _running_lock:
+            _running.discard(storage)
+
+
+def _set_bit(bits: bytearray, pos: int) -> None:
+    s = pos // MIN_RECORD
+    bits[s >> 3] |= 1 << (s & 7)
+
+
+def _bitmap(end: int) -> bytearray:
+    return bytearray((end // MIN_RECORD >> 3) + 1)
+
+
+class _Level:
+    """Record positions to visit, grouped by 4 MiB region of the file (8 bytes each)."""
+
+    __slots__ = ("regions",)
+
+    def __init__(self) -> None:
+        self.regions: dict[int, array] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.regions)
+
+    def ascending(self) -> Iterator[int]:
+        """The positions in file order (each region sorted when reached, then freed)."""
+        regions = self.regions
+        for key in sorted(regions):
+            yield from sorted(regions.pop(key))
+
+
+# -- which records before the pack time to keep ------------------------------------------
+
+class GC:
+    """Decides which records before the pack time a pack keeps.
+
+    `index` maps each oid to its newest record: the storage's live index (gc:
+    only looked up, so commits may go on) or a snapshot (no gc: iterated).
+    After run(): `pack_pos` is where the first transaction after the pack
+    time starts (or `end`), `keep` the bitmap of kept positions before it,
+    `targets` the positions a kept backpointer points to, and `future_oids`
+    the oids that may have more than one kept record before the pack time.
+    """
+
+    def __init__(self, reader: LogReader, index: OidIndex, end: int, pack_tid: bytes, gc: bool,
+                 refs_of: Callable[[fmt.DataRecord], bytes], progress: Progress | None = None):
+        self.reader = reader
+        self.index = index
+        self.end = end
+        self.pack_tid = pack_tid
+        self.gc = gc
+        self.refs_of = refs_of
+        self.progress = progress
+        self.pack_pos = end
+        self.keep = bytearray()
+        self.targets: set[int] = set()
+        self.future_oids: set[bytes] = set()
+        self.redundant = False  # the file was already packed to a later time
+        self._visited = bytearray()  # objects whose newest record is after pack_pos
+        self._marked = 0
+
+    def run(self) -> None:
+        self.pack_pos = self._find_pack_pos()
+        if self.redundant:
+            return
+        self.keep = _bitmap(self.pack_pos)
+        if self.gc:
+            self._mark([Z64])
+        self._scan_after()
+        if not self.gc:
+            self._keep_all_current()
+        self._visited = bytearray()
+        self.index = OidIndex()  # not needed any more
+
+    def kept(self) -> int:
+        """How many records before the pack time are kept."""
+        return sum(map(int.bit_count, self.keep))
+
+    def _find_pack_pos(self) -> int:
+        pos = self.end
+        first_after = None
+        for th in self.reader.iter_txns_backward(self.end):
+            if th.tid <= self.pack_tid:
+                break
+            pos, first_after = th.pos, th
+        if first_after is not None and first_after.status == fmt.STATUS_PACKED:
+            self.redundant = True
+        return pos
+
+    def _keep(self, rec: fmt.DataRecord) -> None:
+        _set_bit(self.keep, rec.pos)
+        if rec.is_backpointer and rec.back:
+            self.targets.add(rec.back)
+
+    def _at_pack_time(self, pos: int, oid: bytes) -> tuple[int, int, int] | None:
+        """(position, flags, nrefs) of oid's revision current at the pack time, from its
+        record at `pos` (headers only); None if the object was created later."""
+        read = self.reader.file.read
+        path = self.reader.path
+        pack_tid = self.pack_tid
+        while True:
+            buf = read(pos, PEEK_SIZE)
+            roid, tid, prev, _tpos, flags, nrefs, _dlen, _length = fmt.peek_data_header(buf, 0, path, pos)
+            if roid != oid:
+                raise CorruptedDataError(path, f"record for oid {roid.hex()} found where oid "
+                                         f"{oid.hex()} was expected", pos)
+            if tid <= pack_tid:
+                return pos, flags, nrefs
+            if not prev:
+                return None
+            pos = prev
+
+    def _mark(self, roots: list[bytes]) -> None:
+        """Keep the revisions at the pack time of everything reachable from `roots`.
+
+        Breadth first: each level's records are read in file order, through a
+        window that grows while the reads stay close (one read for many small
+        records); a level holds 8 bytes per object.  The keep bitmap doubles as
+        the visited set (an object whose newest record is before pack_pos has
+        it as its revision at the pack time).  A record without references is
+        kept from its header alone (the copy checksums every kept record); only
+        records with references or backpointers are decoded."""
+        level = self._discover(roots, _Level())
+        while level:
+            level = self._visit(level)
+
+    def _discover(self, oids: Iterable[bytes], found: _Level) -> _Level:
+        """Add to `found` the newest record positions of the not yet visited `oids`."""
+        index_get = self.index.get
+        keep, visited = self.keep, self._visited
+        pack_pos = self.pack_pos
+        regions = found.regions
+        for oid in oids:
+            pos = index_get(oid)
+            if pos is None:
+                continue  # a dangling reference, or an object created after the pack started
+            if pos < pack_pos:
+                s = pos // MIN_RECORD
+                byte, bit = s >> 3, 1 << (s & 7)
+                if keep[byte] & bit:
+                    continue
+                keep[byte] |= bit
+            else:
+                s = (pos - pack_pos) // MIN_RECORD
+                byte, bit = s >> 3, 1 << (s & 7)
+                if byte >= len(visited):
+                    visited.extend(bytes(byte + 1 - len(visited) + 4096))
+                if visited[byte] & bit:
+                    continue
+                visited[byte] |= bit
+            region = regions.get(pos >> 22)
+            if region is None:
+                region = regions[pos >> 22] = array("Q")
+            region.append(pos)
+        return found
+
+    def _visit(self, level: _Level) -> _Level:
+        """Keep the revisions at the pack time of the objects at `level`; the next level."""
+        keep = self.keep
+        pack_pos = self.pack_pos
+        read = self.reader.file.read
+        peek = fmt.peek_data_header
+        decode = fmt.decode_data_record
+        path = self.reader.path
+        simple = fmt.FLAG_BACKPOINTER | fmt.FLAG_REFS_UNKNOWN
+        hsize = fmt.DATA_HEADER_SIZE
+        wbuf, wpos, wsize = b"", 0, PEEK_SIZE
+        following = _Level()
+        marked = 0
+        for pos in level.ascending():
+            marked += 1
+            off = pos - wpos
+            if off < 0 or off + hsize > len(wbuf):
+                near = 0 <= off < 2 * MAX_WINDOW
+                wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
+                wbuf, wpos, off = read(pos, wsize), pos, 0
+            oid, _tid, _prev, _tpos, flags, nrefs, _dlen, length = peek(wbuf, off, path, pos)
+            if pos >= pack_pos:  # changed after the pack time: find its revision then
+                found = self._at_pack_time(pos, oid)
+                if found is None:
+                    continue  # created after the pack time
+                pos, flags, nrefs = found
+                s = pos // MIN_RECORD
+                byte, bit = s >> 3, 1 << (s & 7)
+                if keep[byte] & bit:
+                    continue
+                keep[byte] |= bit
+                off = -1
+            if not nrefs and not flags & simple:
+                continue  # no references: kept, nothing to follow
+            if 0 <= off and off + length <= len(wbuf):
+                rec = decode(wbuf, off, path, pos)
+            else:
+                rec = self.reader.read_data_record(pos, oid)
+            if rec.is_backpointer:
+                if not rec.back:  # deleted at the pack time: nothing to keep or follow
+                    s = pos // MIN_RECORD
+                    keep[s >> 3] &= ~(1 << (s & 7)) & 0xFF
+                    continue
+                self.targets.add(rec.back)
+                rec = self.reader.resolve(rec)
+                if rec is None:
+                    continue
+            refs = rec.refs if rec.refs_known else self.refs_of(rec)
+            if refs:
+                self._discover(fmt.split_refs(refs), following)
+        self._marked += marked
+        if self.progress is not None:
+            self.progress("gc", self._marked, len(self.index))
+        return following
+
+    def _scan_after(self) -> None:
+        """The records after the pack time: more roots, and backpointer targets to keep."""
+        reader = self.reader
+        roots = _Level()
+        for th in reader.iter_txns(self.pack_pos, self.end):
+            for rec in reader.txn_records(th):
+                if not rec.is_backpointer:
+                    if not self.gc:
+                        continue
+                    refs = rec.refs if rec.refs_known else self.refs_of(rec)
+                elif rec.back and rec.back < self.pack_pos:
+                    target = reader.read_data_record(rec.back, rec.oid)
+                    self._keep(target)
+                    self.targets.add(rec.back)
+                    self.future_oids.add(rec.oid)
+                    data_rec = reader.resolve(target)
+                    if data_rec is None or not self.gc:
+                        continue
+                    refs = data_rec.refs if data_rec.refs_known else self.refs_of(data_rec)
+                else:
+                    continue  # its target is after the pack time: scanned as well
+                if refs:
+                    self._discover(fmt.split_refs(refs), roots)
+        while roots:
+            roots = self._visit(roots)
+
+    def _keep_all_current(self) -> None:
+        """No gc: keep the revision at the pack time of every object (but deletions)."""
+        done = 0
+        read_record = self.reader.read_data_record
+        for oid, pos in self.index.items():
+            found = self._at_pack_time(pos, oid)
+            if found is not None:
+                pos, flags, _nrefs = found
+                if not flags & fmt.FLAG_BACKPOINTER:
+                    _set_bit(self.keep, pos)
+                else:
+                    rec = read_record(pos, oid)
+                    if rec.back:
+                        self._keep(rec)
+            done += 1
+            if self.progress is not None and not done % PROGRESS_EVERY:
+                self.progress("gc", done, len(self.index))
+
+
+# -- writing the packed copy ------------------------------------------------------------
+
+class _Writer:
+    """Appends to the new file through a buffer."""
+
+    def __init__(self, file: fileio.DataFile, header: bytes):
+        self.file = file
+        self.parts = [header]
+        self.buffered = len(header)
+        self.flushed = 0
+        self.pos = len(header)  # logical end, buffered bytes included
+
+    def write(self, data: bytes) -> None:
+        self.pos += len(data)
+        if len(data) >= WRITE_CHUNK:  # large: no copy into the buffer
+            self.flush()
+            self.file.write_at(self.flushed, data)
+            self.flushed += len(data)
+            return
+        self.parts.append(data)
+        self.buffered += len(data)
+        if self.buffered >= WRITE_CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.parts:
+            data = b"".join(self.parts)
+            self.parts, self.buffered = [], 0
+            self.file.write_at(self.flushed, data)
+            self.flushed += len(data)
+
+
+class _Copier:
+    """Copies transactions from the old file into the new one, rewriting positions."""
+
+    def __init__(self, reader: LogReader, writer: _Writer, gc: GC,
+                 refs_of: Callable[[fmt.DataRecord], bytes], progress: Progress | None = None):
+        self.reader = reader
+        self.path = reader.path
+        self.writer = writer
+        self.gc = gc
+        self.refs_of = refs_of
+        self.progress = progress
+        self.index = OidIndex()  # oid -> newest position in the new file
+        # old -> new position of the records a backpointer may point to (kept
+        # backpointer targets before the pack time, every record after it),
+        # appended in increasing old position
+        self._moved_old = array("Q")
+        self._moved_new = array("Q")
+        self.removed_records = 0
+        self.removed_txns = 0
+        self._buf = b""
+        self._buf_pos = 0
+        self._limit = 0
+
+    def release(self) -> None:
+        """Drop what only the copy needed (the read buffer, the gc's bitmaps)."""
+        self._region(0)
+        self.gc.keep = bytearray()
+        self.gc.targets = set()
+
+    # -- reading the old file sequentially, in large chunks
+
+    def _region(self, stop: int) -> None:
+        """Read only below `stop` from now on: the file may grow beyond it meanwhile."""
+        self._limit = stop
+        self._buf, self._buf_pos = b"", 0
+
+    def _view(self, pos: int, n: int) -> tuple[bytes, int]:
+        """A buffer holding the file's bytes [pos, pos + n) from offset off: (buffer, off)."""
+        off = pos - self._buf_pos
+        if off < 0 or off + n > len(self._buf):
+            if pos + n > self._limit:
+                raise CorruptedTransactionError(self.path, "transaction runs past the end of the log", pos)
+            self._buf = b""  # let the old chunk go before reading the next one
+            self._buf = self.reader.file.read(pos, min(max(n, READ_CHUNK), self._limit - pos))
+            self._buf_pos, off = pos, 0
+            if len(self._buf) < n:
+                raise CorruptedTransactionError(self.path, "file ends inside a transaction", pos)
+            if self.progress is not None:
+                self.progress("copy", pos, self.gc.end)
+        return self._buf, off
+
+    def _txn_header(self, pos: int) -> fmt.TxnHeader:
+        buf, off = self._view(pos, fmt.TXN_HEADER_SIZE)
+        need = fmt.txn_header_needs(buf, off)
+        if off + need > len(buf):
+            buf, off = self._view(pos, need)
+        return fmt.decode_txn_header(buf, off, self.path, pos)
+
+    def _check_trailer(self, th: fmt.TxnHeader) -> None:
+        buf, off = self._view(th.end, fmt.TRAILER_SIZE)
+        fmt.check_trailer(buf, off, th, self.path)
+
+    def _table(self, th: fmt.TxnHeader) -> tuple[array, bool]:
+        """(record starts + records end, whole) of `th`, from its checked oid table.
+
+        whole: the whole transaction is in the read buffer (if it is small)."""
+        path = self.path
+        rend = th.records_end
+        whole = th.tlen + fmt.TRAILER_SIZE <= WHOLE_TXN
+        if whole:  # one view for the whole transaction
+            self._view(th.pos, th.tlen + fmt.TRAILER_SIZE)
+        tbuf, toff = self._view(rend, fmt.oid_table_size(th.nrec) + fmt.TRAILER_SIZE)
+        starts = array("Q", map(itemgetter(1), fmt.decode_oid_table(tbuf, toff, th.nrec, path, rend)))
+        fmt.check_trailer(tbuf, toff + fmt.oid_table_size(th.nrec), th, path)
+        starts.append(rend)
+        if starts[0] != th.data_pos or not all(map(lt, starts, islice(starts, 1, None))):
+            raise CorruptedTransactionError(path, "oid table does not match the records", rend)
+        return starts, whole
+
+    def _record(self, th: fmt.TxnHeader, starts: array, i: int) -> fmt.DataRecord:
+        """Record i of the transaction, checked against its oid table entry."""
+        pos = starts[i]
+        length = starts[i + 1] - pos
+        buf, off = self._view(pos, length)
+        rec = fmt.decode_data_record(buf, off, self.path, pos)
+        if rec.length != length or rec.tid != th.tid or rec.tpos != th.pos:
+            raise CorruptedDataError(self.path, "data record does not match its transaction", pos)
+        return rec
+
+    def _records(self, th: fmt.TxnHeader) -> Iterator[fmt.DataRecord]:
+        """Every record of `th`, checked."""
+        starts, _whole = self._table(th)
+        for i in range(th.nrec):
+            yield self._record(th, starts, i)
+
+    def _copy_kept(self, th: fmt.TxnHeader, keep: bytearray, keep_empty: bool) -> bool:
+        """Copy the records of `th` (before the pack time) whose bit is set in `keep`.
+
+        The oid table says where each record starts: a record not kept is not
+        even looked at; kept ones are decoded (checksummed) and re-encoded
+        with the new tpos.  Before the pack time an object has one kept
+        record, unless a later backpointer kept more (gc.future_oids): prev is
+        0 without a lookup.  Returns False if nothing was written."""
+        path = self.path
+        starts, whole = self._table(th)
+        # the records whose bit is set, with C-level passes only
+        slots = array("Q", map(floordiv, islice(starts, th.nrec), repeat(MIN_RECORD)))
+        bits = map(and_, map(rshift, map(keep.__getitem__, map(rshift, slots, repeat(3))),
+                             map(and_, slots, repeat(7))), repeat(1))
+        chosen = list(compress(range(th.nrec), bits))
+        del slots
+        self.removed_records += th.nrec - len(chosen)
+        if not chosen and not keep_empty:
+            return False
+        decode, encode = fmt.decode_data_record, fmt.encode_data_record
+        bp, unknown = fmt.FLAG_BACKPOINTER, fmt.FLAG_REFS_UNKNOWN
+        index_get = self.index.get
+        future, targets = self.gc.future_oids, self.gc.targets
+        buf, base = self._buf, self._buf_pos
+        tid, old_tpos = th.tid, th.pos
+        tpos = self.writer.pos
+        new = tpos + th.header_len
+        parts = [b""]
+        new_table = []
+        for i in chosen:
+            pos = starts[i]
+            if whole:
+                rec = decode(buf, pos - base, path, pos)
+            else:
+                rec = self._record(th, starts, i)
+            _pos, oid, rtid, _prev, rtpos, flags, refs, data, _back, length = rec
+            if length != starts[i + 1] - pos or rtid != tid or rtpos != old_tpos:
+                raise CorruptedDataError(path, "data record does not match its transaction", pos)
+            if flags & bp:
+                data, refs, known, back = self._backpointer(rec, None)
+            else:
+                known, back = not flags & unknown, 0
+            if targets and pos in targets:
+                self._moved_old.append(pos)
+                self._moved_new.append(new)
+            raw = encode(oid, tid, index_get(oid, 0) if future and oid in future else 0, tpos,
+                         refs, data, back, known)
+            new_table.append((oid, new))
+            parts.append(raw)
+            new += len(raw)
+        self._finish_txn(th, fmt.STATUS_PACKED, tpos, new, parts, new_table)
+        return True
+
+    # -- writing
+
+    def _moved(self, old: int) -> int:
+        i = bisect_left(self._moved_old, old)
+        if i < len(self._moved_old) and self._moved_old[i] == old:
+            return self._moved_new[i]
+        return 0
+
+    def _backpointer(self, rec: fmt.DataRecord, check: list[bytes] | None):
+        """(data, refs, refs_known, back) to write for a backpointer record."""
+        known = rec.refs_known
+        if not rec.back:
+            return None, b"", known, 0
+        back = self._moved(rec.back)
+        if back:
+            return None, b"", known, back
+        target = self.reader.resolve(rec)  # the target was dropped: write its data inline
+        if target is None:
+            return None, b"", known, 0
+        if check is not None:
+            check.append(target.refs if target.refs_known else self.refs_of(target))
+        return target.data, target.refs, target.refs_known, 0
+
+    def _write_txn(self, th: fmt.TxnHeader, recs: Iterable[fmt.DataRecord],
+                   check: list[bytes] | None = None) -> None:
+        """Write a whole transaction from after the pack time (status kept).
+
+        Adds to `check` the refs of the data written."""
+        tpos = self.writer.pos
+        new = tpos + th.header_len
+        encode = fmt.encode_data_record
+        index_get = self.index.get
+        moved_old, moved_new = self._moved_old, self._moved_new
+        parts = [b""]
+        new_table = []
+        for rec in recs:
+            oid = rec.oid
+            if rec.is_backpointer:
+                data, refs, known, back = self._backpointer(rec, check)
+            else:
+                data, refs, known, back = rec.data, rec.refs, rec.refs_known, 0
+                if check is not None:
+                    check.append(refs if known else self.refs_of(rec))
+            moved_old.append(rec.pos)
+            moved_new.append(new)
+            raw = encode(oid, rec.tid, index_get(oid, 0), tpos, refs, data, back, known)
+            new_table.append((oid, new))
+            parts.append(raw)
+            new += len(raw)
+        self._finish_txn(th, th.status, tpos, new, parts, new_table)
+
+    def _finish_txn(self, th: fmt.TxnHeader, status: bytes, tpos: int, end: int, parts: list[bytes],
+                    table: list[tuple[bytes, int]]) -> None:
+        """Write a transaction: parts[0] is left for its header, the records follow."""
+        tlen = end - tpos + fmt.oid_table_size(len(table))
+        parts[0] = fmt.encode_txn_header(th.tid, tlen, status, th.user, th.description, th.extension,
+                                         len(table))
+        parts.append(fmt.encode_oid_table(table))
+        parts.append(fmt.encode_trailer(tlen))
+        self.writer.write(b"".join(parts))
+        self.index.update(dict(table))
+
+    # -- the regions
+
+    def copy_before(self, stop: int, keep_last: bool) -> None:
+        """Copy the kept records of the transactions in [HEADER_SIZE, stop), with status 'p'.
+
+        keep_last: the last transaction stays even if it keeps no record."""
+        keep = self.gc.keep
+        self._region(stop)
+        pos = fmt.HEADER_SIZE
+        while pos < stop:
+            th = self._txn_header(pos)
+            if th.next_pos > stop:
+                raise CorruptedTransactionError(self.path, "transaction runs past the pack position", pos)
+            lo = th.data_pos // MIN_RECORD >> 3
+            hi = (max(th.records_end - 1, th.data_pos) // MIN_RECORD >> 3) + 1
+            if keep.count(0, lo, hi) == hi - lo and not (keep_last and th.next_pos == stop):
+                # no kept record here: skip it unread
+                self.removed_records += th.nrec
+                self.removed_txns += 1
+                self._check_trailer(th)
+            elif not self._copy_kept(th, keep, keep_last and th.next_pos == stop):
+                self.removed_txns += 1
+            pos = th.next_pos
+
+    def copy_after(self, start: int, stop: int, live_index: OidIndex | None = None) -> int:
+        """Copy the transactions in [start, stop) whole; return how many.
+
+        With `live_index` (transactions committed during the pack) refuse one
+        that references an object the pack removed."""
+        self._region(stop)
+        pos = start
+        count = 0
+        while pos < stop:
+            th = self._txn_header(pos)
+            check: list[bytes] | None = [] if live_index is not None else None
+            self._write_txn(th, self._records(th), check)
+            if check:
+                self._check_refs(th, check, live_index)
+            pos = th.next_pos
+            count += 1
+        return count
+
+    def _check_refs(self, th: fmt.TxnHeader, check: list[bytes], live_index: OidIndex) -> None:
+        new_get = self.index.get
+        for refs in check:
+            for oid in fmt.split_refs(refs):
+                if new_get(oid) is not None:
+                    continue
+                pos = live_index.get(oid)
+                if pos is None:
+                    continue  # a dangling reference already
+                rec = self.reader.read_data_record(pos, oid)
+                if rec.is_backpointer and not rec.back:
+                    continue  # a deleted object
+                raise PackError(
+                    f"{self.path}: transaction {th.tid.hex()}, committed during the pack, references "
+                    f"object {oid.hex()}, which the pack removed (it was unreachable at the pack "
+                    "time); the pack was abandoned and nothing changed: pack again")
+
+
+# -- the whole pack ---------------------------------------------------------------------
+
+def _referencesf_of(referencesf: Callable) -> Callable[[fmt.DataRecord], bytes]:
+    def refs_of(rec: fmt.DataRecord) -> bytes:
+        try:
+            return fmt.pack_refs(referencesf(rec.data))
+        except Exception as exc:
+            raise PackError(
+                f"the references of oid {rec.oid.hex()} (record at {rec.pos}) are not stored and "
+                f"referencesf cannot read its data ({exc!r}); pack cannot tell what it references"
+            ) from exc
+    return refs_of
+
+
+def _chunks(file: fileio.DataFile, end: int) -> Iterator[bytes]:
+    pos = 0
+    while pos < end:
+        data = file.read(pos, min(READ_CHUNK, end - pos))
+        if not data:
+            raise StorageIOError(file.path, "file ended early while copying it", pos)
+        yield data
+        pos += len(data)
+
+
+def _keep_old(path: str, old_path: str, file: fileio.DataFile) -> None:
+    """`old_path` becomes a second name of the current file (a copy if hard links fail)."""
+    try:
+        fileio.link_durably(path, old_path)
+    except StorageIOError as exc:
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS,
+                             errno.EXDEV):
+            raise
+        logger.info("%s: cannot hard-link (%s); copying the file to %s instead", path, exc, old_path)
+        fileio.atomic_write(old_path, _chunks(file, file.size))
+
+
+def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
+                 progress: Progress | None = None) -> PackReport:
+    """Pack a refstorage FileStorage to time `t` (see the module docstring)."""
+    started = time.perf_counter()
+    pack_tid = pack_tid_for(t)
+    with _exclusive(storage):
+        report = _Pack(storage, pack_tid, _referencesf_of(referencesf), gc, progress).run()
+        if report.packed and getattr(storage, "blob_dir", None):
+            # the blob files of the revisions the packed file no longer holds
+            from .blobs import pack_blobs
+            pack_blobs(storage)
+    report.seconds = time.perf_counter() - started
+    logger.info("%s", report)
+    return report
+
+
+class _Pack:
+    def __init__(self, storage, pack_tid: bytes, refs_of: Callable[[fmt.DataRecord], bytes], gc: bool,
+                 progress: Progress | None):
+        self.storage = storage
+        self.pack_tid = pack_tid
+        self.refs_of = refs_of
+        self.gc = gc
+        self.progress = progress
+        self.path = storage._file_name
+
+    def run(self) -> PackReport:
+        s = self.storage
+        with s._lock:
+            if s._closed:
+                raise PackError(f"{self.path}: the storage is closed")
+            reader = s._state.reader
+            end = s._end
+            # gc only looks oids up, which is safe while commits go on; without
+            # gc every oid is visited: that needs a snapshot
+            index = s._state.index if self.gc else s._state.index.copy()
+            last_tid = s._ltid
+            old_pack_tid = s._pack_tid
+        report = PackReport(self.path, self.pack_tid, bytes_before=end, bytes_after=end)
+        if end <= fmt.HEADER_SIZE:
+            report.reason = "the storage is empty"
+            return report
+        if self.pack_tid <= old_pack_tid:
+            report.reason = f"already packed to {TimeStamp(old_pack_tid)}, not earlier than this time"
+            return report
+        # Never record a pack time later than the last transaction: later
+        # transactions would look packed.
+        pack_tid = report.pack_tid = min(self.pack_tid, last_tid)
+        logger.info("%s: packing to %s (%d bytes)", self.path, TimeStamp(pack_tid), end)
+        gc = GC(reader, index, end, pack_tid, self.gc, self.refs_of, self.progress)
+        del index  # (no reference to the old state is kept: it goes as soon as it is replaced)
+        gc.run()
+        if gc.redundant:
+            report.reason = "already packed to a later time"
+            return report
+        if gc.pack_pos <= fmt.HEADER_SIZE:
+            report.reason = "no transaction before the pack time"
+            return report
+        fileio.point("pack.after-gc")
+        return self._copy_and_swap(reader, end, gc, report)
+
+    def _copy_and_swap(self, reader: LogReader, end: int, gc: GC, report: PackReport) -> PackReport:
+        s = self.storage
+        pack_path = self.path + ".pack"
+        fileio.remove_if_exists(pack_path)
+        file_id = uuid.uuid4().bytes
+        out = fileio.DataFile(pack_path, create=True)
+        replaced = False
+        try:
+            writer = _Writer(out, fmt.encode_file_header(file_id, report.pack_tid))
+            copier = _Copier(reader, writer, gc, self.refs_of, self.progress)
+            copier.copy_before(gc.pack_pos, keep_last=gc.pack_pos == end)
+            if not copier.removed_records and not copier.removed_txns:
+                report.reason = "nothing to remove"
+                return report
+            copier.copy_after(gc.pack_pos, end)
+            with s._commit_lock:
+                if s._closed:
+                    raise PackError(f"{self.path}: the storage was closed during the pack")
+                if s._state.file is not reader.file:
+                    raise PackError(f"{self.path}: the storage's file changed during the pack")
+                final_end = s._end
+                objects_before = len(s._state.index)
+                report.transactions_during_pack = copier.copy_after(end, final_end, s._state.index)
+                writer.flush()
+                copier.release()  # the buffers and bitmaps: saving the index reuses that memory
+                fileio.point("pack.after-copy")
+                out.sync()
+                fileio.point("pack.after-fsync")
+                old_path = self.path + ".old"
+                fileio.remove_if_exists(old_path)
+                if s._pack_keep_old:
+                    _keep_old(self.path, old_path, reader.file)
+                    fileio.point("pack.after-link-old")
+                fileio.replace_durably(pack_path, self.path)
+                replaced = True
+                out.path = self.path
+                fileio.point("pack.after-replace")
+                s._install_packed(out, copier.index, writer.pos, file_id, report.pack_tid)
+                fileio.point("pack.after-index-save")
+        finally:
+            if not replaced:
+                out.close()
+                try:
+                    fileio.remove_if_exists(pack_path)
+                except StorageIOError:
+                    logger.exception("%s: could not remove %s", self.path, pack_path)
+        report.packed = True
+        report.bytes_before = final_end
+        report.bytes_after = writer.pos
+        report.revisions_removed = copier.removed_records
+        report.transactions_removed = copier.removed_txns
+        report.objects_removed = objects_before - len(copier.index)
+        return report

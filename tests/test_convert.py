@@ -1,0 +1,171 @@
+"""`refstorage convert` and copyTransactionsFrom: whole histories in and out."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import transaction
+import ZODB
+from BTrees.IOBTree import IOBTree
+from BTrees.OOBTree import OOBTree
+from click.testing import CliRunner
+from persistent.mapping import PersistentMapping
+from ZODB.FileStorage import FileStorage as ZFS
+
+import refstorage
+from refstorage.cli import main
+
+
+def make_zodb_fs(path, extra_txns=0):
+    """A ZODB FileStorage with BTrees, updates, deletions, extensions and undo."""
+    db = ZODB.DB(ZFS(path))
+    conn = db.open()
+    root = conn.root()
+    root["tree"] = tree = OOBTree()
+    root["ints"] = ints = IOBTree()
+    for i in range(300):
+        tree[f"k{i:04d}"] = PersistentMapping(n=i)
+        ints[i] = f"v{i}"
+    t = transaction.get()
+    t.note("fill")
+    t.setUser("alice")
+    t.setExtendedInfo("ticket", 42)
+    transaction.commit()
+    for i in range(0, 300, 7):
+        tree[f"k{i:04d}"]["n"] = -i
+    transaction.get().note("update")
+    transaction.commit()
+    del tree["k0003"]
+    transaction.commit()
+    root["doomed"] = PersistentMapping(x=1)
+    transaction.commit()
+    undo_id = db.undoLog(0, 1)[0]["id"]
+    db.undo(undo_id)  # undo the creation of "doomed": a backpointer 0 record
+    transaction.get().note("undo")
+    transaction.commit()
+    tree["k0010"]["n"] = "changed"
+    transaction.commit()
+    db.undo(db.undoLog(0, 1)[0]["id"])  # a backpointer to an older revision
+    transaction.commit()
+    for j in range(extra_txns):
+        ints[1000 + j] = "late"
+        transaction.commit()
+    conn.close()
+    db.close()
+
+
+def txns(storage):
+    out = []
+    for t in storage.iterator():
+        out.append((t.tid, t.status, t.user, t.description, t.extension_bytes,
+                    [(r.oid, r.tid, r.data, r.data_txn) for r in t]))
+    return out
+
+
+def run(*args):
+    result = CliRunner().invoke(main, list(args), catch_exceptions=False)
+    return result
+
+
+def test_round_trip_through_refstorage_keeps_everything(tmp_path):
+    src = str(tmp_path / "Data.fs")
+    make_zodb_fs(src)
+    mid = str(tmp_path / "Data.rfs")
+    back = str(tmp_path / "Back.fs")
+    r = run("convert", src, mid)
+    assert r.exit_code == 0, r.output
+    assert "copied 8 transactions" in r.output
+    r = run("convert", mid, back)
+    assert r.exit_code == 0, r.output
+    a, m, b = ZFS(src, read_only=True), refstorage.FileStorage(mid, read_only=True), ZFS(back, read_only=True)
+    try:
+        assert txns(a) == txns(m) == txns(b)
+        # undo records stayed backpointers all the way (data_txn is set)
+        assert any(rec[3] is not None for t in txns(m) for rec in t[5])
+    finally:
+        a.close(), m.close(), b.close()
+
+
+def test_converted_file_opens_and_its_btrees_check(tmp_path):
+    src = str(tmp_path / "Data.fs")
+    make_zodb_fs(src)
+    dst = str(tmp_path / "Data.rfs")
+    assert run("convert", src, dst).exit_code == 0
+    db = ZODB.DB(refstorage.FileStorage(dst, read_only=True))
+    try:
+        root = db.open().root()
+        root["tree"]._check()
+        root["ints"]._check()
+        assert len(root["tree"]) == 299 and "doomed" not in root
+        assert root["tree"]["k0010"]["n"] == 10 and root["tree"]["k0007"]["n"] == -7
+        st = db.storage
+        oid = b"\0" * 8
+        while oid is not None:  # every current object loads
+            oid, _tid, _data, oid = st.record_iternext(oid)
+    finally:
+        db.close()
+
+
+def test_incremental_copies_only_newer_transactions(tmp_path):
+    src = str(tmp_path / "Data.fs")
+    make_zodb_fs(src)
+    dst = str(tmp_path / "Data.rfs")
+    assert run("convert", src, dst).exit_code == 0
+    db = ZODB.DB(ZFS(src))
+    conn = db.open()
+    conn.root()["ints"][5000] = "new"
+    transaction.commit()
+    db.close()
+    r = run("convert", src, dst)
+    assert r.exit_code != 0 and "not empty" in r.output
+    r = run("convert", "--incremental", "--json", src, dst)
+    assert r.exit_code == 0, r.output
+    assert '"transactions": 1' in r.output
+    a, b = ZFS(src, read_only=True), refstorage.FileStorage(dst, read_only=True)
+    try:
+        assert txns(a) == txns(b)
+    finally:
+        a.close(), b.close()
+
+
+def test_source_as_zconfig_and_uri(tmp_path):
+    src = str(tmp_path / "Data.fs")
+    make_zodb_fs(src)
+    conf = tmp_path / "src.conf"
+    conf.write_text(f"<filestorage>\n  path {src}\n  read-only true\n</filestorage>\n")
+    dst1 = str(tmp_path / "a.rfs")
+    dst2 = str(tmp_path / "b.rfs")
+    assert run("convert", str(conf), dst1).exit_code == 0
+    assert run("convert", f"file://{src}", dst2).exit_code == 0
+    a, b = refstorage.FileStorage(dst1, read_only=True), refstorage.FileStorage(dst2, read_only=True)
+    try:
+        assert txns(a) == txns(b)
+        assert len(txns(a)) == 8
+    finally:
+        a.close(), b.close()
+
+
+def test_copy_transactions_from_needs_increasing_tids(tmp_path):
+    src = str(tmp_path / "Data.fs")
+    make_zodb_fs(src)
+    dst = refstorage.FileStorage(str(tmp_path / "x.rfs"))
+    s = ZFS(src, read_only=True)
+    try:
+        dst.copyTransactionsFrom(s)
+        with pytest.raises(Exception, match="not after"):
+            dst.copyTransactionsFrom(s)
+        assert len(txns(dst)) == 8  # the failed copy left nothing behind
+    finally:
+        s.close()
+        dst.close()
+
+
+def test_python_dash_m_and_missing_source(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "refstorage", "convert", "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--incremental" in out.stdout
+    r = run("convert", str(tmp_path / "nope.rfs"), str(tmp_path / "dst.rfs"))
+    assert r.exit_code != 0
+    assert "nope.rfs" in r.output
+    assert not os.path.exists(tmp_path / "dst.rfs")
