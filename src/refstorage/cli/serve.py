@@ -1,0 +1,119 @@
+"""`refstorage serve PATH`: serve a refstorage database to ZEO clients.
+
+This runs ZEO's own server (ZEO.runzeo) in this process, configured the way
+a hand-written runzeo configuration would be::
+
+    %import refstorage
+    <zeo>
+      address 127.0.0.1:8100
+    </zeo>
+    <refstorage 1>
+      path /srv/app/Data.rfs
+      blob-dir /srv/app/blobs
+    </refstorage>
+
+so everything runzeo does (signal handling: SIGTERM/SIGINT stop it cleanly,
+closing the storage; logging to stderr) applies.  Clients connect with
+``ZEO.client(("127.0.0.1", 8100), blob_dir=...)`` or ``ZEO.DB(...)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+
+import click
+
+from . import main
+from .common import failing_cleanly
+
+DEFAULT_PORT = 8100
+
+
+def _zconfig_value(value: str) -> str:
+    """A value as ZConfig reads it back ($ starts a substitution; $$ is a $)."""
+    if "\n" in value:
+        raise click.BadParameter(f"{value!r}: a line break cannot appear in a configuration value")
+    return value.replace("$", "$$")
+
+
+def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
+                  read_only: bool = False, name: str = "1", invalidation_queue_size: int = 1000) -> str:
+    """The runzeo (ZConfig) configuration that serves `path` as storage `name`."""
+    lines = [
+        "%import refstorage",
+        "<zeo>",
+        f"  address {_zconfig_value(host)}:{port}",
+        f"  read-only {'true' if read_only else 'false'}",
+        f"  invalidation-queue-size {invalidation_queue_size}",
+        "</zeo>",
+        f"<refstorage {_zconfig_value(name)}>",
+        f"  path {_zconfig_value(os.path.abspath(path))}",
+    ]
+    if blob_dir:
+        lines.append(f"  blob-dir {_zconfig_value(os.path.abspath(blob_dir))}")
+    if read_only:
+        lines.append("  read-only true")
+    lines.append("</refstorage>")
+    return "\n".join(lines) + "\n"
+
+
+def run_server(config_text: str, ready=None) -> None:
+    """Run ZEO's server with this configuration until SIGTERM/SIGINT.
+
+    `ready(address)` is called once the server listens (address is the bound
+    (host, port), useful with port 0)."""
+    from ZEO.runzeo import ZEOOptions, ZEOServer
+
+    class _Server(ZEOServer):
+        def create_server(self) -> None:
+            super().create_server()
+            if ready is not None:
+                ready(self.server.acceptor.addr)
+
+    fd, conf_path = tempfile.mkstemp(prefix="refstorage-zeo-", suffix=".conf")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(config_text)
+        options = ZEOOptions()
+        options.realize(["-C", conf_path])
+    finally:
+        os.unlink(conf_path)
+    _Server(options).main()
+
+
+@main.command()
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (use 0.0.0.0 only on a trusted network: ZEO has no authentication).")
+@click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
+              help="TCP port; 0 picks a free one (the address is printed).")
+@click.option("--blob-dir", type=click.Path(file_okay=False), default=None,
+              help="Blob directory (enables blobs; created if missing).")
+@click.option("--read-only", is_flag=True, help="Serve without accepting commits.")
+@click.option("--name", default="1", show_default=True, help="Storage name clients ask for.")
+def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str) -> None:
+    """Serve the refstorage database PATH over ZEO until interrupted.
+
+    Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
+    URI zeo://HOST:PORT?blob_dir=LOCAL_CACHE_DIR.  Stop with Ctrl-C or SIGTERM.
+    """
+    with failing_cleanly():
+        for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
+            if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
+                raise click.ClickException(f"{what}: the directory that should hold {value} does not exist")
+        if read_only and not os.path.exists(path):
+            raise click.ClickException(f"{path} does not exist (a read-only server does not create it)")
+        config_text = server_config(path, host, port, blob_dir, read_only, name)
+        # runzeo logs to stderr itself; keep one handler
+        root = logging.getLogger()
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+
+        def ready(address) -> None:
+            host_, port_ = address[:2]
+            click.echo(f"serving {os.path.abspath(path)} as storage {name!r} on {host_}:{port_}", err=False)
+            click.get_text_stream("stdout").flush()
+
+        run_server(config_text, ready)
