@@ -1,0 +1,3 @@
+from refstorage.cli import main
+
+main()

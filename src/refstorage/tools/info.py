@@ -1,0 +1,406 @@
+"""`refstorage info`, `tail`, `history` and `refs`: what a file holds, from its stored references.
+
+- `info`: size, counts, first and last transaction, how much of the file is
+  history, space per class (current and historical), and what a pack to a
+  given time would free (computed with pack's own GC: the same reachability
+  from the root and from everything written after the pack time).
+- `tail`: the last transactions, newest first.
+- `history`: every revision of one object.
+- `refs`: what an object references and which current objects reference it
+  -- the question behind every POSKeyError.
+
+Class names are read from the pickles' opcodes; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass, field
+
+from .. import format as fmt
+from .. import pack as packmod
+from ..errors import CorruptedError
+from ..refs import references_one
+from .common import (
+    BatchedIndex,
+    ClassNames,
+    IndexBuild,
+    Log,
+    Progress,
+    ToolError,
+    oid_repr,
+    text,
+    tid_time,
+    time_repr,
+)
+from .walk import Damage, walk
+
+# -- info ---------------------------------------------------------------------------------
+
+
+@dataclass
+class ClassSpace:
+    current: int = 0  # records
+    current_bytes: int = 0
+    historical: int = 0
+    historical_bytes: int = 0
+
+
+@dataclass
+class PackForecast:
+    pack_time: float
+    pack_tid: bytes
+    bytes_before: int = 0
+    bytes_after: int = 0
+    revisions_removed: int = 0
+    transactions_removed: int = 0
+    objects_removed: int = 0
+    reason: str = ""  # why a pack would do nothing, if so
+    refs_unreadable: list[bytes] = field(default_factory=list)  # oids: pack would refuse
+
+    @property
+    def bytes_freed(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_json(self) -> dict:
+        return {"pack_time": time_repr(self.pack_time), "pack_tid": self.pack_tid.hex(),
+                "bytes_before": self.bytes_before, "bytes_after": self.bytes_after,
+                "bytes_freed": self.bytes_freed, "revisions_removed": self.revisions_removed,
+                "transactions_removed": self.transactions_removed, "objects_removed": self.objects_removed,
+                "reason": self.reason, "refs_unreadable": [o.hex() for o in self.refs_unreadable]}
+
+
+@dataclass
+class InfoReport:
+    path: str
+    size: int = 0
+    end: int = 0  # end of the last good transaction
+    file_id: bytes = b""
+    pack_tid: bytes = b""
+    transactions: int = 0
+    records: int = 0
+    objects: int = 0
+    deleted_objects: int = 0
+    first_tid: bytes | None = None
+    last_tid: bytes | None = None
+    current_bytes: int = 0  # records and their oid table entries
+    history_bytes: int = 0
+    overhead_bytes: int = 0  # file header, transaction headers, table checksums, trailers
+    classes: dict[str, ClassSpace] = field(default_factory=dict)
+    damage: str | None = None
+    pack: PackForecast | None = None
+
+    @property
+    def history_share(self) -> float:
+        total = self.current_bytes + self.history_bytes
+        return self.history_bytes / total if total else 0.0
+
+    def to_json(self) -> dict:
+        def tid(t):
+            return None if t is None else {"tid": t.hex(), "time": time_repr(tid_time(t))}
+        return {
+            "path": self.path, "size": self.size, "end": self.end, "file_id": self.file_id.hex(),
+            "pack_tid": self.pack_tid.hex(), "transactions": self.transactions, "records": self.records,
+            "objects": self.objects, "deleted_objects": self.deleted_objects,
+            "first": tid(self.first_tid), "last": tid(self.last_tid),
+            "current_bytes": self.current_bytes, "history_bytes": self.history_bytes,
+            "overhead_bytes": self.overhead_bytes, "history_share": round(self.history_share, 4),
+            "classes": {k: vars(v) for k, v in sorted(self.classes.items())},
+            "damage": self.damage, "pack": self.pack.to_json() if self.pack else None,
+        }
+
+
+def info(path: str, pack_time: float | None = None, progress: Progress | None = None) -> InfoReport:
+    """Read the whole file once; with `pack_time`, also forecast a pack to that time."""
+    with Log(path) as log:
+        report = InfoReport(log.path, size=log.size, file_id=log.header.file_id,
+                            pack_tid=log.header.pack_tid)
+        built = log.build_index()
+        index = built.index
+        report.end = built.end
+        if built.scan.error is not None and not built.scan.torn_tail:
+            report.damage = (f"damaged at offset {built.scan.error.offset} ({built.scan.error.detail}); "
+                             f"these figures cover the {built.end} bytes before it")
+        elif built.scan.error is not None:
+            report.damage = (f"incomplete last transaction at {built.end} ({built.scan.error.detail}); "
+                             "not counted")
+        report.overhead_bytes = fmt.HEADER_SIZE
+        names = ClassNames()
+        reader = log.reader
+        index_get = index.get
+        classes = report.classes
+        back_names: dict[int, str] = {}
+        for item in walk(reader, fmt.HEADER_SIZE, built.end, True, progress):
+            if isinstance(item, Damage):  # the scan just passed it: it changed under us
+                raise item.error
+            th, recs, _delta = item
+            report.transactions += 1
+            if report.first_tid is None:
+                report.first_tid = th.tid
+            report.last_tid = th.tid
+            report.overhead_bytes += th.header_len + fmt.CRC_SIZE + fmt.TRAILER_SIZE
+            report.records += len(recs)
+            for rec in recs:
+                size = rec.length + fmt.TABLE_ENTRY_SIZE
+                if rec.flags & fmt.FLAG_BACKPOINTER:
+                    name = _backpointer_class(reader, rec, names, back_names)
+                else:
+                    name = names(rec.data)
+                space = classes.get(name)
+                if space is None:
+                    space = classes[name] = ClassSpace()
+                if index_get(rec.oid) == rec.pos:
+                    space.current += 1
+                    space.current_bytes += size
+                    report.current_bytes += size
+                    if rec.flags & fmt.FLAG_BACKPOINTER and not rec.back:
+                        report.deleted_objects += 1
+                else:
+                    space.historical += 1
+                    space.historical_bytes += size
+                    report.history_bytes += size
+        report.objects = len(index)
+        if pack_time is not None:
+            report.pack = pack_forecast(log, built, pack_time)
+    return report
+
+
+DELETED = "(deleted)"
+
+
+def _backpointer_class(reader, rec: fmt.DataRecord, names: ClassNames, cache: dict[int, str]) -> str:
+    if not rec.back:
+        return DELETED
+    name = cache.get(rec.back)
+    if name is None:
+        try:
+            target = reader.resolve(rec)
+            name = DELETED if target is None else names(target.data)
+        except CorruptedError:
+            name = "(backpointer target unreadable)"
+        cache[rec.back] = name
+    return name
+
+
+def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast:
+    """What packing the file to `pack_time` would remove, with gc, as FileStorage.pack does it.
+
+    Runs pack's GC (reachability from the root and from every record after
+    the pack time, over the stored references) on a snapshot of the index,
+    then adds up the transactions a pack would write."""
+    pack_tid = packmod.pack_tid_for(pack_time)
+    end = built.end
+    f = PackForecast(pack_time, pack_tid, bytes_before=end, bytes_after=end)
+    if end <= fmt.HEADER_SIZE or built.last_tid is None:
+        f.reason = "the storage is empty"
+        return f
+    if pack_tid <= log.header.pack_tid:
+        f.reason = "already packed to a time not earlier than this one"
+        return f
+    pack_tid = f.pack_tid = min(pack_tid, built.last_tid)
+    reader = log.reader
+
+    def refs_of(rec: fmt.DataRecord) -> bytes:
+        refs, known = references_one(rec.data)
+        if not known:
+            f.refs_unreadable.append(rec.oid)
+        return refs
+
+    gc = packmod.GC(reader, built.index, end, pack_tid, True, refs_of)  # with gc it only looks up
+    gc.run()
+    if gc.redundant:
+        f.reason = "already packed to a later time"
+        return f
+    if gc.pack_pos <= fmt.HEADER_SIZE:
+        f.reason = "no transaction before the pack time"
+        return f
+    after = fmt.HEADER_SIZE + (end - gc.pack_pos)
+    kept_oids = BatchedIndex()
+    keep_last = gc.pack_pos == end
+
+    keep, unit = gc.keep, packmod.MIN_RECORD
+
+    def kept(pos: int) -> bool:
+        # GC.keep: one bit per MIN_RECORD bytes of file, bit s & 7 of byte s >> 3, s = pos // MIN_RECORD
+        s = pos // unit
+        return bool(keep[s >> 3] >> (s & 7) & 1)
+
+    for th in reader.iter_txns(fmt.HEADER_SIZE, gc.pack_pos):
+        size = 0
+        nkept = 0
+        local = {}
+        for rec in reader.txn_records(th):
+            if not kept(rec.pos):
+                continue
+            nkept += 1
+            local[rec.oid] = rec.pos
+            length = rec.length
+            if rec.is_backpointer and rec.back and not kept(rec.back):
+                target = reader.resolve(rec)  # the pack writes its data inline
+                if target is not None:
+                    length = fmt.record_length(len(target.refs) // 8, 0, len(target.data))
+            size += length
+        f.revisions_removed += th.nrec - nkept
+        if nkept or (keep_last and th.next_pos == gc.pack_pos):
+            after += th.header_len + size + fmt.oid_table_size(nkept) + fmt.TRAILER_SIZE
+            kept_oids.update(local)
+        else:
+            f.transactions_removed += 1
+    if not f.revisions_removed and not f.transactions_removed:
+        f.reason = "nothing to remove"
+        return f
+    for th in reader.iter_txns(gc.pack_pos, end):
+        kept_oids.update({rec.oid: rec.pos for rec in reader.txn_records(th)})
+    f.bytes_after = after
+    f.objects_removed = len(built.index) - len(kept_oids)
+    return f
+
+
+# -- tail ---------------------------------------------------------------------------------
+
+def tail(path: str, n: int = 10) -> list[dict]:
+    """The last `n` finished transactions, newest first."""
+    out = []
+    if n <= 0:
+        return out
+    with Log(path) as log:
+        for th in log.reader.iter_txns_backward(log.end()):
+            out.append({"pos": th.pos, "tid": th.tid.hex(), "time": time_repr(tid_time(th.tid)),
+                        "status": th.status.decode("latin-1"), "user": text(th.user),
+                        "description": text(th.description), "size": th.next_pos - th.pos,
+                        "records": th.nrec})
+            if len(out) >= n:
+                break
+    return out
+
+
+# -- history ------------------------------------------------------------------------------
+
+def history(path: str, oid: bytes, limit: int | None = None) -> list[dict]:
+    """Every revision of `oid`, newest first (following the prev chain from its current record)."""
+    with Log(path) as log:
+        built = log.build_index()
+        pos = built.index.get(oid)
+        if pos is None:
+            raise ToolError(f"{log.path}: oid {oid_repr(oid)} has no record")
+        reader = log.reader
+        names = ClassNames()
+        out = []
+        while pos and (limit is None or len(out) < limit):
+            rec = reader.read_data_record(pos, oid)
+            th = reader.read_txn_header(rec.tpos)
+            d = {"pos": rec.pos, "tid": rec.tid.hex(), "time": time_repr(tid_time(rec.tid)),
+                 "status": th.status.decode("latin-1"), "user": text(th.user),
+                 "description": text(th.description), "record_length": rec.length}
+            if rec.is_backpointer:
+                d["backpointer"] = rec.back
+                if not rec.back:
+                    d.update(size=0, kind="no data (deleted, or its creation undone)", data_tid=None)
+                else:
+                    target = reader.resolve(rec)
+                    if target is None:
+                        d.update(size=0, kind="no data (backpointer to a deletion)", data_tid=None)
+                    else:
+                        d.update(size=len(target.data), kind="backpointer", data_tid=target.tid.hex(),
+                                 data_pos=target.pos, refs=[r.hex() for r in target.ref_oids()],
+                                 refs_known=target.refs_known, **{"class": names(target.data)})
+            else:
+                d.update(size=len(rec.data), kind="data", refs=[r.hex() for r in rec.ref_oids()],
+                         refs_known=rec.refs_known, **{"class": names(rec.data)})
+            out.append(d)
+            pos = rec.prev
+        return out
+
+
+# -- refs ---------------------------------------------------------------------------------
+
+@dataclass
+class RefsReport:
+    oid: bytes
+    pos: int | None = None  # its current record
+    state: str = "missing"  # current, deleted, missing, unreadable
+    class_name: str | None = None
+    refs_known: bool = True
+    references: list[dict] = field(default_factory=list)  # oid, state, class
+    referrers: list[dict] = field(default_factory=list)  # oid, pos, class
+    unknown_referrers: int = 0  # current records whose references are not stored
+    unreadable_referrers: int = 0  # current backpointers whose data cannot be read
+
+    @property
+    def dangling(self) -> list[dict]:
+        """Problems: references from OID to missing/deleted objects, or references to OID if it is gone."""
+        out = [r for r in self.references if r["state"] != "current"]
+        if self.state != "current":
+            out += self.referrers
+        return out
+
+    def to_json(self) -> dict:
+        return {"oid": self.oid.hex(), "pos": self.pos, "state": self.state, "class": self.class_name,
+                "refs_known": self.refs_known, "references": self.references,
+                "referrers": self.referrers, "unknown_referrers": self.unknown_referrers,
+                "unreadable_referrers": self.unreadable_referrers,
+                "dangling": len(self.dangling)}
+
+
+def _state(reader, index, oid: bytes) -> tuple[str, fmt.DataRecord | None]:
+    """(current/deleted/missing, the record holding its data)."""
+    pos = index.get(oid)
+    if pos is None:
+        return "missing", None
+    try:
+        rec = reader.resolve(reader.read_data_record(pos, oid))
+    except CorruptedError:
+        return "unreadable", None
+    return ("deleted", None) if rec is None else ("current", rec)
+
+
+def refs(path: str, oid: bytes, progress: Progress | None = None) -> RefsReport:
+    """What `oid` references, and which current objects reference it."""
+    with Log(path) as log:
+        built = log.build_index()
+        index = built.index
+        reader = log.reader
+        names = ClassNames()
+        report = RefsReport(oid)
+        report.pos = index.get(oid)
+        report.state, data_rec = _state(reader, index, oid)
+        if data_rec is not None:
+            report.class_name = names(data_rec.data)
+            report.refs_known = data_rec.refs_known
+            for ref in data_rec.ref_oids():
+                state, target = _state(reader, index, ref)
+                report.references.append({"oid": ref.hex(), "state": state,
+                                          "class": names(target.data) if target is not None else None})
+        positions = array("Q", sorted(pos for _o, pos in index.items()))
+        done = 0
+        for rec in reader.read_data_records(positions):
+            done += 1
+            if progress is not None and not done % 4096:
+                progress(rec.pos)
+            if rec.is_backpointer:
+                if not rec.back:
+                    continue
+                try:
+                    target = reader.resolve(rec)
+                except CorruptedError:
+                    report.unreadable_referrers += 1
+                    continue
+                if target is None:
+                    continue
+            else:
+                target = rec
+            if not target.refs_known:
+                report.unknown_referrers += 1
+            elif _refs_contain(target.refs, oid):
+                report.referrers.append({"oid": rec.oid.hex(), "pos": rec.pos, "class": names(target.data)})
+        return report
+
+
+
+def _refs_contain(refs: bytes, oid: bytes) -> bool:
+    i = refs.find(oid)
+    while i != -1:
+        if not i % 8:
+            return True
+        i = refs.find(oid, i + 1)
+    return False

@@ -1,0 +1,349 @@
+"""`refstorage verify`: check a whole file, and the references between current objects.
+
+One pass over the log (`walk`) decodes and checksums every transaction and
+record and checks
+
+- the file header, every transaction header, oid table and trailer, every
+  record's checksum, length, tid and transaction position;
+- that tids increase and no transaction was left unfinished;
+- each record's prev: the position of the same oid's newest record in an
+  earlier transaction (0 if there is none) -- which is exactly what the
+  storage, pack and restore write, so "an earlier record of the same oid";
+- each backpointer: an earlier transaction's record of the same oid;
+- the index file, if there is one: same file id, and its entries equal to
+  the index a scan builds up to the position it covers.
+
+Then every current record is read once more (in file order) for its stored
+references: a reference to an oid with no current revision, or to a deleted
+object, is a dangling reference (a POSKeyError waiting to happen).  Records
+whose references are not stored (REFS_UNKNOWN) are counted, not judged.
+"""
+
+from __future__ import annotations
+
+import time
+from array import array
+from dataclasses import dataclass, field
+
+from .. import fileio
+from .. import format as fmt
+from ..errors import CorruptedError, IndexFileError
+from ..index import OidIndex, load_index
+from .common import BatchedIndex, Log, Progress, oid_repr, tid_repr
+from .walk import Damage, walk
+
+MAX_PROBLEMS = 10_000  # problems kept in the report (all are counted)
+MAX_LISTED = 20
+
+
+@dataclass
+class Problem:
+    kind: str  # header, damage, torn-tail, moved, prev, backpointer, index, dangling
+    message: str
+    offset: int | None = None
+    oid: bytes | None = None
+
+    def __str__(self) -> str:
+        where = f" at offset {self.offset}" if self.offset is not None else ""
+        return f"{self.kind}{where}: {self.message}"
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "message": self.message, "offset": self.offset,
+                "oid": self.oid.hex() if self.oid is not None else None}
+
+
+@dataclass
+class VerifyReport:
+    path: str
+    size: int = 0
+    transactions: int = 0
+    records: int = 0
+    objects: int = 0  # oids with a current record (deleted ones included)
+    deleted: int = 0  # of which the current record is a deletion
+    backpointers: int = 0
+    bytes_skipped: int = 0  # in damaged stretches
+    refs_unknown: int = 0  # records whose references are not stored
+    refs_unknown_current: list[tuple[bytes, int]] = field(default_factory=list)  # (oid, pos)
+    refs_unknown_current_count: int = 0
+    index_file: str = "absent"  # absent, checked, ignored (why)
+    problems: list[Problem] = field(default_factory=list)
+    counts: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.counts
+
+    @property
+    def problem_count(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, kind: str, message: str, offset: int | None = None, oid: bytes | None = None) -> None:
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(Problem(kind, message, offset, oid))
+
+    def to_json(self) -> dict:
+        return {
+            "path": self.path, "ok": self.ok, "size": self.size, "transactions": self.transactions,
+            "records": self.records, "objects": self.objects, "deleted": self.deleted,
+            "backpointers": self.backpointers, "bytes_skipped": self.bytes_skipped,
+            "refs_unknown": {"records": self.refs_unknown, "current": self.refs_unknown_current_count,
+                             "current_records": [{"oid": o.hex(), "offset": p}
+                                                 for o, p in self.refs_unknown_current]},
+            "index_file": self.index_file, "problem_counts": dict(self.counts),
+            "problems": [p.to_json() for p in self.problems], "seconds": round(self.seconds, 3),
+        }
+
+
+class _SavedIndex:
+    def __init__(self, index: OidIndex, pos: int, tid: bytes):
+        self.index = index
+        self.pos = pos
+        self.tid = tid
+
+
+def verify(path: str, progress: Progress | None = None) -> VerifyReport:
+    """Check the file at `path` (read-only; a storage may have it open meanwhile)."""
+    started = time.perf_counter()
+    report = VerifyReport(str(path))
+    with Log(path, allow_bad_header=True) as log:
+        report.size = log.size
+        if log.header_error is not None:
+            report.add("header", log.header_error.detail, log.header_error.offset)
+        _Verifier(log, report).run(progress)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+class _Verifier:
+    def __init__(self, log: Log, report: VerifyReport):
+        self.log = log
+        self.reader = log.reader
+        self.report = report
+        self.index = BatchedIndex()
+        self.deleted: set[bytes] = set()
+        self.damaged: list[tuple[int, int]] = []
+        self.saved = self._load_saved_index()
+
+    # -- the index file ----------------------------------------------------------------
+
+    def _load_saved_index(self) -> _SavedIndex | None:
+        log, report = self.log, self.report
+        ipath = log.path + ".index"
+        if not fileio.exists(ipath):
+            return None
+        try:
+            loaded = load_index(ipath)
+        except IndexFileError as exc:
+            report.index_file = "unreadable"
+            report.add("index", f"{exc} (the storage ignores it and rebuilds the index)")
+            return None
+        if loaded is None:
+            return None
+        index, file_id, pos, tid = loaded
+        if log.header is not None and file_id != log.header.file_id:
+            report.index_file = "another file's"
+            report.add("index", f"{ipath} belongs to another data file (file id {file_id.hex()}, "
+                       f"the data file's is {log.header.file_id.hex()}); the storage ignores it")
+            return None
+        if pos > log.size or pos < fmt.HEADER_SIZE:
+            report.index_file = "beyond the data"
+            report.add("index", f"{ipath} covers {pos} bytes but the data file has {log.size}")
+            return None
+        report.index_file = "not compared"
+        return _SavedIndex(index, pos, tid)
+
+    def _compare_saved(self, tid: bytes | None) -> None:
+        saved, report = self.saved, self.report
+        self.saved = None
+        ipath = self.log.path + ".index"
+        if self.damaged:
+            report.index_file = "not compared (damage before its end)"
+            return
+        if (tid or b"\0" * 8) != saved.tid:
+            report.index_file = "mismatch"
+            report.add("index", f"{ipath} says the transaction ending at {saved.pos} has tid "
+                       f"{saved.tid.hex()}, the data file's has {(tid or b'').hex() or 'none'}")
+            return
+        diffs, listed = _index_diffs(saved.index, self.index.flush())
+        if diffs:
+            report.index_file = "mismatch"
+            report.add("index", f"{ipath} differs from the index a scan builds in {diffs} entries: "
+                       + "; ".join(listed))
+        else:
+            report.index_file = f"checked ({len(saved.index)} entries up to {saved.pos})"
+
+    # -- the walk -----------------------------------------------------------------------
+
+    def _in_damage(self, pos: int) -> bool:
+        return any(start <= pos < end for start, end in self.damaged)
+
+    def run(self, progress: Progress | None) -> None:
+        log, report, reader = self.log, self.report, self.reader
+        index = self.index
+        index_get = index.get
+        deleted = self.deleted
+        last_tid = None
+        moved = 0
+        if self.saved is not None and self.saved.pos == fmt.HEADER_SIZE:
+            self._compare_saved(None)
+        for item in walk(reader, fmt.HEADER_SIZE, log.size, True, progress):
+            if isinstance(item, Damage):
+                self._damage(item)
+                continue
+            th, recs, delta = item
+            report.transactions += 1
+            last_tid = th.tid
+            tpos = th.pos
+            if delta != moved:
+                moved = delta
+                self._moved(th, delta)
+            local = {}
+            for rec in recs:
+                oid = rec.oid
+                expected = index_get(oid, 0)
+                if rec.prev != expected and not delta:
+                    self._bad_prev(rec, expected)
+                if rec.flags & fmt.FLAG_BACKPOINTER:
+                    report.backpointers += 1
+                    if rec.back:
+                        if not delta:
+                            self._check_backpointer(rec, tpos)
+                        deleted.discard(oid)
+                    else:
+                        deleted.add(oid)
+                else:
+                    deleted.discard(oid)
+                    if rec.flags & fmt.FLAG_REFS_UNKNOWN:
+                        report.refs_unknown += 1
+                local[oid] = rec.pos
+            report.records += len(recs)
+            index.update(local)
+            if self.saved is not None and th.next_pos == self.saved.pos:
+                self._compare_saved(last_tid)
+        if self.saved is not None:
+            report.index_file = "mismatch"
+            report.add("index", f"{log.path}.index covers up to {self.saved.pos}, "
+                       "which is not the end of a good transaction")
+        self.index = index.flush()
+        report.objects = len(self.index)
+        report.deleted = len(deleted)
+        self._check_references()
+
+    def _damage(self, d: Damage) -> None:
+        report = self.report
+        self.damaged.append((d.start, d.end))
+        report.bytes_skipped += d.length
+        err = d.error
+        where = f" (at offset {err.offset})" if err.offset is not None and err.offset != d.start else ""
+        if d.end >= self.log.size:
+            report.add("torn-tail", f"the last {d.length} bytes hold no finished transaction: "
+                       f"{err.detail}{where}; a read-write open moves them to a side file", d.start)
+        else:
+            report.add("damage", f"{d.length} bytes [{d.start}, {d.end}) hold no valid transaction: "
+                       f"{err.detail}{where}; the next valid transaction starts at {d.end}", d.start)
+
+    def _moved(self, th: fmt.TxnHeader, delta: int) -> None:
+        if not delta:
+            return
+        what = f"{-delta} bytes are missing" if delta < 0 else f"{delta} bytes were inserted"
+        self.report.add("moved", f"the transaction at {th.pos} and those after it are intact but were "
+                        f"written at {th.pos - delta}: {what} before them, so their positions (tpos, prev, "
+                        "backpointers, oid tables) do not match the file; 'refstorage recover' rewrites them",
+                        th.pos)
+
+    def _bad_prev(self, rec: fmt.DataRecord, expected: int) -> None:
+        if self._in_damage(rec.prev):
+            return  # its previous record was in a damaged stretch (reported already)
+        if rec.prev == 0:
+            msg = f"prev is 0, but the oid's previous record is at {expected}"
+        elif rec.prev >= rec.tpos:
+            msg = f"prev {rec.prev} does not point to an earlier transaction"
+        elif expected == 0:
+            msg = f"prev points to {rec.prev}, but the oid has no earlier record"
+        else:
+            msg = f"prev {rec.prev} is not the oid's previous record ({expected})"
+        self.report.add("prev", f"oid {oid_repr(rec.oid)} record at {rec.pos}: {msg}", rec.pos, rec.oid)
+
+    def _check_backpointer(self, rec: fmt.DataRecord, tpos: int) -> None:
+        back = rec.back
+        msg = None
+        if back >= tpos:
+            msg = f"backpointer {back} does not point to an earlier transaction"
+        elif self._in_damage(back):
+            msg = f"backpointer {back} points into a damaged stretch: the data it stands for is lost"
+        else:
+            try:
+                target = self.reader.read_data_record(back, rec.oid)
+            except CorruptedError as exc:
+                msg = f"backpointer {back} does not lead to a record of this oid: {exc.detail}"
+            else:
+                if target.tid >= rec.tid:
+                    msg = f"backpointer {back} points to a record of tid {tid_repr(target.tid)}, not earlier"
+        if msg is not None:
+            self.report.add("backpointer", f"oid {oid_repr(rec.oid)} record at {rec.pos}: {msg}",
+                            rec.pos, rec.oid)
+
+    # -- references between current objects --------------------------------------------
+
+    def _check_references(self) -> None:
+        report, reader, index, deleted = self.report, self.reader, self.index, self.deleted
+        positions = array("Q", sorted(pos for _oid, pos in index.items()))
+        try:
+            for rec in reader.read_data_records(positions):
+                data_rec = rec
+                if rec.flags & fmt.FLAG_BACKPOINTER:
+                    if not rec.back:
+                        continue
+                    try:
+                        data_rec = reader.resolve(rec)
+                    except CorruptedError:
+                        continue  # reported by the walk
+                    if data_rec is None:
+                        continue
+                if data_rec.flags & fmt.FLAG_REFS_UNKNOWN:
+                    report.refs_unknown_current_count += 1
+                    if len(report.refs_unknown_current) < MAX_PROBLEMS:
+                        report.refs_unknown_current.append((rec.oid, rec.pos))
+                    continue
+                if not data_rec.refs:
+                    continue
+                for ref in fmt.split_refs(data_rec.refs):
+                    if ref not in index:
+                        why = "which does not exist"
+                    elif ref in deleted:
+                        why = "which is deleted"
+                    else:
+                        continue
+                    report.add("dangling", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) references "
+                               f"oid {oid_repr(ref)}, {why}", rec.pos, ref)
+        except CorruptedError as exc:  # a current record the walk could not have checked
+            report.add("damage", f"current record unreadable: {exc.detail}", exc.offset)
+
+
+def _index_diffs(saved: OidIndex, scanned: OidIndex) -> tuple[int, list[str]]:
+    """How many entries differ between two indexes (both iterate in oid order), and a few of them."""
+    diffs = 0
+    listed: list[str] = []
+
+    def note(msg: str) -> None:
+        nonlocal diffs
+        diffs += 1
+        if len(listed) < 5:
+            listed.append(msg)
+
+    a, b = saved.items(), scanned.items()
+    x, y = next(a, None), next(b, None)
+    while x is not None or y is not None:
+        if y is None or (x is not None and x[0] < y[0]):
+            note(f"oid {oid_repr(x[0])} at {x[1]} in the index file, but a scan does not find it")
+            x = next(a, None)
+        elif x is None or y[0] < x[0]:
+            note(f"oid {oid_repr(y[0])} (at {y[1]}) is missing")
+            y = next(b, None)
+        else:
+            if x[1] != y[1]:
+                note(f"oid {oid_repr(x[0])} at {x[1]}, but its newest record is at {y[1]}")
+            x, y = next(a, None), next(b, None)
+    return diffs, listed

@@ -1,0 +1,195 @@
+"""`refstorage recover`: salvaging the good transactions of damaged files."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+
+import pytest
+from click.testing import CliRunner
+from ZODB.POSException import POSKeyError
+from ZODB.utils import p64
+
+import refstorage
+from refstorage.cli import main
+from refstorage.tools.recover import recover
+from tools_db import GOLDEN, cut, flip_bit, layout, loads, make_db, truncate, txns
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "Data.rfs"
+    make_db(path, extra_txns=3)
+    return path, layout(path), txns(path), loads(path)
+
+
+@pytest.fixture
+def src(tmp_path, template):
+    path = tmp_path / "Data.rfs"
+    shutil.copy(template[0], path)
+    return path
+
+
+def structural(report):
+    return {k: n for k, n in report.verify.counts.items() if k != "dangling"}
+
+
+def without(all_txns, *tids):
+    lost = {bytes.fromhex(t) for t in tids}
+    return [t for t in all_txns if t[0] not in lost]
+
+
+def undo_backpointer(lay):
+    """The last undo's backpointer record and the position it points to."""
+    for t in reversed(lay):
+        for r in t["records"]:
+            if r.get("backpointer"):
+                return t, r
+    raise AssertionError("no backpointer")
+
+
+def test_a_clean_file_is_copied_whole(src, template, tmp_path):
+    dst = tmp_path / "New.rfs"
+    r = run("recover", src, dst)
+    assert r.exit_code == 0, r.output
+    assert f"{dst} verifies clean" in r.output and "0 bytes skipped" in r.output
+    assert txns(dst) == template[2]
+    assert loads(dst) == template[3]
+
+
+def test_flipped_bit_skips_one_transaction(src, template, tmp_path):
+    lay = template[1]
+    bad = lay[3]
+    rec = bad["records"][0]
+    flip_bit(src, rec["pos"] + rec["length"] - 6, 3)
+    dst = tmp_path / "New.rfs"
+    r = run("recover", src, dst)
+    assert r.exit_code == 1
+    assert f"skipped bytes [{bad['pos']}, {lay[4]['pos']})" in r.output
+    assert "data record checksum mismatch" in r.output
+    report = recover(str(src), str(tmp_path / "Again.rfs"))
+    assert [(s.start, s.end) for s in report.skipped] == [(bad["pos"], lay[4]["pos"])]
+    assert report.transactions == len(lay) - 1 and not structural(report)
+    assert txns(dst) == without(template[2], bad["tid"])
+
+
+def test_truncated_tail(src, template, tmp_path):
+    lay = template[1]
+    size = pathlib.Path(src).stat().st_size
+    truncate(src, lay[-1]["pos"] + 77)
+    report = recover(str(src), str(tmp_path / "New.rfs"))
+    assert [(s.start, s.end) for s in report.skipped] == [(lay[-1]["pos"], lay[-1]["pos"] + 77)]
+    assert size > lay[-1]["pos"] + 77
+    assert report.verify.ok
+    assert txns(tmp_path / "New.rfs") == template[2][:-1]
+
+
+def test_cut_in_the_middle_moves_the_rest_and_loses_a_backpointer_target(src, template, tmp_path):
+    lay = template[1]
+    start, end = lay[1]["pos"] + 100, lay[2]["pos"] + 50  # most of "fill", the start of "update"
+    cut(src, start, end)
+    dst = tmp_path / "New.rfs"
+    r = run("recover", src, dst, "--json")
+    assert r.exit_code == 1
+    d = json.loads(r.output)
+    assert [(s["start"], s["end"]) for s in d["skipped"]] == [(lay[1]["pos"], lay[3]["pos"] - (end - start))]
+    assert d["moved"] == [{"pos": lay[3]["pos"] - (end - start), "delta": start - end}]
+    # both undos pointed into "fill" (the root's revision and a mapping's): lost, written as deleted
+    t, rec = undo_backpointer(lay)
+    assert [x["oid"] for x in d["lost"]] == ["0000000000000000", rec["oid"]]
+    assert set(d["verify"]["problem_counts"]) <= {"dangling"}
+    kept = without(template[2], lay[1]["tid"], lay[2]["tid"])
+    got = txns(dst)
+    assert [x[0] for x in got] == [x[0] for x in kept]
+    lost = {(bytes.fromhex(x["tid"]), bytes.fromhex(x["oid"])) for x in d["lost"]}
+    for g, k in zip(got, kept, strict=True):
+        assert g[:5] == k[:5]
+        want = [(o, tid, None, None) if (tid, o) in lost else (o, tid, data, data_txn)
+                for o, tid, data, data_txn in k[5]]
+        assert g[5] == want
+    with pytest.raises(POSKeyError):
+        refstorage.FileStorage(str(dst), read_only=True).load(bytes.fromhex(rec["oid"]))
+
+
+def test_backpointer_into_a_skipped_transaction_is_rescued(src, template, tmp_path):
+    lay = template[1]
+    t, rec = undo_backpointer(lay)
+    target_txn = next(x for x in lay if any(r["pos"] == rec["backpointer"] for r in x["records"]))
+    flip_bit(src, target_txn["pos"] + 2)  # its header: the transaction is skipped, its records are intact
+    report = recover(str(src), str(tmp_path / "New.rfs"))
+    assert len(report.skipped) == 1 and report.skipped[0].start == target_txn["pos"]
+    # the last undo's target and the root's revision the first undo went back to are both in "fill"
+    assert report.rescued == 2 and not report.lost
+    oid = bytes.fromhex(rec["oid"])
+    assert loads(tmp_path / "New.rfs")[oid] == (template[3][oid][0], bytes.fromhex(t["tid"]))
+
+
+def test_backpointer_whose_target_is_damaged_becomes_a_deletion(src, template, tmp_path):
+    lay = template[1]
+    t, rec = undo_backpointer(lay)
+    target_txn = next(x for x in lay if any(r["pos"] == rec["backpointer"] for r in x["records"]))
+    flip_bit(src, rec["backpointer"] + 50)  # inside the target record
+    dst = tmp_path / "New.rfs"
+    r = run("recover", src, dst)
+    assert r.exit_code == 1
+    assert f"lost: oid 0x{int(rec['oid'], 16):02x} (record at {rec['pos']}" in r.output
+    assert "written as deleted" in r.output
+    report = recover(str(src), str(tmp_path / "Again.rfs"))
+    assert report.skipped[0].start == target_txn["pos"] and len(report.lost) == 1
+    with pytest.raises(POSKeyError):
+        refstorage.FileStorage(str(dst), read_only=True).load(bytes.fromhex(rec["oid"]))
+
+
+def test_inserted_garbage_is_skipped_and_the_rest_moved(src, template, tmp_path):
+    lay = template[1]
+    data = pathlib.Path(src).read_bytes()
+    junk = b"junk \x00 p " * 20
+    pos = lay[4]["pos"]
+    pathlib.Path(src).write_bytes(data[:pos] + junk + data[pos:])
+    report = recover(str(src), str(tmp_path / "New.rfs"))
+    assert [(s.start, s.end) for s in report.skipped] == [(pos, pos + len(junk))]
+    assert report.moved == [(pos + len(junk), len(junk))]
+    assert not report.lost and report.verify.ok
+    assert txns(tmp_path / "New.rfs") == template[2]
+
+
+def test_damaged_file_header(src, template, tmp_path):
+    flip_bit(src, 100)
+    r = run("recover", src, tmp_path / "New.rfs")
+    assert r.exit_code == 1 and "file header damaged" in r.output
+    assert txns(tmp_path / "New.rfs") == template[2]
+
+
+def test_golden_file(tmp_path):
+    dst = tmp_path / "golden.rfs"
+    report = recover(str(GOLDEN), str(dst))
+    assert report.clean and report.verify.ok and report.transactions == 3
+    got = txns(dst)
+    want = txns(GOLDEN)
+    assert got == want
+    assert [t[1] for t in got] == ["p", " ", " "]
+
+
+def test_destination_must_be_new(src, tmp_path):
+    dst = tmp_path / "New.rfs"
+    dst.write_bytes(b"x")
+    r = run("recover", src, dst)
+    assert r.exit_code == 1 and "exists" in r.output
+    r = run("recover", src, src, "--force")
+    assert r.exit_code == 1 and "damaged file itself" in r.output
+    r = run("recover", src, dst, "--force")
+    assert r.exit_code == 0, r.output
+
+
+def test_unrecoverable_source_is_a_clean_error(tmp_path):
+    r = run("recover", tmp_path / "missing.rfs", tmp_path / "New.rfs")
+    assert r.exit_code == 1 and "Error:" in r.output and "Traceback" not in r.output
+
+
+def test_p64_helper_sanity():
+    assert p64(1) == b"\0" * 7 + b"\1"
