@@ -54,32 +54,8 @@ PACK_REASON = "needs pack (issue 4)"
 # Tests that need undo (issue 3): all pass now.
 NEEDS_UNDO: list[str] = []
 
-# Tests that need pack (issue 4).
-NEEDS_PACK = [
-    # TransactionalUndoStorage / PackableUndoStorage tests that use undo too
-    "testTransactionalUndoAfterPack",
-    "testTransactionalUndoAfterPackWithObjectUnlinkFromRoot",
-    "testPackAfterUndoDeletion",
-    "testPackAfterUndoManyTimes",
-    "testPackUnlinkedFromRoot",
-    "testPackUndoLog",
-    "testRedundantPack",
-    # PackableStorage / PackableStorageWithOptionalGC
-    "testPackEmptyStorage",
-    "testPackTomorrow",
-    "testPackYesterday",
-    "testPackWhileWriting",
-    "testPackNowWhileWriting",
-    "testPackLotsWhileWriting",
-    "testPackWithMultiDatabaseReferences",
-    "testPackAllRevisions",
-    "testPackJustOldRevisions",
-    "testPackOnlyOneObject",
-    "testPackAllRevisionsNoGC",
-    # BasicStorage: IStorage declares pack(), so verifyObject fails without it.
-    # (HexStorage defines its own pack, so the Hex class runs it unmarked.)
-    "testInterfaces",
-]
+# Tests that need pack (issue 4): all pass now.
+NEEDS_PACK: list[str] = []
 
 
 def _mark_pending_features(cls):
@@ -169,7 +145,7 @@ class RefStorageHexTests(RefStorageTests):
         self._storage = HexStorage(refstorage.FileStorage(self.file_name, **kwargs))
 
 
-RECOVERY_NEEDS_PACK = ["testRestoreAcrossPack", "testPackWithGCOnDestinationAfterRestore"]
+RECOVERY_NEEDS_PACK: list[str] = []
 
 
 def _mark_recovery(cls):
