@@ -18,7 +18,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64, u64, z64
 
 import refstorage
-from refstorage import errors, fileio, storage
+from refstorage import errors, fileio, recovery, storage
 from refstorage import format as fmt
 from refstorage.log import LogReader, scan
 
@@ -235,13 +235,13 @@ def test_index_is_saved_on_close_and_reused(path, monkeypatch):
     make(path, 3)
     assert os.path.exists(path + ".index")
     scanned = []
-    real_scan = storage.scan
+    real_scan = recovery.scan
 
     def spy(reader, start, size, index=None, verify=False):
         scanned.append((start, size))
         return real_scan(reader, start, size, index, verify)
 
-    monkeypatch.setattr(storage, "scan", spy)
+    monkeypatch.setattr(recovery, "scan", spy)
     st = refstorage.FileStorage(path)
     assert scanned == [(os.path.getsize(path), os.path.getsize(path))]
     assert st.load(p64(3))[0] == b"data-2-3"

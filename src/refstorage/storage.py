@@ -50,17 +50,16 @@ from . import fileio
 from . import format as fmt
 from .blobs import BlobSupport
 from .errors import (
-    CorruptedError,
-    IndexFileError,
     MissingFileError,
     PathIsDirectoryError,
     QuotaError,
     StorageLockedError,
 )
-from .index import OidIndex, load_index, save_index
+from .index import OidIndex, save_index
 from .iterator import TransactionIterator
-from .log import LogReader, scan
+from .log import LogReader
 from .pack import PackReport, Progress, pack_storage
+from .recovery import open_log
 from .refs import references_many
 from .undo import UndoPlanner, find_txn, tid_from_undo_id, undo_log
 
@@ -185,7 +184,11 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             header = fmt.decode_file_header(file.read(0, fmt.HEADER_SIZE), path)
             self._file_id = header.file_id
             self._pack_tid = header.pack_tid
-            index, end, last_tid = self._build_index(file)
+            index, end, last_tid, saved_end = open_log(file, self._index_path, self._file_id,
+                                                       self._is_read_only)
+            self._index_saved_end = saved_end
+            if not self._is_read_only and end - saved_end > INDEX_SAVE_BYTES:
+                self._save_index_now(index, end, last_tid)
         except BaseException:
             file.close()
             raise
@@ -219,77 +222,6 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         fileio.atomic_write(self._file_name, [fmt.encode_file_header(uuid.uuid4().bytes)],
                             point_prefix="create")
         fileio.remove_if_exists(self._index_path)
-
-    def _build_index(self, file: fileio.DataFile) -> tuple[OidIndex, int, bytes | None]:
-        """The index, the end of the good log, and its last tid, repairing a torn tail."""
-        reader = LogReader(file)
-        size = file.size
-        index, start, last_tid = self._load_saved_index(reader, size)
-        self._index_saved_end = start if index is not None else 0
-        if index is None:
-            index, start, last_tid = OidIndex(), fmt.HEADER_SIZE, None
-        result = scan(reader, start, size, index)
-        if result.last_tid is not None:
-            last_tid = result.last_tid
-        end = result.end
-        if result.bad_pos is not None:
-            end = self._handle_damage(file, result)
-        if not self._is_read_only and end - self._index_saved_end > INDEX_SAVE_BYTES:
-            self._save_index_now(index, end, last_tid)
-        return index, end, last_tid
-
-    def _load_saved_index(self, reader: LogReader, size: int):
-        try:
-            loaded = load_index(self._index_path)
-        except IndexFileError as exc:
-            logger.warning("%s; rebuilding the index from the data file", exc)
-            return None, 0, None
-        if loaded is None:
-            return None, 0, None
-        index, file_id, pos, tid = loaded
-        why = None
-        if file_id != self._file_id:
-            why = "it belongs to another data file"
-        elif pos == fmt.HEADER_SIZE:
-            if tid != z64:
-                why = "it describes transactions the data file does not hold"
-        elif not fmt.HEADER_SIZE < pos <= size:
-            why = f"it covers {pos} bytes but the data file has {size}"
-        else:
-            try:
-                th = reader.txn_ending_at(pos, size)
-                if th.tid != tid or th.status == fmt.STATUS_CHECKPOINT:
-                    why = "its last transaction does not match the data file"
-            except CorruptedError as exc:
-                why = f"its end position is not a transaction boundary ({exc})"
-        if why:
-            logger.warning("%s: ignoring the saved index (%s); rebuilding it", self._index_path, why)
-            return None, 0, None
-        return index, pos, (tid if tid != z64 else None)
-
-    def _handle_damage(self, file: fileio.DataFile, result) -> int:
-        path = self._file_name
-        bad = result.bad_pos
-        if not result.torn_tail:
-            if not self._is_read_only:
-                raise type(result.error)(
-                    path, f"damaged transaction followed by valid ones: {result.error.detail}; "
-                    "open read-only to read the data before it, or run 'refstorage recover'",
-                    result.error.offset)
-            logger.error("%s: damage at offset %s (%s); serving only the %d bytes before it",
-                         path, result.error.offset, result.error.detail, bad)
-            return bad
-        if self._is_read_only:
-            logger.warning("%s: ignoring an incomplete last transaction at %d (%s)",
-                           path, bad, result.error.detail)
-            return bad
-        tail = file.read(bad, file.size - bad)
-        side = fileio.save_side_file(path, tail)
-        file.truncate(bad)
-        file.sync()
-        logger.warning("%s: moved an incomplete last transaction (%d bytes at offset %d: %s) to %s",
-                       path, len(tail), bad, result.error.detail, side)
-        return bad
 
     # -- index persistence -----------------------------------------------------------
 
