@@ -343,9 +343,11 @@ def peek_data_header(buf, offset: int, path: str, pos: int):
     return oid, tid, prev, tpos, flags, nrefs, dlen, length
 
 
-def decode_data_record(buf, offset: int, path: str, pos: int) -> DataRecord:
-    """Decode and checksum the whole data record at buf[offset] (file position `pos`)."""
-    oid, tid, prev, tpos, flags, nrefs, dlen, length = peek_data_header(buf, offset, path, pos)
+def decode_data_record(buf, offset: int, path: str, pos: int, header: tuple | None = None) -> DataRecord:
+    """Decode and checksum the whole data record at buf[offset] (file position `pos`).
+
+    `header` may pass in what `peek_data_header` already returned for it."""
+    oid, tid, prev, tpos, flags, nrefs, dlen, length = header or peek_data_header(buf, offset, path, pos)
     end = offset + length
     if len(buf) < end:
         raise CorruptedDataError(path, f"data record cut short ({len(buf) - offset} of {length} bytes)", pos)

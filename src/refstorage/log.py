@@ -40,10 +40,10 @@ class LogReader:
     def read_data_record(self, pos: int, oid: bytes | None = None) -> fmt.DataRecord:
         """The checked data record at `pos` (optionally asserting its oid)."""
         buf = self.file.read(pos, READ_AHEAD)
-        length = fmt.peek_data_header(buf, 0, self.path, pos)[7]
-        if length > len(buf):
-            buf = self.file.read(pos, length)
-        rec = fmt.decode_data_record(buf, 0, self.path, pos)
+        header = fmt.peek_data_header(buf, 0, self.path, pos)
+        if header[7] > len(buf):
+            buf = self.file.read(pos, header[7])
+        rec = fmt.decode_data_record(buf, 0, self.path, pos, header)
         if oid is not None and rec.oid != oid:
             raise CorruptedDataError(
                 self.path, f"record for oid {rec.oid.hex()} found where oid {oid.hex()} was expected", pos)
