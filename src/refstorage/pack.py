@@ -229,6 +229,7 @@ class GC:
         self._scan_after()
         if not self.gc:
             self._keep_all_current()
+        self._keep_deletions_under_future()
         self._visited = bytearray()
         self.index = OidIndex()  # not needed any more
 
@@ -246,6 +247,18 @@ class GC:
         if first_after is not None and first_after.status == fmt.STATUS_PACKED:
             self.redundant = True
         return pos
+
+    def _keep_deletions_under_future(self) -> None:
+        """Keep a deletion current at the pack time when a later backpointer
+        keeps an older revision of that object: dropping it would make that
+        older revision look current in the snapshots between the two."""
+        read_record = self.reader.read_data_record
+        for oid in self.future_oids:
+            pos = self.index.get(oid)
+            found = self._at_pack_time(pos, oid) if pos is not None else None
+            if found is not None and found[1] & fmt.FLAG_BACKPOINTER:
+                if not read_record(found[0], oid).back:
+                    _set_bit(self.keep, found[0])
 
     def _keep(self, rec: fmt.DataRecord) -> None:
         _set_bit(self.keep, rec.pos)

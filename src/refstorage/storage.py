@@ -50,6 +50,7 @@ from . import fileio
 from . import format as fmt
 from .blobs import BlobSupport
 from .errors import (
+    FilePermissionError,
     MissingFileError,
     PathIsDirectoryError,
     QuotaError,
@@ -204,6 +205,9 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         lock_path = self._file_name + ".lock"
         try:
             self._lock_file = zc.lockfile.LockFile(lock_path, content_template="pid {pid} on {hostname}")
+        except PermissionError as exc:
+            raise FilePermissionError(lock_path, "cannot create the lock file: permission denied "
+                                      "(open read_only=True to read without it)", None, exc.errno) from None
         except zc.lockfile.LockError:
             try:
                 holder = fileio.read_whole(lock_path).decode("utf-8", "replace").strip() or "unknown"
@@ -532,9 +536,14 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if not pending.voted:
                 self._write_pending(pending)
             file = self._state.file
-            file.write_at(pending.tpos + fmt.STATUS_OFFSET, pending.status)
-            fileio.point("commit.after-status-flip")
-            file.sync()
+            try:
+                file.write_at(pending.tpos + fmt.STATUS_OFFSET, pending.status)
+                fileio.point("commit.after-status-flip")
+                file.sync()
+            except BaseException:
+                if not file.broken:  # after a failed fsync nothing is written any more
+                    self._truncate_back(pending)
+                raise
             fileio.point("commit.after-fsync")
             tid = pending.tid
             with self._lock:
