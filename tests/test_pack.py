@@ -851,13 +851,15 @@ class PackModel(RuleBasedStateMachine):
         """What the pack must have kept: the model's own computation."""
         keep: set[int] = set()  # ids of kept revisions before the pack time
         roots = [OIDS[0]]
-        for revs in self.history.values():
+        future: set[bytes] = set()  # objects a later backpointer keeps an older revision of
+        for oid, revs in self.history.items():
             for rev in revs:
                 if rev.tid > ptid:
                     roots.extend(rev.refs)
                     if rev.source is not None and rev.source.tid <= ptid:
                         keep.add(id(rev.source))
                         roots.extend(rev.source.refs)
+                        future.add(oid)
 
         def at_pack_time(oid):
             before = [r for r in self.history.get(oid, []) if r.tid <= ptid]
@@ -879,6 +881,10 @@ class PackModel(RuleBasedStateMachine):
                 rev = at_pack_time(oid)
                 if rev is not None and rev.data is not None:
                     keep.add(id(rev))
+        for oid in future:  # a deletion between such a revision and its backpointer stays
+            rev = at_pack_time(oid)
+            if rev is not None and rev.data is None:
+                keep.add(id(rev))
         dropped = 0
         for oid, revs in list(self.history.items()):
             kept = [r for r in revs if r.tid > ptid or id(r) in keep]
