@@ -731,6 +731,21 @@ class _Copier:
 
 # -- the whole pack ---------------------------------------------------------------------
 
+def run_gc(reader: LogReader, index, end: int, pack_tid: bytes, gc: bool,
+           refs_of: Callable[[fmt.DataRecord], bytes], progress: Progress | None = None
+           ) -> tuple[GC, str]:
+    """Decide what a pack to `pack_tid` keeps; the reason when it would do nothing.
+
+    Shared by pack and by `refstorage info`'s forecast, so both decide alike."""
+    g = GC(reader, index, end, pack_tid, gc, refs_of, progress)
+    g.run()
+    if g.redundant:
+        return g, "already packed to a later time"
+    if g.pack_pos <= fmt.HEADER_SIZE:
+        return g, "no transaction before the pack time"
+    return g, ""
+
+
 def _referencesf_of(referencesf: Callable) -> Callable[[fmt.DataRecord], bytes]:
     def refs_of(rec: fmt.DataRecord) -> bytes:
         try:
@@ -814,14 +829,10 @@ class _Pack:
         # transactions would look packed.
         pack_tid = report.pack_tid = min(self.pack_tid, last_tid)
         logger.info("%s: packing to %s (%d bytes)", self.path, TimeStamp(pack_tid), end)
-        gc = GC(reader, index, end, pack_tid, self.gc, self.refs_of, self.progress)
+        gc, reason = run_gc(reader, index, end, pack_tid, self.gc, self.refs_of, self.progress)
         del index  # (no reference to the old state is kept: it goes as soon as it is replaced)
-        gc.run()
-        if gc.redundant:
-            report.reason = "already packed to a later time"
-            return report
-        if gc.pack_pos <= fmt.HEADER_SIZE:
-            report.reason = "no transaction before the pack time"
+        if reason:
+            report.reason = reason
             return report
         fileio.point("pack.after-gc")
         return self._copy_and_swap(reader, end, gc, report)

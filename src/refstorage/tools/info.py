@@ -206,13 +206,10 @@ def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast
             f.refs_unreadable.append(rec.oid)
         return refs
 
-    gc = packmod.GC(reader, built.index, end, pack_tid, True, refs_of)  # with gc it only looks up
-    gc.run()
-    if gc.redundant:
-        f.reason = "already packed to a later time"
-        return f
-    if gc.pack_pos <= fmt.HEADER_SIZE:
-        f.reason = "no transaction before the pack time"
+    # with gc the GC only looks oids up in the index
+    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of)
+    if reason:
+        f.reason = reason
         return f
     after = fmt.HEADER_SIZE + (end - gc.pack_pos)
     kept_oids = BatchedIndex()
