@@ -752,10 +752,15 @@ def machine_info(backends: dict[str, Backend], tmp: str) -> dict[str, Any]:
         h = hashlib.sha1()
         pkg = os.path.dirname(mod_file)
         for name in sorted(os.listdir(pkg)):
-            if name.endswith(".py"):
+            if name.endswith((".py", ".c")):
                 with open(os.path.join(pkg, name), "rb") as f:
                     h.update(name.encode() + b"\0" + f.read())
         src_hash = h.hexdigest()[:12]
+    scanner = None
+    with contextlib.suppress(ImportError):
+        from refstorage.refs import scanner as _scanner
+
+        scanner = _scanner()
     git = None
     with contextlib.suppress(Exception):
         git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
@@ -772,6 +777,7 @@ def machine_info(backends: dict[str, Backend], tmp: str) -> dict[str, Any]:
         "rs_class": f"{backends['rs'].factory.__module__}.{backends['rs'].factory.__qualname__}",
         "git_head": git or None,
         "refstorage_src_sha1": src_hash,
+        "refstorage_reference_scanner": scanner,
         "platform": platform.platform(),
         "nproc": os.cpu_count(),
         "nproc_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
@@ -919,6 +925,7 @@ def main(argv: list[str] | None = None) -> int:
         print("# refstorage vs ZODB FileStorage: core benchmark")
         print()
         for k in ("python", "ZODB", "refstorage", "rs_class", "git_head", "refstorage_src_sha1",
+                  "refstorage_reference_scanner",
                   "platform", "nproc", "nproc_usable", "cpu_model", "mem_total_bytes", "tmp_filesystem",
                   "loadavg_at_start"):
             print(f"- {k}: {info[k]}")

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 from .errors import (
@@ -235,7 +235,12 @@ def oid_table_size(nrec: int) -> int:
 
 def encode_oid_table(entries: list[tuple[bytes, int]]) -> bytes:
     """The oid table: (oid, file position of its record) for each record."""
-    body = b"".join([_TABLE_ENTRY.pack(oid, off) for oid, off in entries])
+    return encode_oid_table_entries([_TABLE_ENTRY.pack(oid, off) for oid, off in entries])
+
+
+def encode_oid_table_entries(entries: list[bytes]) -> bytes:
+    """The oid table from its entries already packed (`encode_data_records` makes them)."""
+    body = b"".join(entries)
     return body + _CRC.pack(crc32(body))
 
 
@@ -324,6 +329,48 @@ def encode_data_record(oid: bytes, tid: bytes, prev: int, tpos: int, refs: bytes
     body = b"".join((_DATA_HEADER.pack(oid, tid, prev, tpos, flags, len(refs) >> 3, dlen),
                      refs, payload))
     return body + _CRC.pack(crc32(body))
+
+
+def encode_data_records(tid: bytes, tpos: int, pos: int, records: Sequence[tuple], start: int,
+                        limit: int, refs: Iterator[bytes | None], table: list[bytes],
+                        positions: dict[bytes, int]) -> tuple[bytes, int]:
+    """Encode `records[start:]` of one transaction, stopping once `limit` bytes are done.
+
+    A record is (oid, data or None, backpointer, prev); `refs` yields the
+    packed refs (None: unknown) of each record that has data, in order.  The
+    first record lands at file position `pos`.  Each record's oid-table
+    entry is appended to `table` (see `encode_oid_table_entries`) and
+    `positions[oid]` set to its position.  Returns (the encoded bytes, the
+    index to continue from).  The bytes are exactly those
+    `encode_data_record` gives one by one: this is the commit path's loop,
+    kept tight (and light on the garbage collector: no tuple per record)."""
+    pack_header, pack_crc, pack_entry = _DATA_HEADER.pack, _CRC.pack, _TABLE_ENTRY.pack
+    parts: list[bytes] = []
+    extend = parts.extend
+    entry = table.append
+    end = pos + limit
+    i, n = start, len(records)
+    while i < n and pos < end:
+        oid, data, back, prev = records[i]
+        i += 1
+        entry(pack_entry(oid, pos))
+        positions[oid] = pos
+        if data is None:
+            rec = encode_data_record(oid, tid, prev, tpos, b"", None, back)
+            parts.append(rec)
+            pos += len(rec)
+            continue
+        r = next(refs)
+        flags = 0
+        if r is None:
+            r, flags = b"", FLAG_REFS_UNKNOWN
+        dlen = len(data)
+        if dlen > MAX_DATA_LEN:
+            raise ValueError(f"a record's data is limited to {MAX_DATA_LEN} bytes")
+        header = pack_header(oid, tid, prev, tpos, flags, len(r) >> 3, dlen)
+        extend((header, r, data, pack_crc(crc32(data, crc32(r, crc32(header))))))
+        pos += DATA_HEADER_SIZE + len(r) + dlen + CRC_SIZE
+    return b"".join(parts), i
 
 
 def peek_data_header(buf, offset: int, path: str, pos: int):

@@ -88,7 +88,7 @@ class _Pending:
     """The transaction being committed: buffered records until vote."""
 
     __slots__ = ("transaction", "tid", "status", "user", "description", "extension",
-                 "records", "latest", "tpos", "voted", "size")
+                 "records", "_latest", "_latest_n", "tpos", "voted", "size")
 
     def __init__(self, transaction, tid: bytes, status: bytes, user: bytes,
                  description: bytes, extension: bytes, tpos: int):
@@ -103,12 +103,27 @@ class _Pending:
         # the oid's committed record (stable: the commit lock is held until
         # finish).  References are computed for all records at once, at vote.
         self.records: list[tuple[bytes, bytes | None, int, int]] = []
-        # oid -> (data or None, backpointer) of its latest record here
-        self.latest: dict[bytes, tuple[bytes | None, int]] = {}
+        self._latest: dict[bytes, tuple[bytes | None, int]] = {}
+        self._latest_n = 0  # records[:_latest_n] are in _latest
         self.tpos = tpos
         self.voted = False
         # bytes of data buffered so far (for the quota; exact size at vote)
         self.size = 0
+
+    @property
+    def latest(self) -> dict[bytes, tuple[bytes | None, int]]:
+        """oid -> (data or None, backpointer) of its latest record here.
+
+        Built on demand (undo and blobs ask; a plain commit never does), from
+        the records appended since the last call."""
+        records, n = self.records, self._latest_n
+        if n != len(records):
+            latest = self._latest
+            for i in range(n, len(records)):
+                oid, data, back, _prev = records[i]
+                latest[oid] = (data, back)
+            self._latest_n = len(records)
+        return self._latest
 
 
 def _identity(data: bytes) -> bytes:
@@ -414,7 +429,6 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         if prev is None:
             prev = self._state.index.get(oid, 0)
         pending.records.append((oid, data, back, prev))
-        pending.latest[oid] = (data, back)
         if self._quota is not None:
             pending.size += 8 if data is None else len(data)
             self._check_quota(pending.size)
@@ -445,12 +459,13 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 self._resolved.append(oid)
         # _add_record, inlined for the commit-heavy path
         pending.records.append((oid, data, 0, pos or 0))
-        pending.latest[oid] = (data, 0)
         if self._quota is not None:
             pending.size += len(data)
             self._check_quota(pending.size)
         if oid > self._oid:
-            self.set_max_oid(oid)
+            with self._lock:
+                if oid > self._oid:
+                    self._oid = oid
 
     def checkCurrentSerialInTransaction(self, oid: bytes, serial: bytes, transaction) -> None:
         self._check_transaction(transaction)
@@ -476,34 +491,29 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         hlen = fmt.txn_header_len(pending.user, pending.description, pending.extension)
         file = self._state.file
         tpos, tid = pending.tpos, pending.tid
-        rel = hlen
-        table = []
+        table: list[bytes] = []
+        positions: dict[bytes, int] = {}
         parts: list[bytes] = []
-        buffered = 0
-        written = tpos + hlen
-        encode = fmt.encode_data_record
+        written = pos = tpos + hlen
+        encode = fmt.encode_data_records
         try:
-            for oid, data, back, prev in records:
-                if data is None:
-                    rec = encode(oid, tid, prev, tpos, b"", None, back)
-                else:
-                    refs, known = next(refs_iter)
-                    rec = encode(oid, tid, prev, tpos, refs, data, 0, known)
-                table.append((oid, tpos + rel))
-                rel += len(rec)
-                parts.append(rec)
-                buffered += len(rec)
-                if buffered >= WRITE_CHUNK:
-                    self._check_size(rel)
-                    chunk = b"".join(parts)
+            done = 0
+            while done < len(records):
+                chunk, done = encode(tid, tpos, pos, records, done, WRITE_CHUNK, refs_iter, table,
+                                     positions)
+                pos += len(chunk)
+                self._check_size(pos - tpos)
+                if done < len(records):
                     file.write_at(written, chunk)
-                    written += len(chunk)
-                    parts, buffered = [], 0
+                    written = pos
+                else:
+                    parts.append(chunk)
+            rel = pos - tpos
             tlen = rel + fmt.oid_table_size(len(records))
             self._check_size(tlen)
             header = fmt.encode_txn_header(tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
                                            pending.description, pending.extension, len(records))
-            parts.append(fmt.encode_oid_table(table))
+            parts.append(fmt.encode_oid_table_entries(table))
             parts.append(fmt.encode_trailer(tlen))
             if written == tpos + hlen:  # nothing flushed yet: one write for all
                 file.write_at(tpos, b"".join([header, *parts]))
@@ -516,7 +526,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise
         pending.voted = True
         pending.size = tlen + fmt.TRAILER_SIZE
-        self._new_positions = dict(table)
+        self._new_positions = positions
 
     def _check_size(self, tlen: int) -> None:
         self._check_quota(tlen + fmt.TRAILER_SIZE)

@@ -201,9 +201,10 @@ def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast
     reader = log.reader
 
     def refs_of(rec: fmt.DataRecord) -> bytes:
-        refs, known = references_one(rec.data)
-        if not known:
+        refs = references_one(rec.data)
+        if refs is None:
             f.refs_unreadable.append(rec.oid)
+            return b""
         return refs
 
     # with gc the GC only looks oids up in the index

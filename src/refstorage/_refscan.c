@@ -1,0 +1,749 @@
+/*
+ * refstorage._refscan: the oids a ZODB record's pickles reference, found by
+ * walking the pickle opcodes in C.
+ *
+ * The answer must equal what refstorage.refs computes with
+ * ZODB.serialize.referencesf (two zodbpickle `noload()` calls with a
+ * persistent_load that collects the persistent ids), or there must be no
+ * answer at all.  So this walker models exactly the opcodes `noload()`
+ * accepts for the binary protocols 1-3 that ZODB writes, with the same stack
+ * and mark discipline and the same failure conditions, and it gives up
+ * (returns None) on anything else: text-protocol opcodes (but the INT and
+ * LONG lines protocol 1 writes), protocol 4+,
+ * non-ASCII strings, unhashable dict keys, odd persistent ids, memo indexes
+ * past a small limit, trailing bytes.  Giving up is always safe: the caller
+ * then asks referencesf, record by record.
+ *
+ * Nothing is built: a stack entry only records what kind of object noload
+ * would have there, whether it is hashable, and for bytes/strings (and the
+ * first item of a tuple) where its bytes are in the input.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum {
+    K_NONE = 1,  /* None: NONE, GLOBAL, REDUCE, NEWOBJ, EXT*, a persistent_load result */
+    K_OTHER,     /* int, float, bool: hashable, never a persistent id */
+    K_BYTES,     /* bytes: usable as an oid as is */
+    K_ASCII,     /* str with only ASCII characters: usable as an oid (encoded) */
+    K_USTR,      /* str with other characters: hashable, not usable as an oid */
+    K_TUPLE,     /* tuple: `sub`/`ptr`/`len` describe its first item */
+    K_LIST,      /* list (a weak or cross-database reference when used as a pid) */
+    K_DICT,
+    K_EMPTY      /* `sub` of an empty tuple */
+};
+
+typedef struct {
+    uint8_t kind;
+    uint8_t sub;       /* K_TUPLE: kind of the first item */
+    uint8_t hashable;
+    const unsigned char *ptr;
+    Py_ssize_t len;
+} Item;
+
+#define MEMO_LIMIT 65536      /* larger memo indexes: give up */
+#define MARK_LIMIT 65536
+#define STACK_LIMIT (1 << 22)
+#define HIGHEST_PROTOCOL 3
+
+typedef struct {
+    Item *stack;
+    Py_ssize_t size, cap;
+    Py_ssize_t *marks;
+    Py_ssize_t nmarks, marks_cap;
+    Item *memo;
+    Py_ssize_t memo_cap;
+    Py_ssize_t memo_hi;          /* memo[0:memo_hi] may hold entries */
+    const unsigned char **oids;  /* pointers to 8-byte oids in the input */
+    Py_ssize_t noids, oids_cap;
+} Scan;
+
+#define GIVE_UP (-1)
+#define NO_MEMORY (-2)
+
+static int
+push(Scan *s, Item it)
+{
+    if (s->size == s->cap) {
+        Py_ssize_t cap = s->cap ? s->cap * 2 : 64;
+        Item *n;
+        if (cap > STACK_LIMIT)
+            return GIVE_UP;
+        n = PyMem_Realloc(s->stack, cap * sizeof(Item));
+        if (n == NULL)
+            return NO_MEMORY;
+        s->stack = n;
+        s->cap = cap;
+    }
+    s->stack[s->size++] = it;
+    return 0;
+}
+
+static Item
+simple(uint8_t kind)
+{
+    Item it;
+    it.kind = kind;
+    it.sub = 0;
+    it.hashable = (kind != K_LIST && kind != K_DICT);
+    it.ptr = NULL;
+    it.len = 0;
+    return it;
+}
+
+static Item
+span(uint8_t kind, const unsigned char *ptr, Py_ssize_t len)
+{
+    Item it = simple(kind);
+    it.ptr = ptr;
+    it.len = len;
+    return it;
+}
+
+/* The tuple made of stack[start:size], popped. */
+static Item
+make_tuple(Scan *s, Py_ssize_t start)
+{
+    Item it = simple(K_TUPLE);
+    Py_ssize_t i;
+    if (start == s->size) {
+        it.sub = K_EMPTY;
+    }
+    else {
+        Item *first = &s->stack[start];
+        it.sub = first->kind;
+        it.ptr = first->ptr;
+        it.len = first->len;
+    }
+    for (i = start; i < s->size; i++)
+        if (!s->stack[i].hashable)
+            it.hashable = 0;
+    s->size = start;
+    return it;
+}
+
+static int
+marker(Scan *s, Py_ssize_t *at)
+{
+    if (s->nmarks < 1)
+        return GIVE_UP;
+    *at = s->marks[--s->nmarks];
+    return 0;
+}
+
+static void
+clear_to(Scan *s, Py_ssize_t to)
+{
+    if (to < s->size)
+        s->size = to;
+}
+
+static int
+memo_put(Scan *s, Py_ssize_t idx)
+{
+    if (s->size <= 0 || idx < 0 || idx >= MEMO_LIMIT)
+        return GIVE_UP;
+    if (idx >= s->memo_cap) {
+        Py_ssize_t cap = s->memo_cap ? s->memo_cap : 64, i;
+        Item *n;
+        while (cap <= idx)
+            cap *= 2;
+        n = PyMem_Realloc(s->memo, cap * sizeof(Item));
+        if (n == NULL)
+            return NO_MEMORY;
+        for (i = s->memo_cap; i < cap; i++)
+            n[i].kind = 0;
+        s->memo = n;
+        s->memo_cap = cap;
+    }
+    s->memo[idx] = s->stack[s->size - 1];
+    if (idx >= s->memo_hi)
+        s->memo_hi = idx + 1;
+    return 0;
+}
+
+static int
+memo_get(Scan *s, Py_ssize_t idx)
+{
+    if (idx < 0 || idx >= s->memo_cap || s->memo[idx].kind == 0)
+        return GIVE_UP;
+    return push(s, s->memo[idx]);
+}
+
+static int
+add_oid(Scan *s, const unsigned char *ptr, Py_ssize_t len)
+{
+    if (len != 8)
+        return GIVE_UP;
+    if (s->noids == s->oids_cap) {
+        Py_ssize_t cap = s->oids_cap ? s->oids_cap * 2 : 16;
+        const unsigned char **n = PyMem_Realloc((void *)s->oids, cap * sizeof(*n));
+        if (n == NULL)
+            return NO_MEMORY;
+        s->oids = n;
+        s->oids_cap = cap;
+    }
+    s->oids[s->noids++] = ptr;
+    return 0;
+}
+
+/* BINPERSID: what referencesf makes of the persistent id on top. */
+static int
+persistent_id(Scan *s)
+{
+    Item pid;
+    int r;
+    if (s->size <= 0)
+        return GIVE_UP;
+    pid = s->stack[--s->size];
+    switch (pid.kind) {
+    case K_TUPLE:
+        if (pid.sub != K_BYTES && pid.sub != K_ASCII)
+            return GIVE_UP;
+        r = add_oid(s, pid.ptr, pid.len);
+        break;
+    case K_BYTES:
+    case K_ASCII:
+        r = add_oid(s, pid.ptr, pid.len);
+        break;
+    case K_LIST:  /* weak or cross-database reference: not counted */
+        r = 0;
+        break;
+    default:
+        return GIVE_UP;
+    }
+    if (r < 0)
+        return r;
+    return push(s, simple(K_NONE));  /* persistent_load's result */
+}
+
+static int
+all_ascii(const unsigned char *p, Py_ssize_t n)
+{
+    Py_ssize_t i;
+    for (i = 0; i < n; i++)
+        if (p[i] & 0x80)
+            return 0;
+    return 1;
+}
+
+static uint32_t
+le32(const unsigned char *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+/* INT ('I') and LONG ('L') lines as protocol 1 writes them: an optional
+ * minus, then 0 or digits without a leading zero (plus "00"/"01" for bools
+ * after INT, a trailing 'L' after LONG), then a newline.  Anything else is
+ * declined, though strtol/PyLong_FromString might read it. */
+static int
+decimal_line(const unsigned char *buf, Py_ssize_t n, Py_ssize_t *pos, int is_long)
+{
+    Py_ssize_t p = *pos, start, digits;
+    const unsigned char *nl = memchr(buf + p, '\n', n - p);
+    Py_ssize_t end;
+    if (nl == NULL)
+        return GIVE_UP;
+    end = nl - buf;
+    if (is_long && end > p && buf[end - 1] == 'L')
+        end--;
+    if (!is_long && end - p == 2 && buf[p] == '0' && (buf[p + 1] == '0' || buf[p + 1] == '1')) {
+        *pos = nl - buf + 1;
+        return 0;
+    }
+    if (p < end && buf[p] == '-')
+        p++;
+    start = p;
+    while (p < end && buf[p] >= '0' && buf[p] <= '9')
+        p++;
+    digits = p - start;
+    if (p != end || digits == 0 || digits > 4000 || (digits > 1 && buf[start] == '0'))
+        return GIVE_UP;
+    *pos = nl - buf + 1;
+    return 0;
+}
+
+/* APPEND/APPENDS as noload does them: onto a list, or dropped onto None. */
+static int
+appends(Scan *s, Py_ssize_t x)
+{
+    uint8_t kind;
+    if (x > s->size || x <= 0)
+        return GIVE_UP;
+    if (x == s->size)
+        return 0;
+    kind = s->stack[x - 1].kind;
+    if (kind != K_LIST && kind != K_NONE)
+        return GIVE_UP;
+    s->size = x;
+    return 0;
+}
+
+/* SETITEM/SETITEMS as noload does them: into a dict, or dropped onto None. */
+static int
+setitems(Scan *s, Py_ssize_t x)
+{
+    Py_ssize_t i;
+    uint8_t kind;
+    if (x > s->size || x <= 0)
+        return GIVE_UP;
+    kind = s->stack[x - 1].kind;
+    if (kind == K_NONE) {
+        s->size = x;
+        return 0;
+    }
+    if (x == s->size)
+        return 0;
+    if ((s->size - x) % 2 != 0 || kind != K_DICT)
+        return GIVE_UP;
+    for (i = x; i < s->size; i += 2)
+        if (!s->stack[i].hashable)
+            return GIVE_UP;
+    s->size = x;
+    return 0;
+}
+
+/* Walk one pickle from *pos to its STOP. */
+static int
+walk(Scan *s, const unsigned char *buf, Py_ssize_t n, Py_ssize_t *pos)
+{
+    Py_ssize_t p = *pos, x, len;
+    int r = 0;
+    s->size = 0;
+    s->nmarks = 0;
+
+#define NEED(k) do { if (n - p < (Py_ssize_t)(k)) return GIVE_UP; } while (0)
+#define PUSH(it) do { if ((r = push(s, (it))) < 0) return r; } while (0)
+#define CHECK(call) do { if ((r = (call)) < 0) return r; } while (0)
+
+    for (;;) {
+        unsigned char op;
+        NEED(1);
+        op = buf[p++];
+        switch (op) {
+        case 'N':  /* NONE */
+            PUSH(simple(K_NONE));
+            break;
+        case 'J':  /* BININT */
+            NEED(4); p += 4;
+            PUSH(simple(K_OTHER));
+            break;
+        case 'K':  /* BININT1 */
+            NEED(1); p += 1;
+            PUSH(simple(K_OTHER));
+            break;
+        case 'M':  /* BININT2 */
+            NEED(2); p += 2;
+            PUSH(simple(K_OTHER));
+            break;
+        case 0x8a:  /* LONG1 */
+            NEED(1); len = buf[p]; p += 1;
+            NEED(len); p += len;
+            PUSH(simple(K_OTHER));
+            break;
+        case 0x8b:  /* LONG4: signed count */
+            NEED(4); len = (int32_t)le32(buf + p); p += 4;
+            if (len < 0)
+                return GIVE_UP;
+            NEED(len); p += len;
+            PUSH(simple(K_OTHER));
+            break;
+        case 'I':  /* INT (protocol 1 writes bools and 64-bit ints so) */
+        case 'L':  /* LONG (protocol 1 writes big ints so) */
+            CHECK(decimal_line(buf, n, &p, op == 'L'));
+            PUSH(simple(K_OTHER));
+            break;
+        case 'G':  /* BINFLOAT */
+            NEED(8); p += 8;
+            PUSH(simple(K_OTHER));
+            break;
+        case 0x88:  /* NEWTRUE */
+        case 0x89:  /* NEWFALSE */
+            PUSH(simple(K_OTHER));
+            break;
+        case 'T':  /* BINSTRING: signed count, decoded as ASCII (strict) */
+            NEED(4); len = (int32_t)le32(buf + p); p += 4;
+            if (len < 0)
+                return GIVE_UP;
+            NEED(len);
+            if (!all_ascii(buf + p, len))
+                return GIVE_UP;
+            PUSH(span(K_ASCII, buf + p, len));
+            p += len;
+            break;
+        case 'U':  /* SHORT_BINSTRING */
+            NEED(1); len = buf[p]; p += 1;
+            NEED(len);
+            if (!all_ascii(buf + p, len))
+                return GIVE_UP;
+            PUSH(span(K_ASCII, buf + p, len));
+            p += len;
+            break;
+        case 'X':  /* BINUNICODE: UTF-8, surrogatepass */
+            NEED(4); len = le32(buf + p); p += 4;
+            NEED(len);
+            if (all_ascii(buf + p, len)) {
+                PUSH(span(K_ASCII, buf + p, len));
+            }
+            else {
+                PyObject *u = PyUnicode_DecodeUTF8((const char *)buf + p, len, "surrogatepass");
+                if (u == NULL) {
+                    PyErr_Clear();
+                    return GIVE_UP;
+                }
+                Py_DECREF(u);
+                PUSH(simple(K_USTR));
+            }
+            p += len;
+            break;
+        case 'B':  /* BINBYTES: unsigned count */
+            NEED(4); len = le32(buf + p); p += 4;
+            NEED(len);
+            PUSH(span(K_BYTES, buf + p, len));
+            p += len;
+            break;
+        case 'C':  /* SHORT_BINBYTES */
+            NEED(1); len = buf[p]; p += 1;
+            NEED(len);
+            PUSH(span(K_BYTES, buf + p, len));
+            p += len;
+            break;
+        case ')':  /* EMPTY_TUPLE */
+            PUSH(make_tuple(s, s->size));
+            break;
+        case 0x85:  /* TUPLE1 */
+        case 0x86:  /* TUPLE2 */
+        case 0x87:  /* TUPLE3 */
+            len = op - 0x84;
+            if (s->size < len)
+                return GIVE_UP;
+            PUSH(make_tuple(s, s->size - len));
+            break;
+        case 't':  /* TUPLE */
+            CHECK(marker(s, &x));
+            if (x > s->size)
+                return GIVE_UP;
+            PUSH(make_tuple(s, x));
+            break;
+        case ']':  /* EMPTY_LIST */
+            PUSH(simple(K_LIST));
+            break;
+        case 'l':  /* LIST */
+            CHECK(marker(s, &x));
+            if (x > s->size)
+                return GIVE_UP;
+            s->size = x;
+            PUSH(simple(K_LIST));
+            break;
+        case '}':  /* EMPTY_DICT */
+            PUSH(simple(K_DICT));
+            break;
+        case 'd': {  /* DICT: pairs above the mark; an odd last item is ignored */
+            Py_ssize_t k;
+            CHECK(marker(s, &x));
+            for (k = x + 1; k < s->size; k += 2)
+                if (!s->stack[k - 1].hashable)
+                    return GIVE_UP;
+            clear_to(s, x);
+            PUSH(simple(K_DICT));
+            break;
+        }
+        case 'o':  /* OBJ: keeps the item just above the mark */
+            CHECK(marker(s, &x));
+            clear_to(s, x + 1);
+            break;
+        case 0x81:  /* NEWOBJ */
+            if (s->size < 2)
+                return GIVE_UP;
+            s->size -= 2;
+            PUSH(simple(K_NONE));
+            break;
+        case 'c': {  /* GLOBAL: two lines, not looked at */
+            int lines;
+            for (lines = 0; lines < 2; lines++) {
+                const unsigned char *nl = memchr(buf + p, '\n', n - p);
+                if (nl == NULL)
+                    return GIVE_UP;
+                p = nl - buf + 1;
+            }
+            PUSH(simple(K_NONE));
+            break;
+        }
+        case 'R':  /* REDUCE */
+            if (s->size < 2)
+                return GIVE_UP;
+            s->size -= 2;
+            PUSH(simple(K_NONE));
+            break;
+        case 'b':  /* BUILD */
+            if (s->size < 1)
+                return GIVE_UP;
+            s->size -= 1;
+            break;
+        case 'a':  /* APPEND */
+            CHECK(appends(s, s->size - 1));
+            break;
+        case 'e':  /* APPENDS */
+            CHECK(marker(s, &x));
+            CHECK(appends(s, x));
+            break;
+        case 's':  /* SETITEM */
+            CHECK(setitems(s, s->size - 2));
+            break;
+        case 'u':  /* SETITEMS */
+            CHECK(marker(s, &x));
+            CHECK(setitems(s, x));
+            break;
+        case '2':  /* DUP */
+            if (s->size <= 0)
+                return GIVE_UP;
+            PUSH(s->stack[s->size - 1]);
+            break;
+        case 'h':  /* BINGET */
+            NEED(1);
+            CHECK(memo_get(s, buf[p]));
+            p += 1;
+            break;
+        case 'j':  /* LONG_BINGET */
+            NEED(4);
+            CHECK(memo_get(s, le32(buf + p)));
+            p += 4;
+            break;
+        case 'q':  /* BINPUT */
+            NEED(1);
+            CHECK(memo_put(s, buf[p]));
+            p += 1;
+            break;
+        case 'r':  /* LONG_BINPUT */
+            NEED(4);
+            CHECK(memo_put(s, le32(buf + p)));
+            p += 4;
+            break;
+        case 0x82:  /* EXT1 */
+        case 0x83:  /* EXT2 */
+        case 0x84:  /* EXT4 */
+            len = op == 0x82 ? 1 : op == 0x83 ? 2 : 4;
+            NEED(len); p += len;
+            PUSH(simple(K_NONE));
+            break;
+        case '(':  /* MARK */
+            if (s->nmarks == s->marks_cap) {
+                Py_ssize_t cap = s->marks_cap ? s->marks_cap * 2 : 32;
+                Py_ssize_t *m;
+                if (cap > MARK_LIMIT)
+                    return GIVE_UP;
+                m = PyMem_Realloc(s->marks, cap * sizeof(Py_ssize_t));
+                if (m == NULL)
+                    return NO_MEMORY;
+                s->marks = m;
+                s->marks_cap = cap;
+            }
+            s->marks[s->nmarks++] = s->size;
+            break;
+        case '0':  /* POP: the mark on top if it is at the top of the stack */
+            if (s->nmarks > 0 && s->marks[s->nmarks - 1] == s->size)
+                s->nmarks--;
+            else if (s->size > 0)
+                s->size--;
+            else
+                return GIVE_UP;
+            break;
+        case '1':  /* POP_MARK */
+            CHECK(marker(s, &x));
+            clear_to(s, x);
+            break;
+        case 'Q':  /* BINPERSID */
+            CHECK(persistent_id(s));
+            break;
+        case 0x80:  /* PROTO */
+            NEED(1);
+            if (buf[p] > HIGHEST_PROTOCOL)
+                return GIVE_UP;
+            p += 1;
+            break;
+        case '.':  /* STOP */
+            if (s->size <= 0)
+                return GIVE_UP;
+            *pos = p;
+            return 0;
+        default:  /* text-protocol and protocol 4+ opcodes, garbage */
+            return GIVE_UP;
+        }
+    }
+#undef NEED
+#undef PUSH
+#undef CHECK
+}
+
+static uint64_t
+oid_key(const unsigned char *o)
+{
+    uint64_t k;
+    memcpy(&k, o, 8);
+    return k;
+}
+
+/* Drop repeated oids from s->oids, keeping first occurrences in order (as
+ * pack_refs does); the new count, or -1 when out of memory. */
+static Py_ssize_t
+unique_oids(Scan *s)
+{
+    Py_ssize_t i, j, out = 0, slots;
+    Py_ssize_t *table;
+
+    if (s->noids <= 16) {
+        for (i = 0; i < s->noids; i++) {
+            const unsigned char *o = s->oids[i];
+            for (j = 0; j < out; j++)
+                if (memcmp(s->oids[j], o, 8) == 0)
+                    break;
+            if (j == out)
+                s->oids[out++] = o;
+        }
+        return out;
+    }
+    for (slots = 64; slots < 2 * s->noids; slots *= 2)
+        ;
+    table = PyMem_Malloc(slots * sizeof(Py_ssize_t));
+    if (table == NULL)
+        return -1;
+    for (j = 0; j < slots; j++)
+        table[j] = -1;
+    for (i = 0; i < s->noids; i++) {
+        const unsigned char *o = s->oids[i];
+        uint64_t k = oid_key(o);
+        Py_ssize_t h = (Py_ssize_t)((k * 0x9E3779B97F4A7C15ULL) >> 20) & (slots - 1);
+        for (;;) {
+            if (table[h] < 0) {
+                table[h] = out;
+                s->oids[out++] = o;
+                break;
+            }
+            if (oid_key(s->oids[table[h]]) == k)
+                break;
+            h = (h + 1) & (slots - 1);
+        }
+    }
+    PyMem_Free(table);
+    return out;
+}
+
+/* The packed references of one record (as bytes), None to give up, NULL on error. */
+static PyObject *
+scan_record(Scan *s, PyObject *data)
+{
+    const unsigned char *buf;
+    Py_ssize_t n, pos = 0, i, out;
+    PyObject *result;
+    char *dst;
+    int r;
+
+    if (!PyBytes_Check(data))
+        Py_RETURN_NONE;
+    buf = (const unsigned char *)PyBytes_AS_STRING(data);
+    n = PyBytes_GET_SIZE(data);
+    s->noids = 0;
+    for (i = 0; i < s->memo_hi; i++)
+        s->memo[i].kind = 0;
+    s->memo_hi = 0;
+    r = walk(s, buf, n, &pos);           /* the class pickle */
+    if (r == 0)
+        r = walk(s, buf, n, &pos);       /* the state pickle (same memo) */
+    if (r == NO_MEMORY)
+        return PyErr_NoMemory();
+    if (r < 0 || pos != n)
+        Py_RETURN_NONE;
+
+    out = unique_oids(s);
+    if (out < 0)
+        return PyErr_NoMemory();
+    result = PyBytes_FromStringAndSize(NULL, out * 8);
+    if (result == NULL)
+        return NULL;
+    dst = PyBytes_AS_STRING(result);
+    for (i = 0; i < out; i++)
+        memcpy(dst + 8 * i, s->oids[i], 8);
+    return result;
+}
+
+static void
+scan_free(Scan *s)
+{
+    PyMem_Free(s->stack);
+    PyMem_Free(s->marks);
+    PyMem_Free(s->memo);
+    PyMem_Free((void *)s->oids);
+}
+
+PyDoc_STRVAR(scan_doc,
+"scan(data) -> bytes | None\n\n"
+"The record's references as the refs field stores them (8-byte oids,\n"
+"repeats dropped), or None when the pickle is outside what the scanner\n"
+"models and referencesf must be asked.");
+
+static PyObject *
+scan(PyObject *module, PyObject *data)
+{
+    Scan s;
+    PyObject *result;
+    memset(&s, 0, sizeof(s));
+    result = scan_record(&s, data);
+    scan_free(&s);
+    return result;
+}
+
+PyDoc_STRVAR(scan_many_doc,
+"scan_many(datas) -> list[bytes | None]\n\n"
+"scan() of each item of a sequence, sharing the scanner's buffers.");
+
+static PyObject *
+scan_many(PyObject *module, PyObject *datas)
+{
+    Scan s;
+    PyObject *seq, *result;
+    Py_ssize_t i, n;
+
+    seq = PySequence_Fast(datas, "scan_many() needs a sequence");
+    if (seq == NULL)
+        return NULL;
+    n = PySequence_Fast_GET_SIZE(seq);
+    result = PyList_New(n);
+    if (result == NULL) {
+        Py_DECREF(seq);
+        return NULL;
+    }
+    memset(&s, 0, sizeof(s));
+    for (i = 0; i < n; i++) {
+        PyObject *one = scan_record(&s, PySequence_Fast_GET_ITEM(seq, i));
+        if (one == NULL) {
+            Py_DECREF(result);
+            result = NULL;
+            break;
+        }
+        PyList_SET_ITEM(result, i, one);
+    }
+    scan_free(&s);
+    Py_DECREF(seq);
+    return result;
+}
+
+static PyMethodDef methods[] = {
+    {"scan", scan, METH_O, scan_doc},
+    {"scan_many", scan_many, METH_O, scan_many_doc},
+    {NULL, NULL, 0, NULL}
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "refstorage._refscan",
+    "Persistent references of ZODB record pickles, found by walking opcodes in C.",
+    -1, methods
+};
+
+PyMODINIT_FUNC
+PyInit__refscan(void)
+{
+    return PyModule_Create(&module);
+}
