@@ -193,6 +193,31 @@ def test_update_accepts_mappings_pairs_generators_and_indexes():
     assert len(e) == 1
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.tuples(st.integers(0, 3000), st.integers(1, 2**48 - 1)), max_size=300),
+                max_size=5), st.booleans())
+def test_update_log_order_is_dict_semantics(batches, ascending_runs):
+    """Entries in log order, as an index rebuild merges them: the last of an oid wins."""
+    index, model = build(range(0, 3000, 7), bulk=True)
+    for batch in batches:
+        if ascending_runs:  # the bulk-load shape: distinct oids, increasing
+            batch = sorted(dict(batch).items())
+        entries = [(p64(o), p) for o, p in batch]
+        index.update_log_order(entries)
+        model.update(entries)
+        assert_same(index, model)
+
+
+@pytest.mark.parametrize("bad", [(b"short", 5), (p64(1), 0), (p64(2), 2**48), (p64(3), "x")])
+def test_update_log_order_refuses_bad_entries(bad):
+    index, model = build(range(100), bulk=True)
+    entries = [(p64(i), 100 + i) for i in range(200, 240)]
+    entries[20] = bad
+    with pytest.raises(ValueError):
+        index.update_log_order(sorted(entries, key=lambda e: e[0]) if bad[0] != b"short" else entries)
+    assert_same(index, model)
+
+
 def test_update_is_all_or_nothing():
     index, model = build(range(1000), bulk=True)
     bad = {p64(i): 9999 for i in range(2000, 2100)}

@@ -409,6 +409,28 @@ def decode_data_record(buf, offset: int, path: str, pos: int, header: tuple | No
     return DataRecord(pos, oid, tid, prev, tpos, flags, refs, bytes(buf[refs_end:body_end]), 0, length)
 
 
+def decode_data_payload(buf, path: str, pos: int) -> tuple[bytes, bytes, bytes | None, int] | int:
+    """(oid, tid, data or None, backpointer) of the checked record at buf[0].
+
+    The load path's decoder: the checks of `decode_data_record` without
+    building a DataRecord or copying the refs.  If `buf` holds less than the
+    whole record, returns the record's length instead (read that much)."""
+    if len(buf) < DATA_HEADER_SIZE:
+        peek_data_header(buf, 0, path, pos)  # raises: header cut short
+    oid, tid, _prev, _tpos, flags, nrefs, dlen = _DATA_HEADER.unpack_from(buf, 0)
+    if flags & ~KNOWN_FLAGS or flags & FLAG_BACKPOINTER and (dlen or nrefs):
+        peek_data_header(buf, 0, path, pos)  # raises with the reason
+    refs_end = DATA_HEADER_SIZE + 8 * nrefs
+    body_end = refs_end + (8 if flags & FLAG_BACKPOINTER else dlen)
+    if len(buf) < body_end + CRC_SIZE:
+        return body_end + CRC_SIZE
+    if crc32(buf[:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
+        raise CorruptedDataError(path, f"data record checksum mismatch (oid {oid.hex()})", pos)
+    if flags & FLAG_BACKPOINTER:
+        return oid, tid, None, _Q.unpack_from(buf, refs_end)[0]
+    return oid, tid, buf[refs_end:body_end], 0
+
+
 def check_data_record(buf, offset: int, length: int, path: str, pos: int) -> None:
     """Verify only the checksum of a record whose length is known."""
     body_end = offset + length - CRC_SIZE

@@ -87,7 +87,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import accumulate, chain, compress, islice, repeat
-from operator import add, eq, floordiv, ge, is_, lt, mul, ne, not_, or_, rshift, sub
+from operator import add, eq, floordiv, ge, is_, itemgetter, lt, mul, ne, not_, or_, rshift, sub
 from sys import getsizeof
 
 from . import fileio
@@ -382,6 +382,10 @@ class OidIndex:
         dense oids about 3 times faster than setting them one by one.
         """
         if isinstance(pairs, dict):
+            if len(pairs) == 1:  # the common single-object commit: __setitem__ checks it
+                for oid, pos in pairs.items():
+                    self[oid] = pos
+                return
             d = pairs
         elif hasattr(pairs, "items"):
             d = dict(pairs.items())  # type: ignore[union-attr]
@@ -407,8 +411,34 @@ class OidIndex:
             return
         self._bulk_update(oids, _join(oids), poss.tolist())
 
-    def _bulk_update(self, oids: list[bytes], joined: bytes, poss: list[int]) -> None:
+    def update_log_order(self, entries: list[tuple[bytes, int]]) -> None:
+        """Set (oid, pos) entries given in log order: where an oid repeats, the last wins.
+
+        An index rebuild's path.  When the oids strictly increase (a bulk load:
+        no repeats), the entries go to the block builder without the dict
+        `update` would make of them first."""
+        oids = list(map(itemgetter(0), entries))
+        if len(oids) < _SMALL or not all(map(lt, oids, islice(oids, 1, None))):
+            self.update(dict(entries))
+            return
+        if set(map(type, oids)) != {bytes} or set(map(len, oids)) != {8}:
+            self.update(dict(entries))  # raises ValueError naming the bad oid
+            return
+        try:
+            poss = array("Q", map(itemgetter(1), entries))
+            ok = min(poss) > 0 and max(poss) <= MAX_POS
+        except (TypeError, OverflowError):
+            ok = False
+        if not ok:
+            self.update(dict(entries))  # raises ValueError naming the bad position
+            return
+        self._bulk_update(oids, _join(oids), poss.tolist(), ascending=True)
+
+    def _bulk_update(self, oids: list[bytes], joined: bytes, poss: list[int],
+                     ascending: bool = False) -> None:
         """Set `oids` (distinct, 8 bytes; `joined` is their concatenation) to `poss`.
+
+        `ascending`: the caller has checked that the oids strictly increase.
 
         Per entry only C-level passes (map, zip, compress...) run; Python code
         runs per block.  Every block is built completely, then stored.
@@ -416,7 +446,7 @@ class OidIndex:
         total = len(oids)
         keys = list(map(rshift, map(_fb, oids, repeat("big")), repeat(8)))
         sufs = joined[7::8]
-        if not all(map(lt, oids, islice(oids, 1, None))):
+        if not ascending and not all(map(lt, oids, islice(oids, 1, None))):
             # The sparse case: no two oids share a block, so each makes a block alone.
             singles = dict(zip(keys, _single_blocks(sufs, _pack6(poss)), strict=True))
             if len(singles) == total:

@@ -49,6 +49,21 @@ class LogReader:
                 self.path, f"record for oid {rec.oid.hex()} found where oid {oid.hex()} was expected", pos)
         return rec
 
+    def read_data(self, pos: int, oid: bytes) -> tuple[bytes, bytes | None, int]:
+        """(tid, data or None, backpointer) of oid's checked record at `pos` (the load path)."""
+        buf = self.file.read(pos, READ_AHEAD)
+        got = fmt.decode_data_payload(buf, self.path, pos)
+        if type(got) is int:
+            buf = self.file.read(pos, got)
+            got = fmt.decode_data_payload(buf, self.path, pos)
+            if type(got) is int:
+                raise CorruptedDataError(self.path, f"data record cut short ({len(buf)} of {got} bytes)", pos)
+        roid, tid, data, back = got
+        if roid != oid:
+            raise CorruptedDataError(
+                self.path, f"record for oid {roid.hex()} found where oid {oid.hex()} was expected", pos)
+        return tid, data, back
+
     def resolve(self, rec: fmt.DataRecord) -> fmt.DataRecord | None:
         """Follow backpointers to the record holding the data; None if deleted."""
         seen = 0
@@ -176,10 +191,11 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
     pos = start
     buf = b""
     bufpos = start
-    # entries are merged into the index in large batches: the index builds
-    # each block once per merge, which is slow per transaction when a
-    # transaction's oids are scattered over many blocks
-    batch: dict[bytes, int] = {}
+    # entries are merged into the index in large batches, in log order: the
+    # index builds each block once per merge, which is slow per transaction
+    # when a transaction's oids are scattered over many blocks
+    batch: list[tuple[bytes, int]] = []
+    merge = getattr(index, "update_log_order", None) or (lambda entries: index.update(dict(entries)))
     while pos < file_size:
         try:
             off = pos - bufpos
@@ -215,20 +231,20 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
                 table = fmt.decode_oid_table(buf, tstart - bufpos, th.nrec, path, tstart)
                 fmt.check_trailer(buf, th.end - bufpos, th, path)
             if index is not None:
-                batch.update(table)
+                batch += table
                 if len(batch) >= INDEX_BATCH:
-                    index.update(batch)
-                    batch = {}
+                    merge(batch)
+                    batch = []
         except CorruptedError as exc:
             if index is not None and batch:
-                index.update(batch)
+                merge(batch)
             torn = _is_torn_tail(reader, pos, file_size)
             return ScanResult(pos, last_tid, ntxn, pos, exc, torn)
         last_tid = th.tid
         ntxn += 1
         pos = tend
     if index is not None and batch:
-        index.update(batch)
+        merge(batch)
     return ScanResult(pos, last_tid, ntxn, None, None, False)
 
 

@@ -309,8 +309,19 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         return state, state.reader.read_data_record(pos, oid)
 
     def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
-        state, rec = self._current(oid)
-        data_rec = state.reader.resolve(rec)
+        with self._lock:  # as in _current
+            state = self._state
+            pos = state.index.get(oid)
+        if pos is None:
+            raise POSException.POSKeyError(oid)
+        reader = state.reader
+        tid, data, back = reader.read_data(pos, oid)
+        if data is not None:
+            return data, tid
+        if not back:
+            raise POSException.POSKeyError(oid)
+        rec = reader.read_data_record(pos, oid)
+        data_rec = reader.resolve(rec)
         if data_rec is None:
             raise POSException.POSKeyError(oid)
         return data_rec.data, rec.tid
@@ -453,7 +464,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         state = self._state
         pos = state.index.get(oid)
         if pos is not None:
-            committed = state.reader.read_data_record(pos, oid).tid
+            committed = state.reader.read_data(pos, oid)[0]
             if serial != committed:
                 data = self.tryToResolveConflict(oid, committed, serial, data)
                 self._resolved.append(oid)
