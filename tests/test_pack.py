@@ -959,3 +959,47 @@ def test_pack_command(tmp_path):
     st = refstorage.FileStorage(path, read_only=True)
     assert ZODB.utils.load_current(st, ZODB.utils.z64)  # the root still loads
     st.close()
+
+
+@pytest.mark.parametrize("where", ["data", "tpos"])
+def test_pack_refuses_a_damaged_kept_record_and_changes_nothing(tmp_path, where):
+    """A kept record that fails its checksum (or names another transaction)
+    stops the pack with an error naming its offset; the file is left as it was."""
+    from refstorage.errors import CorruptedDataError
+
+    path = str(tmp_path / "d.rfs")
+    db = ZODB.DB(refstorage.FileStorage(path))
+    conn = db.open()
+    root = conn.root()
+    root["a"] = PersistentMapping(x=0)
+    root["others"] = [PersistentMapping(n=i) for i in range(20)]
+    transaction.commit()
+    for i in range(1, 4):
+        root["a"]["x"] = i
+        transaction.commit()
+    oid = root["a"]._p_oid
+    time.sleep(0.02)
+    t = time.time()
+    time.sleep(0.02)
+    root["b"] = PersistentMapping()
+    transaction.commit()
+    storage = db.storage
+    pos = storage._state.index.get(oid)  # a's revision at t: kept by the pack
+    rec = storage._state.reader.read_data_record(pos, oid)
+    offset = pos + fmt.DATA_HEADER_SIZE + len(rec.refs) + 3 if where == "data" else pos + 24
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x40]))
+    with open(path, "rb") as f:
+        before = f.read()
+    with pytest.raises(CorruptedDataError) as err:
+        storage.pack(t, referencesf)
+    assert err.value.offset == pos and path in str(err.value)
+    with open(path, "rb") as f:
+        assert f.read() == before
+    assert not os.path.exists(path + ".pack") and not os.path.exists(path + ".old")
+    assert root["b"] is not None and len(storage) > 20  # still open and serving
+    conn.close()
+    db.close()

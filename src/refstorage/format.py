@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 from .errors import (
@@ -238,6 +238,11 @@ def encode_oid_table(entries: list[tuple[bytes, int]]) -> bytes:
     return encode_oid_table_entries([_TABLE_ENTRY.pack(oid, off) for oid, off in entries])
 
 
+def oid_table_entry(oid: bytes, pos: int) -> bytes:
+    """One packed oid-table entry (see `encode_oid_table_entries`)."""
+    return _TABLE_ENTRY.pack(oid, pos)
+
+
 def encode_oid_table_entries(entries: list[bytes]) -> bytes:
     """The oid table from its entries already packed (`encode_data_records` makes them)."""
     body = b"".join(entries)
@@ -388,6 +393,60 @@ def peek_data_header(buf, offset: int, path: str, pos: int):
         raise CorruptedDataError(path, "backpointer record with data or references", pos + 32)
     length = DATA_HEADER_SIZE + 8 * nrefs + (8 if flags & FLAG_BACKPOINTER else dlen) + CRC_SIZE
     return oid, tid, prev, tpos, flags, nrefs, dlen, length
+
+
+def relocate_data_records(buf, base: int, starts: Sequence[int], chosen: Sequence[int], k: int,
+                          tid: bytes, old_tpos: int, new_tpos: int, pos: int, path: str,
+                          prev_of: Callable[[bytes], int] | None, parts: list[bytes],
+                          table: list[bytes], positions: dict[bytes, int]) -> tuple[int, int]:
+    """Copy data records of one transaction into a new file position, checked.
+
+    Record i of the transaction starts at file position ``starts[i]`` and
+    ends at ``starts[i + 1]`` (its oid table says so); ``buf[p - base]`` holds
+    file position p.  For i in ``chosen[k:]``, each record is decoded as
+    `decode_data_record` would (header consistency, checksum) and must have
+    the length, tid and tpos its transaction says; it is written again with
+    tpos `new_tpos` and prev ``prev_of(oid)`` (0 without `prev_of`), at
+    `pos` and on: its bytes go to `parts`, its oid-table entry to `table`,
+    ``positions[oid]`` is set.  Data and refs are copied as they are.
+
+    Stops before a backpointer record (the caller decides what it becomes).
+    Returns (index into `chosen` to continue from, position after the last
+    record written).  This is pack's inner loop, kept tight."""
+    unpack_header, pack_header, pack_crc = _DATA_HEADER.unpack_from, _DATA_HEADER.pack, _CRC.pack
+    unpack_crc, pack_entry = _CRC.unpack_from, _TABLE_ENTRY.pack
+    add, entry = parts.append, table.append
+    n = len(chosen)
+    while k < n:
+        i = chosen[k]
+        at = starts[i]
+        length = starts[i + 1] - at
+        off = at - base
+        if len(buf) - off < DATA_HEADER_SIZE:
+            peek_data_header(buf, off, path, at)  # raises: cut short
+        oid, rtid, _prev, rtpos, flags, nrefs, dlen = unpack_header(buf, off)
+        if flags & FLAG_BACKPOINTER:
+            break
+        if flags & ~KNOWN_FLAGS:
+            peek_data_header(buf, off, path, at)  # raises with the reason
+        body_end = off + DATA_HEADER_SIZE + 8 * nrefs + dlen
+        if body_end + CRC_SIZE - off != length or rtid != tid or rtpos != old_tpos:
+            raise CorruptedDataError(path, "data record does not match its transaction", at)
+        if len(buf) < body_end + CRC_SIZE:
+            raise CorruptedDataError(path, f"data record cut short ({len(buf) - off} of {length} bytes)", at)
+        body = buf[off + DATA_HEADER_SIZE:body_end]
+        if crc32(body, crc32(buf[off:off + DATA_HEADER_SIZE])) != unpack_crc(buf, body_end)[0]:
+            raise CorruptedDataError(path, f"data record checksum mismatch (oid {oid.hex()})", at)
+        header = pack_header(oid, tid, prev_of(oid) if prev_of is not None else 0, new_tpos, flags,
+                             nrefs, dlen)
+        add(header)
+        add(body)
+        add(pack_crc(crc32(body, crc32(header))))
+        entry(pack_entry(oid, pos))
+        positions[oid] = pos
+        pos += length
+        k += 1
+    return k, pos
 
 
 def decode_data_record(buf, offset: int, path: str, pos: int, header: tuple | None = None) -> DataRecord:

@@ -574,16 +574,41 @@ class _Copier:
         if not chosen and not keep_empty:
             return False
         decode, encode = fmt.decode_data_record, fmt.encode_data_record
+        relocate = fmt.relocate_data_records
         bp, unknown = fmt.FLAG_BACKPOINTER, fmt.FLAG_REFS_UNKNOWN
+        pack_entry = fmt.oid_table_entry
         index_get = self.index.get
         future, targets = self.gc.future_oids, self.gc.targets
+        moved_old, moved_new = self._moved_old, self._moved_new
         buf, base = self._buf, self._buf_pos
         tid, old_tpos = th.tid, th.pos
         tpos = self.writer.pos
         new = tpos + th.header_len
         parts = [b""]
-        new_table = []
-        for i in chosen:
+        table: list[bytes] = []
+        positions: dict[bytes, int] = {}
+
+        def prev_of(oid: bytes) -> int:
+            return index_get(oid, 0) if oid in future else 0
+
+        k, n = 0, len(chosen)
+        while k < n:
+            if whole:  # the plain records, in one tight loop
+                k0, new0 = k, new
+                k, new = relocate(buf, base, starts, chosen, k, tid, old_tpos, tpos, new, path,
+                                  prev_of if future else None, parts, table, positions)
+                if targets:
+                    for j in range(k0, k):
+                        old = starts[chosen[j]]
+                        if old in targets:
+                            moved_old.append(old)
+                            moved_new.append(new0)
+                        new0 += starts[chosen[j] + 1] - old
+                if k == n:
+                    break
+            # a backpointer (or a record of a transaction too big to be read whole)
+            i = chosen[k]
+            k += 1
             pos = starts[i]
             if whole:
                 rec = decode(buf, pos - base, path, pos)
@@ -597,14 +622,15 @@ class _Copier:
             else:
                 known, back = not flags & unknown, 0
             if targets and pos in targets:
-                self._moved_old.append(pos)
-                self._moved_new.append(new)
+                moved_old.append(pos)
+                moved_new.append(new)
             raw = encode(oid, tid, index_get(oid, 0) if future and oid in future else 0, tpos,
                          refs, data, back, known)
-            new_table.append((oid, new))
+            table.append(pack_entry(oid, new))
+            positions[oid] = new
             parts.append(raw)
             new += len(raw)
-        self._finish_txn(th, fmt.STATUS_PACKED, tpos, new, parts, new_table)
+        self._finish_txn(th, fmt.STATUS_PACKED, tpos, new, parts, table, positions)
         return True
 
     # -- writing
@@ -640,8 +666,10 @@ class _Copier:
         encode = fmt.encode_data_record
         index_get = self.index.get
         moved_old, moved_new = self._moved_old, self._moved_new
+        pack_entry = fmt.oid_table_entry
         parts = [b""]
-        new_table = []
+        table: list[bytes] = []
+        positions: dict[bytes, int] = {}
         for rec in recs:
             oid = rec.oid
             if rec.is_backpointer:
@@ -653,21 +681,23 @@ class _Copier:
             moved_old.append(rec.pos)
             moved_new.append(new)
             raw = encode(oid, rec.tid, index_get(oid, 0), tpos, refs, data, back, known)
-            new_table.append((oid, new))
+            table.append(pack_entry(oid, new))
+            positions[oid] = new
             parts.append(raw)
             new += len(raw)
-        self._finish_txn(th, th.status, tpos, new, parts, new_table)
+        self._finish_txn(th, th.status, tpos, new, parts, table, positions)
 
     def _finish_txn(self, th: fmt.TxnHeader, status: bytes, tpos: int, end: int, parts: list[bytes],
-                    table: list[tuple[bytes, int]]) -> None:
-        """Write a transaction: parts[0] is left for its header, the records follow."""
+                    table: list[bytes], positions: dict[bytes, int]) -> None:
+        """Write a transaction: parts[0] is left for its header, the records follow;
+        `table` holds their oid-table entries, `positions` each oid's last position."""
         tlen = end - tpos + fmt.oid_table_size(len(table))
         parts[0] = fmt.encode_txn_header(th.tid, tlen, status, th.user, th.description, th.extension,
                                          len(table))
-        parts.append(fmt.encode_oid_table(table))
+        parts.append(fmt.encode_oid_table_entries(table))
         parts.append(fmt.encode_trailer(tlen))
         self.writer.write(b"".join(parts))
-        self.index.update(dict(table))
+        self.index.update(positions)
 
     # -- the regions
 
