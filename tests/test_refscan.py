@@ -254,3 +254,33 @@ def test_mutated_pickles(records, long_profile):
             assert got == python(data), data
             answered += 1
     assert answered > 1_000  # the scanner is not declining everything
+
+
+@pytest.mark.parametrize("path", ["c", "python"])
+def test_stored_references_are_the_same_on_both_paths(tmp_path, monkeypatch, path):
+    """A commit through ZODB.DB stores the same refs fields whichever extractor runs."""
+    import refstorage
+
+    if path == "python":
+        monkeypatch.setattr(refs, "_scan_many", None)
+    assert refs.scanner() == path
+    db = ZODB.DB(refstorage.FileStorage(str(tmp_path / "d.rfs")))
+    conn = db.open()
+    root = conn.root()
+    objs = [Thing(n=i) for i in range(50)]
+    for i, o in enumerate(objs):
+        o["next"] = objs[(i + 1) % len(objs)]
+        o["weak"] = WeakRef(objs[(i + 5) % len(objs)])
+    root["objs"] = PersistentList(objs)
+    transaction.commit()
+    storage = db.storage
+    reader = storage._state.reader
+    checked = 0
+    for oid, pos in storage._state.index.items():
+        rec = reader.read_data_record(pos, oid)
+        assert rec.refs_known
+        assert rec.refs == b"".join(dict.fromkeys(referencesf(rec.data)))
+        checked += 1
+    assert checked == 52
+    conn.close()
+    db.close()
