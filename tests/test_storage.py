@@ -156,6 +156,53 @@ def test_truncated_tail_moves_to_side_file(path, caplog):
     st.close()
 
 
+def test_damaged_last_commit_followed_by_leftover_bytes_is_a_torn_tail(path, caplog):
+    """A power loss can leave the last commit partly written (its fsync never
+    finished) with the bytes of an aborted transaction after it, where that
+    one stood before.  The last *good-looking* transaction is then checked
+    record by record too, and goes to the side file with the leftovers."""
+    tids = make(path, 3)
+    os.remove(path + ".index")  # a crash: no index saved at close (a saved one covers synced data only)
+    last = _last_txn(path)
+    size = os.path.getsize(path)
+    with open(path, "r+b") as f:
+        f.seek(last.data_pos + fmt.DATA_HEADER_SIZE + 2)  # inside its first record's data
+        byte = f.read(1)
+        f.seek(last.data_pos + fmt.DATA_HEADER_SIZE + 2)
+        f.write(bytes([byte[0] ^ 0xFF]))
+        f.seek(size)
+        f.write(b"\x17" * 300)  # an earlier, aborted transaction's remains
+    with caplog.at_level(logging.WARNING, "refstorage"):
+        st = refstorage.FileStorage(path)
+    assert st.lastTransaction() == tids[1]
+    assert st.load(p64(0))[0] == b"data-1-0"
+    assert os.path.getsize(path) == last.pos
+    with open(path + ".tr0", "rb") as f:
+        assert len(f.read()) == size + 300 - last.pos
+    assert "incomplete last transaction" in caplog.text
+    commit(st, {p64(0): b"after"})
+    st.close()
+
+
+def test_damage_before_a_good_transaction_is_still_refused(path):
+    """The extra check only moves a torn tail back; damage in the middle still refuses."""
+    make(path, 4)
+    os.remove(path + ".index")  # so that open scans the whole file
+    f = fileio.DataFile(path, read_only=True)
+    reader = LogReader(f)
+    second = reader.read_txn_header(fmt.HEADER_SIZE)
+    third = reader.read_txn_header(second.next_pos)
+    f.close()
+    with open(path, "r+b") as fh:
+        fh.seek(third.pos + 1)  # the third transaction's header: fails its checksum
+        b = fh.read(1)
+        fh.seek(third.pos + 1)
+        fh.write(bytes([b[0] ^ 1]))
+    with pytest.raises(errors.CorruptedError) as info:
+        refstorage.FileStorage(path)
+    assert info.value.offset == third.pos
+
+
 def test_unfinished_transaction_is_removed(path):
     tids = make(path, 2)
     st = refstorage.FileStorage(path)

@@ -180,7 +180,11 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
     Every transaction header, oid table and trailer is checked.  The records
     themselves are decoded and checksummed (and matched against the oid
     table) for the last transaction -- the only one a crash can leave half
-    written -- and, with `verify`, for every transaction.  Each good
+    written -- and, with `verify`, for every transaction.  When damage is
+    found, the good transaction just before it is checked that fully too: it
+    may be the last commit, its fsync cut short by a power loss, and the bytes
+    after it the remains of an aborted transaction that stood there earlier
+    (a disk writes back sectors in any order).  Each good
     transaction's oid -> position map goes into `index` (anything with
     update(), e.g. an OidIndex), in log order.  A transaction with status 'c'
     (voted, never finished) counts as bad.
@@ -196,6 +200,10 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
     # when a transaction's oids are scattered over many blocks
     batch: list[tuple[bytes, int]] = []
     merge = getattr(index, "update_log_order", None) or (lambda entries: index.update(dict(entries)))
+    # the last good transaction, its entries held back from `batch` until the
+    # next one is good too (see above); checked: its records were verified
+    held: list[tuple[bytes, int]] = []
+    held_pos, held_checked, tid_before_held = None, True, None
     while pos < file_size:
         try:
             off = pos - bufpos
@@ -212,7 +220,8 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
             if last_tid is not None and th.tid <= last_tid:
                 raise CorruptedTransactionError(path, "transaction id does not increase", pos)
             tend = th.next_pos
-            if verify or tend >= file_size:
+            checked = verify or tend >= file_size
+            if checked:
                 # decode every record; the last transaction is always checked
                 # fully, as the only one a crash can leave half written
                 if tend - bufpos > len(buf):
@@ -231,18 +240,30 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
                 table = fmt.decode_oid_table(buf, tstart - bufpos, th.nrec, path, tstart)
                 fmt.check_trailer(buf, th.end - bufpos, th, path)
             if index is not None:
-                batch += table
+                batch += held
+                held = list(table)
                 if len(batch) >= INDEX_BATCH:
                     merge(batch)
                     batch = []
         except CorruptedError as exc:
+            error = exc
+            if held_pos is not None and not held_checked:
+                try:
+                    read_checked_txn(reader, held_pos, file_size)
+                except CorruptedError as earlier:  # the damage starts there
+                    pos, error, held = held_pos, earlier, []
+                    last_tid = tid_before_held
+                    ntxn -= 1
+            batch += held
             if index is not None and batch:
                 merge(batch)
             torn = _is_torn_tail(reader, pos, file_size)
-            return ScanResult(pos, last_tid, ntxn, pos, exc, torn)
-        last_tid = th.tid
+            return ScanResult(pos, last_tid, ntxn, pos, error, torn)
+        tid_before_held, last_tid = last_tid, th.tid
+        held_pos, held_checked = pos, checked
         ntxn += 1
         pos = tend
+    batch += held
     if index is not None and batch:
         merge(batch)
     return ScanResult(pos, last_tid, ntxn, None, None, False)
