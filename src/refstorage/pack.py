@@ -624,8 +624,7 @@ class _Copier:
             if targets and pos in targets:
                 moved_old.append(pos)
                 moved_new.append(new)
-            raw = encode(oid, tid, index_get(oid, 0) if future and oid in future else 0, tpos,
-                         refs, data, back, known)
+            raw = encode(oid, tid, prev_of(oid) if future else 0, tpos, refs, data, back, known)
             table.append(pack_entry(oid, new))
             positions[oid] = new
             parts.append(raw)

@@ -298,7 +298,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
     # -- reads ---------------------------------------------------------------------
 
-    def _current(self, oid: bytes) -> tuple[_State, fmt.DataRecord]:
+    def _lookup(self, oid: bytes) -> tuple[_State, int]:
+        """The file state and the position of oid's newest record (POSKeyError if none)."""
         # The lock orders this read after a finishing commit's callback (ZODB's
         # tid-ordering contract); it is held for the lookup only, not the read.
         with self._lock:
@@ -306,14 +307,14 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             pos = state.index.get(oid)
         if pos is None:
             raise POSException.POSKeyError(oid)
+        return state, pos
+
+    def _current(self, oid: bytes) -> tuple[_State, fmt.DataRecord]:
+        state, pos = self._lookup(oid)
         return state, state.reader.read_data_record(pos, oid)
 
     def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
-        with self._lock:  # as in _current
-            state = self._state
-            pos = state.index.get(oid)
-        if pos is None:
-            raise POSException.POSKeyError(oid)
+        state, pos = self._lookup(oid)
         reader = state.reader
         tid, data, back = reader.read_data(pos, oid)
         if data is not None:
