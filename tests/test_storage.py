@@ -233,9 +233,40 @@ def test_damage_before_the_last_transaction_is_refused(path):
         refstorage.FileStorage(path)
     assert "followed by valid" in str(info.value)
     assert not os.path.exists(path + ".tr0")
-    ro = refstorage.FileStorage(path, read_only=True)  # serves the valid prefix: nothing
+    # read-only refuses too: serving the prefix would present an old state as current
+    with pytest.raises(errors.CorruptedError, match="offset 1024") as ro_info:
+        refstorage.FileStorage(path, read_only=True)
+    assert type(ro_info.value) is type(info.value)
+    # ... unless asked for explicitly: then it serves the prefix (here: nothing)
+    ro = refstorage.FileStorage(path, read_only=True, serve_valid_prefix=True)
     assert ro.lastTransaction() == z64
     ro.close()
+    with pytest.raises(ValueError, match="read_only"):
+        refstorage.FileStorage(path, serve_valid_prefix=True)
+
+
+def test_serve_valid_prefix_from_zconfig_and_uri(path):
+    import ZODB.config
+
+    from refstorage import uri
+    tids = make(path, 3)
+    with open(path, "r+b") as f:
+        f.seek(1024 + 3)
+        b = f.read(1)
+        f.seek(1024 + 3)
+        f.write(bytes([b[0] ^ 0x10]))
+    os.remove(path + ".index")
+    conf = f"%import refstorage\n<refstorage>\n path {path}\n read-only true\n</refstorage>\n"
+    with pytest.raises(errors.CorruptedError):
+        ZODB.config.storageFromString(conf)
+    conf = conf.replace("</refstorage>", " serve-valid-prefix true\n</refstorage>")
+    st = ZODB.config.storageFromString(conf)
+    assert st.lastTransaction() == z64 and tids
+    st.close()
+    factory, _ = uri.resolve(f"refstorage://{path}?read_only=1&serve_valid_prefix=1")
+    st = factory()
+    assert st.lastTransaction() == z64
+    st.close()
 
 
 def test_damage_in_a_middle_data_record(path):

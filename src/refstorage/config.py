@@ -25,7 +25,8 @@ __all__ = ["RefStorageConfig", "OPTIONS"]
 
 # the section's keys (ZConfig turns "read-only" into read_only) that are
 # FileStorage keyword arguments
-OPTIONS = ("create", "read_only", "quota", "pack_gc", "pack_keep_old", "blob_dir")
+OPTIONS = ("create", "read_only", "quota", "pack_gc", "pack_keep_old", "blob_dir",
+           "serve_valid_prefix")
 
 
 class RefStorageConfig(BaseConfig):

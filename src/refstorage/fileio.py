@@ -208,6 +208,11 @@ class DataFile:
         self.write_at(pos, data)
         return pos
 
+    def mark_broken(self, reason: str) -> None:
+        """Refuse every later write and truncate (StorageBrokenError naming `reason`)."""
+        if not self.broken:
+            self.broken = reason
+
     def sync(self) -> None:
         """fsync; on failure the file refuses all later writes."""
         self._check_writable()

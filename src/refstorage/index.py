@@ -82,9 +82,10 @@ from __future__ import annotations
 import errno as _errno
 import struct
 import sys
+import threading
 import zlib
 from array import array
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import accumulate, chain, compress, islice, repeat
 from operator import add, eq, floordiv, ge, is_, itemgetter, lt, mul, ne, not_, or_, rshift, sub
@@ -225,6 +226,21 @@ def _bad_pos(pos: object) -> bool:
     return not (isinstance(pos, int) and 0 < pos <= MAX_POS)
 
 
+def _first_from(b: bytes | bytearray | None, low: int) -> int:
+    """The smallest suffix >= `low` present in block `b`, or -1."""
+    if b is None:
+        return -1
+    if len(b) == _DENSE_SIZE:
+        for s, p in enumerate(_unpack6(b)[low:], low):
+            if p:
+                return s
+        return -1
+    for s in b[:len(b) // 7]:
+        if s >= low:
+            return s
+    return -1
+
+
 class OidIndex:
     """A compact map from 8-byte oids to file positions (``0 < pos < 2**48``).
 
@@ -232,13 +248,19 @@ class OidIndex:
     ascending oid order.  See the module docstring for layout and threading.
     """
 
-    __slots__ = ("_blocks", "_len", "_maxkey")
+    __slots__ = ("_blocks", "_len", "_maxkey", "_skeys", "_skeys_lock")
 
     def __init__(self, pairs: Mapping[bytes, int] | Iterable[tuple[bytes, int]] | None = None):
         self._blocks: dict[int, bytes | bytearray] = {}
         self._len = 0
         # Largest block key; -1 when empty; None when unknown (recomputed on demand).
         self._maxkey: int | None = -1
+        # The block keys in ascending order, for min_key; None when unknown (built
+        # on demand).  Only ever extended at its end in place, so a reader holding
+        # the list sees a consistent, ascending snapshot.  May hold keys whose
+        # block has since been deleted (min_key skips them).
+        self._skeys: list[int] | None = []
+        self._skeys_lock = threading.Lock()
         if pairs is not None:
             self.update(pairs)
 
@@ -316,6 +338,7 @@ class OidIndex:
             mk = self._maxkey
             if mk is not None and key > mk:
                 self._maxkey = key
+            self._note_new_keys((key,))
             return
         if len(b) == _DENSE_SIZE:
             i = s * 6
@@ -497,6 +520,9 @@ class OidIndex:
                 if len(b) == 7:  # a one-entry block built without looking at `blocks`
                     new[k], delta = _merge(blocks[k], b[:1], [_fb(b[1:], "big")])
                     added += delta - 1
+            fresh = new.keys() - blocks.keys()
+        else:
+            fresh = new.keys()
         if blocks:
             blocks.update(new)  # one C-level step: readers see each block old or new
         else:
@@ -507,12 +533,44 @@ class OidIndex:
             top = max(new)
             if top > mk:
                 self._maxkey = top
+        if fresh:
+            self._note_new_keys(fresh)
+
+    def _note_new_keys(self, fresh: Iterable[int]) -> None:
+        """Block keys `fresh` were just added to the blocks: keep the sorted keys true.
+
+        Called after the blocks were stored, so a reader that rebuilt the list
+        meanwhile may hold them already: the list is extended only with keys
+        above its last one, otherwise dropped (rebuilt by the next min_key)."""
+        with self._skeys_lock:
+            skeys = self._skeys
+            if skeys is None:
+                return
+            fresh = sorted(fresh)
+            if not skeys or fresh[0] > skeys[-1]:
+                skeys.extend(fresh)
+            else:
+                self._skeys = None
+
+    def _sorted_keys(self) -> list[int]:
+        """The block keys in ascending order (a snapshot that only grows at its end)."""
+        skeys = self._skeys
+        if skeys is None:
+            with self._skeys_lock:
+                skeys = self._skeys
+                if skeys is None:
+                    # sorted() copies the keys in one C-level step (no other
+                    # thread runs meanwhile: int keys hash and compare in C)
+                    skeys = self._skeys = sorted(self._blocks)
+        return skeys
 
     def clear(self) -> None:
         """Remove every entry."""
         self._blocks = {}
         self._len = 0
         self._maxkey = -1
+        with self._skeys_lock:
+            self._skeys = []
 
     # -- whole-index queries (writer thread, or no writer running) ---------------------
 
@@ -570,32 +628,23 @@ class OidIndex:
         return ((mk << 8) | s).to_bytes(8, "big")
 
     def min_key(self, oid: bytes) -> bytes | None:
-        """The smallest oid present that is >= `oid`, or None (record_iternext)."""
+        """The smallest oid present that is >= `oid`, or None (record_iternext).
+
+        Safe beside a writer thread: it never iterates the live block dict,
+        and finds the next block by bisection (O(log n) per gap)."""
         n = _fb(oid, "big")
         blocks = self._blocks
         key, low = n >> 8, n & 255
-        b = blocks.get(key)
-        while True:
-            if b is not None:
-                if len(b) == _DENSE_SIZE:
-                    for s, p in enumerate(_unpack6(b)[low:], low):
-                        if p:
-                            return ((key << 8) | s).to_bytes(8, "big")
-                else:
-                    for s in b[:len(b) // 7]:
-                        if s >= low:
-                            return ((key << 8) | s).to_bytes(8, "big")
-            # the next block: usually the adjacent one; else search all keys
-            low = 0
-            b = blocks.get(key + 1)
-            if b is not None:
-                key += 1
-                continue
-            later = [k for k in blocks if k > key]
-            if not later:
-                return None
-            key = min(later)
-            b = blocks[key]
+        found = _first_from(blocks.get(key), low)
+        if found >= 0:
+            return ((key << 8) | found).to_bytes(8, "big")
+        skeys = self._sorted_keys()
+        for i in range(bisect_right(skeys, key), len(skeys)):
+            k = skeys[i]
+            found = _first_from(blocks.get(k), 0)
+            if found >= 0:
+                return ((k << 8) | found).to_bytes(8, "big")
+        return None
 
     def copy(self) -> OidIndex:
         """An independent copy (sparse blocks are immutable and shared)."""
@@ -603,6 +652,7 @@ class OidIndex:
         new._blocks = {k: (bytearray(b) if type(b) is bytearray else b) for k, b in self._blocks.items()}
         new._len = self._len
         new._maxkey = self._maxkey
+        new._skeys = None
         return new
 
     def memory_bytes(self) -> int:
@@ -649,6 +699,13 @@ class OidIndex:
             fail(f"blocks hold {total} entries but the running count says {self._len}")
         if self._maxkey is not None and self._maxkey != max(self._blocks, default=-1):
             fail(f"cached max key {self._maxkey} != {max(self._blocks, default=-1)}")
+        skeys = self._skeys
+        if skeys is not None:
+            if any(a >= b for a, b in zip(skeys, skeys[1:], strict=False)):
+                fail("the sorted block keys do not strictly increase")
+            missing = self._blocks.keys() - set(skeys)
+            if missing:
+                fail(f"blocks {sorted(missing)[:5]} are missing from the sorted block keys")
 
     @classmethod
     def _from_blocks(cls, blocks: dict[int, bytes | bytearray], count: int) -> OidIndex:
@@ -656,6 +713,7 @@ class OidIndex:
         new._blocks = blocks
         new._len = count
         new._maxkey = None
+        new._skeys = None
         return new
 
 

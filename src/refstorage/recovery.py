@@ -11,9 +11,11 @@ What the scan finds wrong is classified (see `log.scan`):
   commit ever acknowledged: read-write, its bytes are copied to the first
   free ``<name>.tr<N>`` side file and the file is truncated, with a warning;
   read-only, it is ignored;
-- damage followed by valid transactions: read-write open refuses with the
-  corruption error naming the offset (never a silent truncation); read-only
-  open serves the transactions before it, with an error logged.
+- damage followed by valid transactions: open refuses with the corruption
+  error naming the offset (never a silent truncation), read-write and
+  read-only alike: serving the transactions before it would present an old
+  state as current.  Only a read-only open that asks for it
+  (`serve_valid_prefix`) serves them, with an error logged.
 """
 
 from __future__ import annotations
@@ -39,8 +41,12 @@ class Opened(NamedTuple):
     saved_end: int  # where the saved index we used stops (0: none was usable)
 
 
-def open_log(file: fileio.DataFile, index_path: str, file_id: bytes, read_only: bool) -> Opened:
-    """The index and the end of the good log of `file`, repairing a torn tail."""
+def open_log(file: fileio.DataFile, index_path: str, file_id: bytes, read_only: bool,
+             serve_valid_prefix: bool = False) -> Opened:
+    """The index and the end of the good log of `file`, repairing a torn tail.
+
+    `serve_valid_prefix` (read-only only): on damage before the last
+    transaction, end the log at the damage instead of refusing."""
     reader = LogReader(file)
     size = file.size
     index, start, last_tid = _saved_index(reader, index_path, file_id, size)
@@ -52,7 +58,7 @@ def open_log(file: fileio.DataFile, index_path: str, file_id: bytes, read_only: 
         last_tid = result.last_tid
     end = result.end
     if result.bad_pos is not None:
-        end = _handle_damage(file, result, read_only)
+        end = _handle_damage(file, result, read_only, serve_valid_prefix)
     return Opened(index, end, last_tid, saved_end)
 
 
@@ -86,15 +92,17 @@ def _saved_index(reader: LogReader, index_path: str, file_id: bytes, size: int):
     return index, pos, (tid if tid != z64 else None)
 
 
-def _handle_damage(file: fileio.DataFile, result: ScanResult, read_only: bool) -> int:
+def _handle_damage(file: fileio.DataFile, result: ScanResult, read_only: bool,
+                   serve_valid_prefix: bool) -> int:
     path = file.path
     bad = result.bad_pos
     error = result.error
     if not result.torn_tail:
-        if not read_only:
+        if not (read_only and serve_valid_prefix):
             raise type(error)(
                 path, f"damaged transaction followed by valid ones: {error.detail}; "
-                "open read-only to read the data before it, or run 'refstorage recover'",
+                "run 'refstorage recover' to salvage it (or open it read-only with "
+                "serve_valid_prefix to read the transactions before the damage)",
                 error.offset)
         logger.error("%s: damage at offset %s (%s); serving only the %d bytes before it",
                      path, error.offset, error.detail, bad)

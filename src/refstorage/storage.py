@@ -16,17 +16,19 @@ transaction started, so no partial record remains.
 Open.  The saved index is used when it matches the data file (file id, and
 the last transaction it covers); only what was written after it is scanned.
 A torn or unfinished last transaction is moved to a side file; damage
-followed by valid transactions is refused (read-write) or served up to the
-damage (read-only).
+followed by valid transactions is refused (read-only too, unless the caller
+asks to be served the transactions before it: serve_valid_prefix).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import zc.lockfile
@@ -54,6 +56,7 @@ from .errors import (
     MissingFileError,
     PathIsDirectoryError,
     QuotaError,
+    StorageBrokenError,
     StorageLockedError,
 )
 from .index import OidIndex, save_index
@@ -71,6 +74,8 @@ logger = logging.getLogger("refstorage")
 INDEX_SAVE_BYTES = 32 << 20
 # Flush a voting transaction to the file in pieces of about this size.
 WRITE_CHUNK = 1 << 20
+# How long close() waits for a commit in progress before leaving the closing to it.
+CLOSE_WAIT = 5.0
 
 
 class _State:
@@ -126,6 +131,9 @@ class _Pending:
         return self._latest
 
 
+_MAX_OID = b"\xff" * 8
+
+
 def _identity(data: bytes) -> bytes:
     return data
 
@@ -148,14 +156,23 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     (unless read_only), create=True starts a new empty database, quota limits
     the file size in bytes, pack_gc and pack_keep_old shape pack, and
     blob_dir enables blobs (see blobs.py).
+
+    A file damaged before its last transaction is refused (CorruptedError
+    naming the offset), read-only too; serve_valid_prefix=True (read-only
+    only) serves the transactions before the damage instead, an older state.
     """
 
     _transaction = None
     last_pack_report: PackReport | None = None
+    # (state, oid, pos, data, tid) of the object record_iternext read ahead
+    _iternext_ahead: tuple | None = None
 
     def __init__(self, file_name: str, create: bool = False, read_only: bool = False,
                  quota: int | None = None, pack_gc: bool = True, pack_keep_old: bool = True,
-                 blob_dir: str | None = None):
+                 blob_dir: str | None = None, serve_valid_prefix: bool = False):
+        if serve_valid_prefix and not read_only:
+            raise ValueError("serve_valid_prefix needs read_only=True")
+        self._serve_valid_prefix = bool(serve_valid_prefix)
         self.__name__ = self._file_name = os.fspath(file_name)
         self._is_read_only = bool(read_only)
         self._quota = quota
@@ -168,6 +185,12 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         self._untransform = _identity
         self._lock_file = None
         self._closed = False
+        # close() called while a commit was in flight: the commit closes on its way out
+        self._close_requested = False
+        # threads inside tpc_vote, tpc_finish or tpc_abort
+        self._io_depth = 0
+        # why the storage refuses writes (see _break), or None
+        self._broken: str | None = None
         self._index_path = self._file_name + ".index"
         try:
             self._open(create)
@@ -201,7 +224,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             self._file_id = header.file_id
             self._pack_tid = header.pack_tid
             index, end, last_tid, saved_end = open_log(file, self._index_path, self._file_id,
-                                                       self._is_read_only)
+                                                       self._is_read_only, self._serve_valid_prefix)
             self._index_saved_end = saved_end
             if not self._is_read_only and end - saved_end > INDEX_SAVE_BYTES:
                 self._save_index_now(index, end, last_tid)
@@ -315,17 +338,24 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
     def load(self, oid: bytes, version: str = "") -> tuple[bytes, bytes]:
         state, pos = self._lookup(oid)
+        found = self._read_current(state, pos, oid)
+        if found is None:
+            raise POSException.POSKeyError(oid)
+        return found
+
+    @staticmethod
+    def _read_current(state: _State, pos: int, oid: bytes) -> tuple[bytes, bytes] | None:
+        """(data, tid) of oid's record at `pos`, or None if it records a deletion."""
         reader = state.reader
         tid, data, back = reader.read_data(pos, oid)
         if data is not None:
             return data, tid
         if not back:
-            raise POSException.POSKeyError(oid)
-        rec = reader.read_data_record(pos, oid)
-        data_rec = reader.resolve(rec)
+            return None
+        data_rec = reader.resolve(reader.read_data_record(pos, oid))
         if data_rec is None:
-            raise POSException.POSKeyError(oid)
-        return data_rec.data, rec.tid
+            return None
+        return data_rec.data, tid
 
     def getTid(self, oid: bytes) -> bytes:
         state, rec = self._current(oid)
@@ -410,8 +440,10 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         self._commit_lock.acquire()
         try:
             with self._lock:
-                if self._closed:
+                if self._closed or self._close_requested:
                     raise POSException.StorageError("storage is closed")
+                if self._broken:
+                    raise StorageBrokenError(self._file_name, self._broken)
                 if tid is None:
                     now = time.time()
                     ts = TimeStamp(*(time.gmtime(now)[:5] + (now % 60,)))
@@ -488,7 +520,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     def tpc_vote(self, transaction):
         pending = self._check_transaction(transaction)
         if not pending.voted:
-            self._write_pending(pending)
+            with self._commit_io(pending):
+                self._write_pending(pending)
         return list(self._resolved) or None
 
     def _write_pending(self, pending: _Pending) -> None:
@@ -553,10 +586,21 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                                  self._file_name, pending.tpos)
 
     def tpc_finish(self, transaction, f=None) -> bytes:
+        """Flip the status, fsync, then call `f(tid)` and publish, under the readers' lock.
+
+        Once the fsync returned the transaction is committed, whatever raises
+        afterwards: it is published even when `f` raises (the exception is then
+        passed on), and if publishing itself fails the storage refuses every
+        later write (StorageBrokenError) rather than write over it."""
         pending = self._check_transaction(transaction)
+        with self._commit_io(pending):
+            return self._finish(pending, f)
+
+    def _finish(self, pending: _Pending, f) -> bytes:
         try:
             if not pending.voted:
                 self._write_pending(pending)
+            fileio.point("commit.finish-start")
             file = self._state.file
             try:
                 file.write_at(pending.tpos + fmt.STATUS_OFFSET, pending.status)
@@ -566,33 +610,86 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 if not file.broken:  # after a failed fsync nothing is written any more
                     self._truncate_back(pending)
                 raise
-            fileio.point("commit.after-fsync")
+            # Durable from here on.
             tid = pending.tid
-            with self._lock:
-                if f is not None:
-                    f(tid)
-                self._state.index.update(self._new_positions)
-                self._end = pending.tpos + pending.size
-                self._ltid = tid
-                self._ts = self._pending_ts
-            self._blob_tpc_finish()
-            self._maybe_save_index()
+            try:
+                with self._lock:
+                    try:
+                        fileio.point("commit.after-fsync")
+                        if f is not None:
+                            f(tid)
+                        fileio.point("commit.after-callback")
+                    finally:
+                        self._publish(pending)
+                fileio.point("commit.after-publish")
+                self._maybe_save_index()
+                fileio.point("commit.after-index-save")
+            except BaseException:
+                logger.critical("%s: failure after transaction %s was committed; it is kept",
+                                self._file_name, tid.hex(), exc_info=True)
+                raise
             return tid
         finally:
             self._clear_pending()
             self._commit_lock.release()
+            if self._close_requested:
+                self.close()
+
+    def _publish(self, pending: _Pending) -> None:
+        """Make the durable transaction `pending` visible; called with `_lock` held.
+
+        The end of the log moves first: nothing may ever be written over a
+        durable transaction.  A failure after that leaves the index behind
+        the file, so the storage breaks (no later write) until it is reopened."""
+        self._end = pending.tpos + pending.size
+        self._ltid = pending.tid
+        self._ts = self._pending_ts
+        self._blob_tpc_finish()
+        try:
+            self._state.index.update(self._new_positions)
+        except BaseException as exc:
+            self._break(f"transaction {pending.tid.hex()} is committed but could not be "
+                        f"published ({exc!r}); reopen the storage")
+            raise
+
+    def _break(self, reason: str) -> None:
+        """Refuse every later write: the in-memory state no longer matches the file."""
+        logger.critical("%s: %s", self._file_name, reason)
+        self._broken = reason
+        self._state.file.mark_broken(reason)
 
     def tpc_abort(self, transaction) -> None:
         pending = self._pending
         if pending is None or transaction is not pending.transaction:
             return
+        self._abort_pending(pending)
+
+    def _abort_pending(self, pending: _Pending) -> None:
+        """Drop `pending` (truncate what its vote wrote) and release the commit lock."""
+        with self._commit_io(pending):
+            try:
+                if pending.voted:
+                    self._truncate_back(pending)
+                self._blob_tpc_abort()
+            finally:
+                self._clear_pending()
+                self._commit_lock.release()
+        if self._close_requested:
+            self.close()
+
+    @contextlib.contextmanager
+    def _commit_io(self, pending: _Pending) -> Iterator[None]:
+        """Marks a thread inside vote, finish or abort of `pending` (close() must not cut it)."""
+        with self._lock:
+            if self._pending is not pending:
+                raise POSException.StorageTransactionError(
+                    "the transaction was aborted (the storage was closed)")
+            self._io_depth += 1
         try:
-            if pending.voted:
-                self._truncate_back(pending)
-            self._blob_tpc_abort()
+            yield
         finally:
-            self._clear_pending()
-            self._commit_lock.release()
+            with self._lock:
+                self._io_depth -= 1
 
     def _clear_pending(self) -> None:
         with self._lock:
@@ -679,27 +776,46 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     def record_iternext(self, next: bytes | None = None):
         """(oid, tid, data, next_oid) of the first live object at or after `next`.
 
-        Deleted objects (undone creations, deleteObject) are skipped."""
-        index = self._state.index
-        oid = self._live_oid_from(index, next or z64)
-        if oid is None:
+        Deleted objects (undone creations, deleteObject) are skipped.  Each
+        call reads the object it returns and the one after it, which the next
+        call then takes from a one-entry cache: a full pass reads every record
+        once.  Safe beside commits (objects they add during a pass may or may
+        not be seen, as with any iteration that is not a snapshot)."""
+        state = self._state
+        found = self._live_from(state, next or z64)
+        if found is None:
             raise ValueError("no more records")
-        data, tid = self.load(oid)
-        following = self._live_oid_from(index, p64(u64(oid) + 1)) if oid != b"\xff" * 8 else None
+        oid, _pos, data, tid = found
+        following = None
+        if oid != _MAX_OID:
+            ahead = self._live_from(state, p64(u64(oid) + 1))
+            if ahead is not None:
+                following = ahead[0]
+                self._iternext_ahead = (state, *ahead)
         return oid, tid, data, following
 
-    def _live_oid_from(self, index: OidIndex, oid: bytes) -> bytes | None:
+    def _live_from(self, state: _State, oid: bytes) -> tuple[bytes, int, bytes, bytes] | None:
+        """(oid, pos, data, tid) of the first live object at or after `oid`, or None."""
+        index = state.index
         while True:
-            oid = index.min_key(oid)
-            if oid is None:
+            ahead = self._iternext_ahead
+            if ahead is not None and ahead[0] is state and ahead[1] == oid:
+                with self._lock:
+                    current = index.get(oid)
+                if current == ahead[2]:
+                    return ahead[1:]
+            found_oid = index.min_key(oid)
+            if found_oid is None:
                 return None
-            try:
-                self.getTid(oid)
-                return oid
-            except POSException.POSKeyError:
-                if oid == b"\xff" * 8:
-                    return None
-                oid = p64(u64(oid) + 1)
+            with self._lock:  # ordered after a finishing commit, as in _lookup
+                pos = index.get(found_oid)
+            if pos is not None:
+                live = self._read_current(state, pos, found_oid)
+                if live is not None:
+                    return found_oid, pos, live[0], live[1]
+            if found_oid == _MAX_OID:
+                return None
+            oid = p64(u64(found_oid) + 1)
 
     def copyTransactionsFrom(self, other, verbose: bool = False) -> None:
         from .copy import copy_transactions
@@ -771,15 +887,33 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     # -- closing ---------------------------------------------------------------------
 
     def close(self) -> None:
+        """Save the index and close the file and lock.
+
+        A commit in flight is never cut: close waits a little for it; then a
+        transaction only begun (no thread inside vote, finish or abort) is
+        aborted, and one being written closes the storage when it ends."""
         if self._closed:
             return
-        # Wait a little for a commit in progress; never hang a close on it.
-        locked = self._commit_lock.acquire(timeout=30)
+        if not self._commit_lock.acquire(timeout=CLOSE_WAIT):
+            with self._lock:
+                pending = self._pending
+                if self._io_depth:
+                    # A thread is inside vote, finish or abort: it closes at its end.
+                    self._close_requested = True
+                    logger.warning("%s: close() while a commit writes; the storage "
+                                   "closes when that commit ends", self._file_name)
+                    return
+            if pending is None:  # a pack's final phase: short, wait for it
+                self._commit_lock.acquire()
+            elif not self._abort_idle(pending):  # on success the commit lock is ours
+                return
         try:
+            if self._closed:
+                return
             self._closed = True
             state = self._state
             try:
-                if locked and not self._is_read_only and self._end != self._saved_end:
+                if not self._is_read_only and not self._broken and self._end != self._saved_end:
                     try:
                         self._save_index_now(state.index, self._end, self._ltid)
                     except Exception:
@@ -788,8 +922,29 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 state.file.close()
                 self._release_lock_file()
         finally:
-            if locked:
-                self._commit_lock.release()
+            self._commit_lock.release()
+
+    def _abort_idle(self, pending: _Pending) -> bool:
+        """Abort `pending`, begun but idle, for close(); its commit lock passes to the caller.
+
+        Nothing of it is durable.  It is detached first, so its owner's next
+        call (store, vote, finish) fails with StorageTransactionError.  False
+        if it moved meanwhile (then the commit closes the storage at its end)."""
+        with self._lock:
+            if self._io_depth or self._pending is not pending:
+                self._close_requested = True
+                return False
+            self._pending = None
+            self._transaction = None
+        logger.warning("%s: close() aborts transaction %s, begun but not finished",
+                       self._file_name, pending.tid.hex())
+        try:
+            if pending.voted:
+                self._truncate_back(pending)
+            self._blob_tpc_abort()
+        finally:
+            self._clear_pending()
+        return True
 
     def cleanup(self) -> None:
         """Remove the data file and every file derived from it (used by tests)."""

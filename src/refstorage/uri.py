@@ -17,6 +17,7 @@ quota           bytes, with an optional KB/MB/GB suffix
 pack_gc         boolean
 pack_keep_old   boolean
 blob_dir        directory for blob files (enables blobs)
+serve_valid_prefix  boolean: with read_only, serve a damaged file up to its damage
 ==============  =====================================================
 
 Every other parameter is returned for ZODB.DB, as zodburi's own resolvers do
@@ -39,7 +40,7 @@ __all__ = ["SCHEME", "resolve", "parse"]
 
 SCHEME = "refstorage"
 
-_BOOLEANS = ("create", "read_only", "pack_gc", "pack_keep_old")
+_BOOLEANS = ("create", "read_only", "pack_gc", "pack_keep_old", "serve_valid_prefix")
 
 
 def parse(uri: str) -> tuple[str, dict, dict]:

@@ -11,8 +11,9 @@ Required, for every flip:
 - no read returns data other than what was written (0 silent corruptions);
 - every CorruptedError names an offset inside the damaged transaction (or
   the file header);
-- damage followed by valid transactions is refused read-write with a
-  corruption error, or (a data record in the middle, which open does not
+- damage followed by valid transactions is refused read-only and read-write
+  with the same corruption error (read-only with serve_valid_prefix serves
+  the transactions before it), or (a data record in the middle, which open does not
   read) opens with every transaction and is reported when that record is
   read and by a verifying scan -- never a truncation;
 - damage in the last transaction is moved to a side file holding exactly the
@@ -174,7 +175,9 @@ def check_flip(path: str, original: bytes, byte: int, bit: int, model: TxnModel,
             except HEADER_ERRORS as exc:
                 assert damage.txn is None, f"dump: {exc!r} for damage in {damage.region()}"
                 dumped[f"dump refuses the file: {type(exc).__name__}"] += 1
-        # read-only: serves the transactions before the first damage it sees
+        # read-only: refuses damage followed by valid transactions, as read-write
+        # does; asked to (serve_valid_prefix), serves the transactions before it
+        ro_refused = None
         try:
             ro = refstorage.FileStorage(path, read_only=True)
         except HEADER_ERRORS as exc:
@@ -182,6 +185,13 @@ def check_flip(path: str, original: bytes, byte: int, bit: int, model: TxnModel,
             with pytest.raises(type(exc)):
                 refstorage.FileStorage(path)
             return f"header refused: {type(exc).__name__}"
+        except errors.CorruptedError as exc:
+            assert damage.txn is not None and damage.txn < last_txn, (
+                f"read-only refused damage in {damage.region()}: {exc}")
+            assert "followed by valid" in str(exc)
+            damage.check_offset(exc)
+            ro_refused = exc
+            ro = refstorage.FileStorage(path, read_only=True, serve_valid_prefix=True)
         try:
             read_everything(ro, model, damage)
         finally:
@@ -196,7 +206,10 @@ def check_flip(path: str, original: bytes, byte: int, bit: int, model: TxnModel,
                 f"refused damage in {damage.region()}: {exc}")
             assert "followed by valid" in str(exc)
             damage.check_offset(exc)
-            return "refused read-write: damage followed by valid transactions"
+            assert ro_refused is not None, "read-only served a damaged file that read-write refuses"
+            assert (type(ro_refused), ro_refused.offset) == (type(exc), exc.offset)
+            return "refused read-only and read-write: damage followed by valid transactions"
+        assert ro_refused is None, f"read-only refused a file read-write opens: {ro_refused}"
         try:
             last = st.lastTransaction()
             if last == model.tids[-1]:
