@@ -29,6 +29,7 @@ __all__ = [
     "StorageBrokenError",
     "QuotaError",
     "StorageLockedError",
+    "FileSizeLimitError",
     "PackError",
     "BlobDirectoryError",
     "URIError",
@@ -124,6 +125,10 @@ class StorageBrokenError(FileError):
 
 class QuotaError(FileError, StorageSystemError):
     """Writing the transaction would take the file past its quota."""
+
+
+class FileSizeLimitError(FileError, StorageSystemError):
+    """Writing the transaction would take the file past what the format can address."""
 
 
 class StorageLockedError(FileError):

@@ -53,13 +53,14 @@ from . import format as fmt
 from .blobs import BlobSupport
 from .errors import (
     FilePermissionError,
+    FileSizeLimitError,
     MissingFileError,
     PathIsDirectoryError,
     QuotaError,
     StorageBrokenError,
     StorageLockedError,
 )
-from .index import OidIndex, save_index
+from .index import MAX_POS, OidIndex, save_index
 from .iterator import TransactionIterator
 from .log import LogReader
 from .pack import PackReport, Progress, pack_storage
@@ -326,6 +327,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         # The lock orders this read after a finishing commit's callback (ZODB's
         # tid-ordering contract); it is held for the lookup only, not the read.
         with self._lock:
+            if self._broken:
+                raise StorageBrokenError(self._file_name, self._broken)
             state = self._state
             pos = state.index.get(oid)
         if pos is None:
@@ -414,6 +417,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     def _snapshot(self) -> tuple[_State, int]:
         """The file and the end of its log, consistent with each other (pack swaps both)."""
         with self._lock:
+            if self._broken:
+                raise StorageBrokenError(self._file_name, self._broken)
             return self._state, self._end
 
     # -- two-phase commit ----------------------------------------------------------
@@ -431,6 +436,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if self._transaction is transaction:
                 raise POSException.StorageTransactionError(
                     "Duplicate tpc_begin calls for same transaction")
+            if self._closed or self._close_requested:
+                raise POSException.StorageError("storage is closed")
         status = _as_bytes(status) or fmt.STATUS_COMMITTED
         if status not in (fmt.STATUS_COMMITTED, fmt.STATUS_PACKED):
             if status == b"u":  # legacy "undone" status of old FileStorage files
@@ -542,12 +549,13 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         written = pos = tpos + hlen
         encode = fmt.encode_data_records
         try:
+            fileio.point("commit.vote-start")
             done = 0
             while done < len(records):
                 chunk, done = encode(tid, tpos, pos, records, done, WRITE_CHUNK, refs_iter, table,
                                      positions)
                 pos += len(chunk)
-                self._check_size(pos - tpos)
+                self._check_size(tpos, pos - tpos)
                 if done < len(records):
                     file.write_at(written, chunk)
                     written = pos
@@ -555,7 +563,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                     parts.append(chunk)
             rel = pos - tpos
             tlen = rel + fmt.oid_table_size(len(records))
-            self._check_size(tlen)
+            self._check_size(tpos, tlen)
             header = fmt.encode_txn_header(tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
                                            pending.description, pending.extension, len(records))
             parts.append(fmt.encode_oid_table_entries(table))
@@ -573,8 +581,12 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         pending.size = tlen + fmt.TRAILER_SIZE
         self._new_positions = positions
 
-    def _check_size(self, tlen: int) -> None:
+    def _check_size(self, tpos: int, tlen: int) -> None:
+        """Refuse (before anything is durable) a transaction the quota or the format cannot hold."""
         self._check_quota(tlen + fmt.TRAILER_SIZE)
+        if tpos + tlen + fmt.TRAILER_SIZE > MAX_POS:
+            raise FileSizeLimitError(self._file_name, f"the transaction would take the file past "
+                                     f"the format's limit of {MAX_POS} bytes", tpos)
 
     def _truncate_back(self, pending: _Pending) -> None:
         file = self._state.file
@@ -640,7 +652,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
         The end of the log moves first: nothing may ever be written over a
         durable transaction.  A failure after that leaves the index behind
-        the file, so the storage breaks (no later write) until it is reopened."""
+        the file, so the storage breaks (no later read or write: StorageBrokenError)
+        until it is reopened."""
         self._end = pending.tpos + pending.size
         self._ltid = pending.tid
         self._ts = self._pending_ts
@@ -653,7 +666,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise
 
     def _break(self, reason: str) -> None:
-        """Refuse every later write: the in-memory state no longer matches the file."""
+        """Refuse every later read and write: the in-memory state no longer matches the file."""
         logger.critical("%s: %s", self._file_name, reason)
         self._broken = reason
         self._state.file.mark_broken(reason)

@@ -66,7 +66,9 @@ WORKER_TIMEOUT = 60
 
 # Events at which a worker kills itself ("random": the parent kills it at a random time).
 EVENTS = [
-    "point:commit.after-data-write", "point:commit.after-status-flip", "point:commit.after-fsync",
+    "point:commit.vote-start", "point:commit.after-data-write", "point:commit.finish-start",
+    "point:commit.after-status-flip", "point:commit.after-fsync", "point:commit.after-callback",
+    "point:commit.after-publish", "point:commit.after-index-save",
     "pwrite.before", "pwrite.after", "fsync.before", "fsync.after",
     "ftruncate.before", "ftruncate.after",
     "point:index.save.after-write", "point:index.save.after-fsync", "point:index.save.after-replace",
