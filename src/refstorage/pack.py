@@ -71,7 +71,7 @@ import weakref
 from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import compress, islice, repeat
 from operator import and_, floordiv, itemgetter, lt, rshift
 
@@ -115,6 +115,11 @@ class PackReport:
     objects_removed: int = 0
     transactions_during_pack: int = 0  # committed while the pack ran, copied at the end
     seconds: float = 0.0
+    # Why garbage collection was skipped ("" if it was not): a record whose
+    # references are not stored could not be decoded.  `unreadable` lists
+    # (oid, position) of such records.
+    gc_skipped: str = ""
+    unreadable: list[tuple[bytes, int]] = field(default_factory=list)
 
     @property
     def bytes_freed(self) -> int:
@@ -122,13 +127,14 @@ class PackReport:
 
     def __str__(self) -> str:
         when = TimeStamp(self.pack_tid) if self.pack_tid != Z64 else "?"
+        note = f"; garbage collection skipped: {self.gc_skipped}" if self.gc_skipped else ""
         if not self.packed:
-            return f"{self.path}: not packed to {when} ({self.reason}); {self.seconds:.2f} s"
+            return f"{self.path}: not packed to {when} ({self.reason}){note}; {self.seconds:.2f} s"
         ratio = 100.0 * self.bytes_freed / self.bytes_before if self.bytes_before else 0.0
         return (f"{self.path}: packed to {when}: {self.bytes_before:,} -> {self.bytes_after:,} bytes "
                 f"({ratio:.1f}% freed); removed {self.revisions_removed:,} revisions, "
-                f"{self.objects_removed:,} objects, {self.transactions_removed:,} transactions; "
-                f"{self.seconds:.2f} s")
+                f"{self.objects_removed:,} objects, {self.transactions_removed:,} transactions"
+                f"{note}; {self.seconds:.2f} s")
 
 
 def pack_tid_for(t: float) -> bytes:
@@ -775,15 +781,31 @@ def run_gc(reader: LogReader, index, end: int, pack_tid: bytes, gc: bool,
     return g, ""
 
 
-def _referencesf_of(referencesf: Callable) -> Callable[[fmt.DataRecord], bytes]:
+class UnreadableReferencesError(PackError):
+    """A record's references are not stored and its data cannot be decoded.
+
+    Internal to pack: the pack then goes on without garbage collection."""
+
+    def __init__(self, message: str, oid: bytes, pos: int):
+        super().__init__(message)
+        self.oid, self.pos = oid, pos
+
+
+def _referencesf_of(referencesf: Callable, strict: bool = True) -> Callable[[fmt.DataRecord], bytes]:
+    """refs_of(record) for records whose references are not stored.
+
+    `strict`: a record referencesf cannot read raises UnreadableReferencesError;
+    otherwise it counts as referencing nothing (right only without gc, where
+    references decide nothing that could remove an object)."""
     def refs_of(rec: fmt.DataRecord) -> bytes:
         try:
             return fmt.pack_refs(referencesf(rec.data))
         except Exception as exc:
-            raise PackError(
+            if not strict:
+                return b""
+            raise UnreadableReferencesError(
                 f"the references of oid {rec.oid.hex()} (record at {rec.pos}) are not stored and "
-                f"referencesf cannot read its data ({exc!r}); pack cannot tell what it references"
-            ) from exc
+                f"its data cannot be decoded ({exc!r})", rec.oid, rec.pos) from exc
     return refs_of
 
 
@@ -815,7 +837,17 @@ def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
     started = time.perf_counter()
     pack_tid = pack_tid_for(t)
     with _exclusive(storage):
-        report = _Pack(storage, pack_tid, _referencesf_of(referencesf), gc, progress).run()
+        try:
+            report = _Pack(storage, pack_tid, _referencesf_of(referencesf), gc, progress).run()
+        except UnreadableReferencesError as exc:
+            # Anything could be reachable from that record: collect nothing, but
+            # still drop the old revisions (ZODB's pack aborts here).
+            logger.warning("%s: %s; packing without garbage collection", storage._file_name, exc)
+            report = _Pack(storage, pack_tid, _referencesf_of(referencesf, strict=False), False,
+                           progress).run()
+            report.gc_skipped = (f"{exc}: no object was collected, since anything could be "
+                                 "reachable from it")
+            report.unreadable = [(exc.oid, exc.pos)]
         if report.packed and getattr(storage, "blob_dir", None):
             # the blob files of the revisions the packed file no longer holds
             from .blobs import pack_blobs

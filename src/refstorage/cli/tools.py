@@ -228,7 +228,8 @@ def _print_info(r: info_mod.InfoReport) -> None:
                        f"{_n(p.transactions_removed)} transactions")
         if p.refs_unreadable:
             click.echo(f"  note: {len(p.refs_unreadable)} reachable records have no stored references and "
-                       "their data is not a ZODB pickle: the pack would refuse (PackError)")
+                       "their data is not a ZODB pickle: the pack would keep every object (no garbage "
+                       "collection) and only drop old revisions")
 
 
 # -- tail, history, refs ------------------------------------------------------------------

@@ -56,7 +56,7 @@ class PackForecast:
     transactions_removed: int = 0
     objects_removed: int = 0
     reason: str = ""  # why a pack would do nothing, if so
-    refs_unreadable: list[bytes] = field(default_factory=list)  # oids: pack would refuse
+    refs_unreadable: list[bytes] = field(default_factory=list)  # oids: pack would skip gc
 
     @property
     def bytes_freed(self) -> int:
@@ -209,6 +209,10 @@ def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast
 
     # with gc the GC only looks oids up in the index
     gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of)
+    if f.refs_unreadable and not reason:
+        # pack's own decision: anything could be reachable from such a record,
+        # so it packs without garbage collection
+        gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, False, refs_of)
     if reason:
         f.reason = reason
         return f
