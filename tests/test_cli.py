@@ -392,3 +392,34 @@ def test_index_file_problems(db):
         f.write(b"\xff")
     r = run("verify", db)
     assert r.exit_code == 1 and "PROBLEM index" in r.output
+
+
+def test_info_pack_forecast_with_unreadable_references_equals_the_pack(tmp_path):
+    """A current record whose references are not stored and whose data is no pickle:
+    info forecasts what pack does (keep every object, drop old revisions)."""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import p64
+
+    path = str(tmp_path / "Data.rfs")
+    storage = refstorage.FileStorage(path)
+    for value in (b"one", b"two"):
+        t = TransactionMetaData()
+        storage.tpc_begin(t)
+        for n in (0, 1):  # not pickles: stored with references unknown
+            serial = storage.getTid(p64(n)) if value == b"two" else b"\0" * 8
+            storage.store(p64(n), serial, b"not a pickle " + value, "", t)
+        storage.tpc_vote(t)
+        storage.tpc_finish(t)
+    storage.close()
+    time.sleep(0.01)
+    t = time.time()
+    forecast = info(path, pack_time=t).pack
+    assert forecast.refs_unreadable and not forecast.reason
+    storage = refstorage.FileStorage(path)
+    storage.pack(t)
+    report = storage.last_pack_report
+    storage.close()
+    assert report.packed and report.gc_skipped
+    assert (forecast.bytes_freed, forecast.revisions_removed, forecast.objects_removed) == (
+        report.bytes_freed, report.revisions_removed, report.objects_removed)
+    assert report.objects_removed == 0 and report.revisions_removed == 2
