@@ -122,6 +122,7 @@ class Sizes:
     load_file: int  # objects in the file of workload 3
     loads: int  # random loads timed in workload 3
     rounds: int
+    sparse: int = 0  # objects with spread-out oids (workload 6)
     big_txn: int = field(init=False)
     load_txn: int = field(init=False)
 
@@ -141,6 +142,7 @@ class Sizes:
             load_file=args.load_file or max(200, n // 5),
             loads=args.loads or max(50, n // 50),
             rounds=args.rounds or (1 if args.quick else 7),
+            sparse=max(100, n // 10),
         )
 
     @property
@@ -483,6 +485,48 @@ class Bench:
         row.extra["seconds"] = {k: statistics.median(v) for k, v in secs.items()}
         row.extra["seconds_samples"] = secs
         row.extra["fsyncs_per_commit"] = {k: statistics.median(v) for k, v in syncs.items()}
+        return [row]
+
+    # 6 ------------------------------------------------------------------------
+    def w6_sparse_iternext(self) -> list[Row]:
+        """A full record_iternext pass (ZODB's current-record iteration, used by
+        zodbupdate-style tools) over oids 2**20 apart: one object per index block."""
+        sz, d = self.sizes, self.data
+        n = sz.sparse
+        row = Row("6", f"6. record_iternext pass over {n:,} sparse oids", "objects/s", "higher")
+        oids = [p64((i + 1) << 20) for i in range(n)]
+        files = {}
+        for b in self.backends.values():
+            files[b.key] = self.path(b, "w6")
+            s = b.open(files[b.key], create=True)
+            try:
+                for lo in range(0, n, 10_000):
+                    commit(s, oids, d.pickles, lo, min(n, lo + 10_000))
+            finally:
+                s.close()
+        rates: dict[str, list[float]] = {"fs": [], "rs": []}
+        cpu: dict[str, list[float]] = {"fs": [], "rs": []}
+        for _r, b in orders(sz.rounds, self.backends):
+            s = b.open(files[b.key])
+            try:
+                prepare()
+                count, nxt = 0, None
+                with Clock() as clock:
+                    while True:
+                        _oid, _tid, _data, nxt = s.record_iternext(nxt)
+                        count += 1
+                        if nxt is None:
+                            break
+                if count != n:
+                    raise AssertionError(f"{b.label}: record_iternext returned {count} of {n} objects")
+                rates[b.key].append(n / clock.wall)
+                cpu[b.key].append(clock.cpu)
+            finally:
+                s.close()
+        for path in files.values():
+            remove_storage_files(path)
+        throughput_row(row, rates["fs"], rates["rs"], None)
+        attach_cpu(row, cpu)
         return [row]
 
     # 3 ------------------------------------------------------------------------
@@ -904,6 +948,7 @@ WORKLOADS = [
     ("3", "w3_random_loads", ["3", "3b"]),
     ("4", "w4_reopen", ["4a", "4b"]),
     ("5", "w5_index_memory", ["5", "5b", "5c", "5d"]),
+    ("6", "w6_sparse_iternext", ["6"]),
 ]
 
 
