@@ -16,7 +16,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench" / "bench_core.py"
-ROWS = ["1", "2", "3", "3b", "4a", "4b", "5", "5b", "5c", "5d"]
+ROWS = ["1", "2", "3", "3b", "4a", "4b", "5", "5b", "5c", "5d", "6"]
 
 
 def refstorage_available() -> bool:
