@@ -475,6 +475,19 @@ def test_references_not_stored_are_read_with_referencesf(storage, path):
     assert not current_record(storage, o(1)).refs_known
 
 
+def test_every_unreadable_record_is_reported(storage):
+    def hexed(data: bytes) -> bytes:
+        return b".h" + data.hex().encode()
+
+    commit(storage, {o(0): record("r", o(1), o(2)), o(1): hexed(record("a")), o(2): hexed(record("b")),
+                     o(3): record("garbage")}, at(1))
+    commit(storage, {o(3): record("garbage2")}, at(2))
+    report = packed(storage, BASE + 2.5, referencesf)
+    assert report.packed and report.objects_removed == 0 and report.revisions_removed == 1
+    assert sorted(oid for oid, _pos in report.unreadable) == [o(1), o(2)]
+    assert "and 1 more" in report.gc_skipped
+
+
 def test_progress_callback(storage):
     commit(storage, {o(0): record("r", o(1)), o(1): record("a")}, at(1))
     commit(storage, {o(1): record("a2")}, at(2))

@@ -79,7 +79,13 @@ from persistent.TimeStamp import TimeStamp
 
 from . import fileio
 from . import format as fmt
-from .errors import CorruptedDataError, CorruptedTransactionError, PackError, StorageIOError
+from .errors import (
+    CorruptedDataError,
+    CorruptedTransactionError,
+    PackError,
+    StorageBrokenError,
+    StorageIOError,
+)
 from .index import OidIndex
 from .log import LogReader
 
@@ -782,31 +788,41 @@ def run_gc(reader: LogReader, index, end: int, pack_tid: bytes, gc: bool,
 
 
 class UnreadableReferencesError(PackError):
-    """A record's references are not stored and its data cannot be decoded.
+    """Records whose references are not stored have data that cannot be decoded.
 
-    Internal to pack: the pack then goes on without garbage collection."""
+    Internal to pack: the pack then goes on without garbage collection.
+    `records` lists (oid, position, why) of each such record met."""
 
-    def __init__(self, message: str, oid: bytes, pos: int):
-        super().__init__(message)
-        self.oid, self.pos = oid, pos
+    def __init__(self, records: list[tuple[bytes, int, str]]):
+        oid, pos, why = records[0]
+        more = f" (and {len(records) - 1:,} more)" if len(records) > 1 else ""
+        super().__init__(f"the references of oid {oid.hex()} (record at {pos}){more} are not "
+                         f"stored and its data cannot be decoded ({why})")
+        self.records = records
 
 
-def _referencesf_of(referencesf: Callable, strict: bool = True) -> Callable[[fmt.DataRecord], bytes]:
+class _RefsReader:
     """refs_of(record) for records whose references are not stored.
 
-    `strict`: a record referencesf cannot read raises UnreadableReferencesError;
-    otherwise it counts as referencing nothing (right only without gc, where
-    references decide nothing that could remove an object)."""
-    def refs_of(rec: fmt.DataRecord) -> bytes:
+    A record `referencesf` cannot decode counts as referencing nothing and is
+    listed in `unreadable`: the caller must not collect garbage then (right
+    only without gc, where references cannot cause an object's removal)."""
+
+    def __init__(self, referencesf: Callable):
+        self.referencesf = referencesf
+        self.unreadable: list[tuple[bytes, int, str]] = []
+
+    def __call__(self, rec: fmt.DataRecord) -> bytes:
         try:
-            return fmt.pack_refs(referencesf(rec.data))
+            return fmt.pack_refs(self.referencesf(rec.data))
         except Exception as exc:
-            if not strict:
-                return b""
-            raise UnreadableReferencesError(
-                f"the references of oid {rec.oid.hex()} (record at {rec.pos}) are not stored and "
-                f"its data cannot be decoded ({exc!r})", rec.oid, rec.pos) from exc
-    return refs_of
+            self.unreadable.append((rec.oid, rec.pos, repr(exc)))
+            return b""
+
+    def check(self) -> None:
+        """UnreadableReferencesError if a record could not be decoded."""
+        if self.unreadable:
+            raise UnreadableReferencesError(self.unreadable)
 
 
 def _chunks(file: fileio.DataFile, end: int) -> Iterator[bytes]:
@@ -838,16 +854,15 @@ def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
     pack_tid = pack_tid_for(t)
     with _exclusive(storage):
         try:
-            report = _Pack(storage, pack_tid, _referencesf_of(referencesf), gc, progress).run()
+            report = _Pack(storage, pack_tid, _RefsReader(referencesf), gc, progress).run()
         except UnreadableReferencesError as exc:
-            # Anything could be reachable from that record: collect nothing, but
+            # Anything could be reachable from those records: collect nothing, but
             # still drop the old revisions (ZODB's pack aborts here).
             logger.warning("%s: %s; packing without garbage collection", storage._file_name, exc)
-            report = _Pack(storage, pack_tid, _referencesf_of(referencesf, strict=False), False,
-                           progress).run()
+            report = _Pack(storage, pack_tid, _RefsReader(referencesf), False, progress).run()
             report.gc_skipped = (f"{exc}: no object was collected, since anything could be "
-                                 "reachable from it")
-            report.unreadable = [(exc.oid, exc.pos)]
+                                 "reachable from them")
+            report.unreadable = [(oid, pos) for oid, pos, _why in exc.records]
         if report.packed and getattr(storage, "blob_dir", None):
             # the blob files of the revisions the packed file no longer holds
             from .blobs import pack_blobs
@@ -858,7 +873,7 @@ def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
 
 
 class _Pack:
-    def __init__(self, storage, pack_tid: bytes, refs_of: Callable[[fmt.DataRecord], bytes], gc: bool,
+    def __init__(self, storage, pack_tid: bytes, refs_of: _RefsReader, gc: bool,
                  progress: Progress | None):
         self.storage = storage
         self.pack_tid = pack_tid
@@ -872,6 +887,8 @@ class _Pack:
         with s._lock:
             if s._closed:
                 raise PackError(f"{self.path}: the storage is closed")
+            if s._broken:
+                raise StorageBrokenError(self.path, s._broken)
             reader = s._state.reader
             end = s._end
             # gc only looks oids up, which is safe while commits go on; without
@@ -891,6 +908,8 @@ class _Pack:
         pack_tid = report.pack_tid = min(self.pack_tid, last_tid)
         logger.info("%s: packing to %s (%d bytes)", self.path, TimeStamp(pack_tid), end)
         gc, reason = run_gc(reader, index, end, pack_tid, self.gc, self.refs_of, self.progress)
+        if self.gc:
+            self.refs_of.check()
         del index  # (no reference to the old state is kept: it goes as soon as it is replaced)
         if reason:
             report.reason = reason
@@ -916,11 +935,15 @@ class _Pack:
             with s._commit_lock:
                 if s._closed:
                     raise PackError(f"{self.path}: the storage was closed during the pack")
+                if s._broken:
+                    raise StorageBrokenError(self.path, s._broken)
                 if s._state.file is not reader.file:
                     raise PackError(f"{self.path}: the storage's file changed during the pack")
                 final_end = s._end
                 objects_before = len(s._state.index)
                 report.transactions_during_pack = copier.copy_after(end, final_end, s._state.index)
+                if self.gc:
+                    self.refs_of.check()  # one committed meanwhile: nothing changed yet
                 writer.flush()
                 copier.release()  # the buffers and bitmaps: saving the index reuses that memory
                 fileio.point("pack.after-copy")

@@ -605,8 +605,12 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         passed on), and if publishing itself fails the storage refuses every
         later write (StorageBrokenError) rather than write over it."""
         pending = self._check_transaction(transaction)
-        with self._commit_io(pending):
-            return self._finish(pending, f)
+        try:
+            with self._commit_io(pending):
+                return self._finish(pending, f)
+        finally:
+            if self._close_requested:
+                self.close()
 
     def _finish(self, pending: _Pending, f) -> bytes:
         try:
@@ -644,8 +648,6 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         finally:
             self._clear_pending()
             self._commit_lock.release()
-            if self._close_requested:
-                self.close()
 
     def _publish(self, pending: _Pending) -> None:
         """Make the durable transaction `pending` visible; called with `_lock` held.
@@ -675,7 +677,11 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         pending = self._pending
         if pending is None or transaction is not pending.transaction:
             return
-        self._abort_pending(pending)
+        try:
+            self._abort_pending(pending)
+        finally:
+            if self._close_requested:
+                self.close()
 
     def _abort_pending(self, pending: _Pending) -> None:
         """Drop `pending` (truncate what its vote wrote) and release the commit lock."""
@@ -687,8 +693,6 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             finally:
                 self._clear_pending()
                 self._commit_lock.release()
-        if self._close_requested:
-            self.close()
 
     @contextlib.contextmanager
     def _commit_io(self, pending: _Pending) -> Iterator[None]:
@@ -718,6 +722,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
     def undoLog(self, first: int = 0, last: int = -20, filter=None) -> list[dict]:
         with self._lock:
+            if self._broken:
+                raise StorageBrokenError(self._file_name, self._broken)
             state, end, pack_tid = self._state, self._end, self._pack_tid
         return undo_log(state.reader, end, pack_tid, first, last, filter)
 
@@ -794,7 +800,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         call then takes from a one-entry cache: a full pass reads every record
         once.  Safe beside commits (objects they add during a pass may or may
         not be seen, as with any iteration that is not a snapshot)."""
-        state = self._state
+        state, _end = self._snapshot()
         found = self._live_from(state, next or z64)
         if found is None:
             raise ValueError("no more records")
@@ -849,6 +855,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         """
         if self._is_read_only:
             raise POSException.ReadOnlyError()
+        if self._broken:
+            raise StorageBrokenError(self._file_name, self._broken)
         if gc is None:
             gc = self._pack_gc
         if referencesf is None:
@@ -917,6 +925,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                                    "closes when that commit ends", self._file_name)
                     return
             if pending is None:  # a pack's final phase: short, wait for it
+                with self._lock:
+                    self._close_requested = True  # no new transaction begins meanwhile
                 self._commit_lock.acquire()
             elif not self._abort_idle(pending):  # on success the commit lock is ours
                 return

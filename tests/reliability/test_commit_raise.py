@@ -168,8 +168,11 @@ def test_exception_at_every_commit_step(fault, monkeypatch):
         else:
             assert tid2 is None and exc is not None, "the injected fault did not reach the caller"
         if fault == "index-update":  # the storage broke: it refuses reads, writes need a reopen
-            with pytest.raises(errors.StorageBrokenError, match="reopen"):
-                st.load(p64(1))
+            for call in (lambda: st.load(p64(1)), st.record_iternext, st.undoLog,
+                         lambda: st.iterator(), lambda: st.history(p64(1)),
+                         lambda: st.pack(time.time() + 1, None)):
+                with pytest.raises(errors.StorageBrokenError, match="reopen"):
+                    call()
             two = st.lastTransaction()
             assert two > last_before
             acked.update({p64(1): (b"a2", two), p64(3): (b"c2", two)})
