@@ -354,21 +354,29 @@ def _state(reader, index, oid: bytes) -> tuple[str, fmt.DataRecord | None]:
 
 def refs(path: str, oid: bytes, progress: Progress | None = None) -> RefsReport:
     """What `oid` references, and which current objects reference it."""
+    return refs_many(path, [oid], progress)[0]
+
+
+def refs_many(path: str, oids: list[bytes], progress: Progress | None = None) -> list[RefsReport]:
+    """`refs` for each of `oids`, in one pass over the current records."""
     with Log(path) as log:
         built = log.build_index()
         index = built.index
         reader = log.reader
         names = ClassNames()
-        report = RefsReport(oid)
-        report.pos = index.get(oid)
-        report.state, data_rec = _state(reader, index, oid)
-        if data_rec is not None:
-            report.class_name = names(data_rec.data)
-            report.refs_known = data_rec.refs_known
-            for ref in data_rec.ref_oids():
-                state, target = _state(reader, index, ref)
-                report.references.append({"oid": ref.hex(), "state": state,
-                                          "class": names(target.data) if target is not None else None})
+        reports = []
+        for oid in oids:
+            report = RefsReport(oid)
+            report.pos = index.get(oid)
+            report.state, data_rec = _state(reader, index, oid)
+            if data_rec is not None:
+                report.class_name = names(data_rec.data)
+                report.refs_known = data_rec.refs_known
+                for ref in data_rec.ref_oids():
+                    state, target = _state(reader, index, ref)
+                    report.references.append({"oid": ref.hex(), "state": state,
+                                              "class": names(target.data) if target is not None else None})
+            reports.append(report)
         positions = array("Q", sorted(pos for _o, pos in index.items()))
         done = 0
         for rec in reader.read_data_records(positions):
@@ -381,18 +389,88 @@ def refs(path: str, oid: bytes, progress: Progress | None = None) -> RefsReport:
                 try:
                     target = reader.resolve(rec)
                 except CorruptedError:
-                    report.unreadable_referrers += 1
+                    for report in reports:
+                        report.unreadable_referrers += 1
                     continue
                 if target is None:
                     continue
             else:
                 target = rec
             if not target.refs_known:
-                report.unknown_referrers += 1
-            elif _refs_contain(target.refs, oid):
-                report.referrers.append({"oid": rec.oid.hex(), "pos": rec.pos, "class": names(target.data)})
-        return report
+                for report in reports:
+                    report.unknown_referrers += 1
+                continue
+            for report in reports:
+                if _refs_contain(target.refs, report.oid):
+                    report.referrers.append({"oid": rec.oid.hex(), "pos": rec.pos,
+                                             "class": names(target.data)})
+        return reports
 
+
+# -- a path from the root -------------------------------------------------------------------
+
+@dataclass
+class RootPath:
+    """A shortest chain of references from the root (oid 0) to an oid, with each object's class.
+
+    `chain` is None if the oid is not reachable through the stored references;
+    `unknown` counts the reachable records whose references are not stored (or
+    unreadable), which the search could not follow."""
+
+    oid: bytes
+    chain: list[tuple[bytes, str]] | None
+    unknown: int = 0
+
+
+def paths_from_root(path: str, oids: list[bytes]) -> list[RootPath]:
+    """For each oid, a shortest chain of current references from the root (breadth-first)."""
+    root = fmt.p64(0)
+    with Log(path) as log:
+        index = log.build_index().index
+        reader = log.reader
+        names = ClassNames()
+        parent: dict[bytes, bytes | None] = {}
+        klass: dict[bytes, str] = {}
+        unknown = 0
+        wanted = set(oids)
+        frontier = [root] if root in index else []
+        if frontier:
+            parent[root] = None
+        while frontier and not wanted.issubset(parent):
+            positions = sorted((index.get(o), o) for o in frontier)
+            frontier = []
+            for pos, oid in positions:
+                try:
+                    data_rec = reader.resolve(reader.read_data_record(pos, oid))
+                except CorruptedError:
+                    unknown += 1
+                    continue
+                if data_rec is None:
+                    klass[oid] = DELETED
+                    continue
+                klass[oid] = names(data_rec.data)
+                if not data_rec.refs_known:
+                    unknown += 1
+                    continue
+                for ref in data_rec.ref_oids():
+                    if ref not in parent and ref in index:
+                        parent[ref] = oid
+                        frontier.append(ref)
+        out = []
+        for oid in oids:
+            if oid not in parent:
+                out.append(RootPath(oid, None, unknown))
+                continue
+            chain = []
+            o: bytes | None = oid
+            while o is not None:
+                if o not in klass:
+                    state, rec = _state(reader, index, o)
+                    klass[o] = names(rec.data) if rec is not None else f"({state})"
+                chain.append((o, klass[o]))
+                o = parent[o]
+            out.append(RootPath(oid, chain[::-1], unknown))
+        return out
 
 
 def _refs_contain(refs: bytes, oid: bytes) -> bool:
