@@ -410,14 +410,48 @@ def progress_bar(total: int | None, desc: str, unit: str = "txn"):
                 dynamic_ncols=True)
 
 
+class PhasedProgress:
+    """The progress display the tools report to: progress(n) and phase(label, total, unit).
+
+    Starts as a bar over bytes labelled `label` (if `total` is given, or at
+    the first progress call); each phase replaces the bar with one of its own
+    label, total and unit, so no phase sits at 100% under the previous label."""
+
+    def __init__(self, label: str, total: int | None, unit: str = "B"):
+        self._next = (label, total, unit)
+        self._bar = None
+
+    def _open(self) -> None:
+        label, total, unit = self._next
+        self._bar = progress_bar(total, label, unit)
+
+    def phase(self, label: str, total: int | None, unit: str = "B") -> None:
+        self.close()
+        self._next = (label, total, unit)
+        self._open()
+
+    def __call__(self, n: int) -> None:
+        if self._bar is None:
+            self._open()
+        if n > self._bar.n:
+            self._bar.update(n - self._bar.n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
 @contextmanager
-def byte_progress(total: int | None, desc: str) -> Iterator[Callable[[int], None]]:
-    """A progress bar over bytes; yields update(position)."""
-    with progress_bar(total, desc, unit="B") as bar:
-        def update(pos: int) -> None:
-            if pos > bar.n:
-                bar.update(pos - bar.n)
-        yield update
+def byte_progress(total: int | None, desc: str) -> Iterator[PhasedProgress]:
+    """A progress display over bytes (the first phase); yields the callable the tools take."""
+    progress = PhasedProgress(desc, total, "B")
+    if total:
+        progress(0)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 @contextmanager

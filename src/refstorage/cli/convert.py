@@ -41,9 +41,11 @@ def _check_source(src: str) -> int | None:
         head = f.read(max(len(MAGIC), 4))
     if head.startswith(MAGIC) or not head:
         check_database(src)
+        from .. import format as fmt
+        from ..log import scan
         from ..tools.common import Log
-        with failing_cleanly(src), Log(src) as log:
-            return log.build_index().scan.ntxn
+        with failing_cleanly(src), Log(src) as log:  # headers and oid tables only: fast
+            return scan(log.reader, fmt.HEADER_SIZE, log.size).ntxn or None
     if not head.startswith(FS_MAGICS):
         raise CliError(f"{src}: neither a refstorage file nor a ZODB FileStorage file")
     return None

@@ -361,7 +361,7 @@ def refs(path: str, oids: tuple[bytes, ...], show_path: bool, as_json: bool) -> 
     missing or deleted object.  With one OID, --json prints its report; with
     several, a list of them.
     """
-    with failing_cleanly(path), byte_progress(_size_of(path), "refs") as progress:
+    with failing_cleanly(path), byte_progress(None, "refs") as progress:
         reports = info_mod.refs_many(path, list(oids), progress)
         paths = info_mod.paths_from_root(path, list(oids)) if show_path else None
     problem = False

@@ -41,7 +41,7 @@ from .. import fileio
 from .. import format as fmt
 from ..errors import CorruptedError, StorageIOError
 from ..log import LogReader, scan
-from .common import Log, Progress, ToolError, tid_repr
+from .common import Log, Progress, ToolError, phase, tid_repr
 
 MANIFEST = "manifest.json"
 FORMAT = "refstorage-backup"
@@ -332,6 +332,8 @@ def restore(backup_dir: str, dest: str, tid: bytes | None = None, force: bool = 
             raise ToolError(f"{backup_dir}: backup pieces do not join: {p['file']} starts at "
                             f"{p['start']}, the one before ends at {expected_pos}")
         expected_pos = p["end"]
+
+    phase(progress, "restore", pieces[-1]["end"], "B")
 
     def chunks() -> Iterator[bytes]:
         for p in pieces:

@@ -29,6 +29,7 @@ from .common import (
     Progress,
     ToolError,
     oid_repr,
+    phase,
     text,
     tid_time,
     time_repr,
@@ -161,7 +162,7 @@ def info(path: str, pack_time: float | None = None, progress: Progress | None = 
                     report.history_bytes += size
         report.objects = len(index)
         if pack_time is not None:
-            report.pack = pack_forecast(log, built, pack_time)
+            report.pack = pack_forecast(log, built, pack_time, progress)
     return report
 
 
@@ -182,7 +183,8 @@ def _backpointer_class(reader, rec: fmt.DataRecord, names: ClassNames, cache: di
     return name
 
 
-def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast:
+def pack_forecast(log: Log, built: IndexBuild, pack_time: float,
+                  progress: Progress | None = None) -> PackForecast:
     """What packing the file to `pack_time` would remove, with gc, as FileStorage.pack does it.
 
     Runs pack's GC (reachability from the root and from every record after
@@ -208,7 +210,13 @@ def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast
         return refs
 
     # with gc the GC only looks oids up in the index
-    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of)
+    gc_progress = None
+    if progress is not None and hasattr(progress, "phase"):
+        phase(progress, "info: pack forecast", len(built.index), "objects")
+
+        def gc_progress(_phase: str, done: int, _total: int) -> None:
+            progress(done)
+    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of, gc_progress)
     if reason:
         f.reason = reason
         return f
@@ -378,11 +386,13 @@ def refs_many(path: str, oids: list[bytes], progress: Progress | None = None) ->
                                               "class": names(target.data) if target is not None else None})
             reports.append(report)
         positions = array("Q", sorted(pos for _o, pos in index.items()))
+        phase(progress, "refs: searching referrers", len(positions), "objects")
+        listening = progress is not None and hasattr(progress, "phase")
         done = 0
         for rec in reader.read_data_records(positions):
             done += 1
             if progress is not None and not done % 4096:
-                progress(rec.pos)
+                progress(done if listening else rec.pos)
             if rec.is_backpointer:
                 if not rec.back:
                     continue
