@@ -307,3 +307,30 @@ def test_serve_json(db, tmp_path):
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_backup_keep_prunes_older_chains_and_check_finds_damage(db, tmp_path):
+    bdir = tmp_path / "b"
+    for _ in range(3):
+        assert run("backup", db, bdir, "--full").exit_code == 0
+    pieces = sorted(p.name for p in bdir.glob("*.rfsb"))
+    assert len(pieces) == 3
+    r = run("backup", db, bdir, "--full", "--keep", "2", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["removed"] == pieces[:2]
+    left = sorted(p.name for p in bdir.glob("*.rfsb"))
+    assert left == [pieces[2], left[-1]] and len(left) == 2
+    r = run("restore", bdir, "--check")
+    assert r.exit_code == 0 and r.output.count(": OK") == 2, r.output
+    assert run("restore", bdir, tmp_path / "r.rfs").exit_code == 0
+    victim = bdir / left[0]
+    data = bytearray(victim.read_bytes())
+    data[100] ^= 1
+    victim.write_bytes(bytes(data))
+    r = run("restore", bdir, "--check", "--json")
+    assert r.exit_code == 1
+    d = json.loads(r.output)
+    assert [c["ok"] for c in d] == [False, True] and "sha256 mismatch" in d[0]["problems"][0]
+    assert run("backup", db, bdir, "--keep", "0").exit_code == 2
+    assert run("restore", bdir).exit_code == 2  # neither DEST nor --check
+    assert run("restore", bdir, tmp_path / "x.rfs", "--check").exit_code == 2

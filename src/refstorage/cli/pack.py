@@ -19,6 +19,8 @@ from .common import (
     moment_for_days,
     one_moment,
     phased_progress,
+    plural,
+    size_repr,
 )
 
 PHASES = {"gc": ("pack: marking reachable objects", "objects"), "copy": ("pack: copying", "B")}
@@ -68,4 +70,17 @@ def pack(path: str, days: Moment | None, at: Moment | None, before: Moment | Non
     if as_json:
         emit_json({**dataclasses.asdict(report), "bytes_freed": report.bytes_freed})
     else:
-        click.echo(str(report))
+        click.echo(pack_text(report))
+
+
+def pack_text(report) -> str:
+    """The pack report in the command's words: tids with their UTC time, plurals, sizes."""
+    from ..tools.common import Z64, tid_repr
+    when = tid_repr(report.pack_tid) if report.pack_tid != Z64 else "?"
+    if not report.packed:
+        return f"{report.path}: not packed to {when} ({report.reason}); {report.seconds:.2f} s"
+    ratio = 100.0 * report.bytes_freed / report.bytes_before if report.bytes_before else 0.0
+    return (f"{report.path}: packed to {when}: {size_repr(report.bytes_before)} -> "
+            f"{size_repr(report.bytes_after)} ({ratio:.1f}% freed); removed "
+            f"{plural(report.revisions_removed, 'revision')}, {plural(report.objects_removed, 'object')}, "
+            f"{plural(report.transactions_removed, 'transaction')}; {report.seconds:.2f} s")

@@ -491,8 +491,11 @@ Examples:
 @click.argument("path", type=DATABASE)
 @click.argument("backup_dir", type=BackupDir(exists=False))
 @click.option("--full", is_flag=True, help="Start a new full backup even if an incremental one would do.")
+@click.option("--keep", type=COUNT, default=None, metavar="N",
+              help="Then remove the older backups: keep only the newest N full backups, each with its "
+                   "incrementals (as repozo's cleanup; --keep 1 after --full keeps just the new one).")
 @JSON_OPTION
-def backup(path: str, backup_dir: str, full: bool, as_json: bool) -> None:
+def backup(path: str, backup_dir: str, full: bool, keep: int | None, as_json: bool) -> None:
     """Back up the (possibly live) file PATH into BACKUP_DIR.
 
     The first backup is full; later ones copy only the transactions written
@@ -503,8 +506,12 @@ def backup(path: str, backup_dir: str, full: bool, as_json: bool) -> None:
     """
     with failing_cleanly(path), byte_progress(_size_of(path), "backup") as progress:
         report = backup_mod.backup(path, backup_dir, full, progress)
+    removed: list[str] = []
+    if keep is not None:
+        with failing_cleanly(backup_dir):
+            removed = backup_mod.prune(backup_dir, keep)
     if as_json:
-        emit_json(report.to_json())
+        emit_json({**report.to_json(), **({"removed": removed} if keep is not None else {})})
         return
     if report.kind == "none":
         click.echo(f"{path}: {report.reason}; nothing written")
@@ -516,27 +523,42 @@ def backup(path: str, backup_dir: str, full: bool, as_json: bool) -> None:
                    + (f"; full because {report.reason}" if report.kind == "full" else ""))
     if report.note:
         click.echo(f"note: {report.note}")
+    if removed:
+        click.echo(f"removed {plural(len(removed), 'older backup piece')} (kept the newest "
+                   f"{plural(keep, 'full backup')} and their incrementals): {', '.join(removed)}")
 
 
 @main.command(epilog="""\b
 Examples:
   refstorage restore /backups/app Restored.rfs
   refstorage restore /backups/app Restored.rfs --time 2024-05-01T12:00
-  refstorage restore /backups/app Restored.rfs --time 03e5a0d4d5555555   # as of a tid""")
+  refstorage restore /backups/app Restored.rfs --time 03e5a0d4d5555555   # as of a tid
+  refstorage restore /backups/app --check     # check every backup piece, write nothing""")
 @click.argument("backup_dir", type=BackupDir(exists=True))
-@click.argument("dest", type=NEW_FILE)
+@click.argument("dest", type=NEW_FILE, required=False)
 @click.option("--time", "at", type=WHEN, help=f"Restore the state as of WHEN: {WHEN_HELP}.")
 @click.option("--tid", type=WHEN, hidden=True)
 @click.option("--force", is_flag=True, help="Overwrite DEST if it exists.")
+@click.option("--check", "check_only", is_flag=True,
+              help="Check every piece of every backup (present, size, sha256, joined); write nothing "
+                   "(as repozo -V).  No DEST then.")
 @JSON_OPTION
-def restore(backup_dir: str, dest: str, at: Moment | None, tid: Moment | None, force: bool,
-            as_json: bool) -> None:
+def restore(backup_dir: str, dest: str | None, at: Moment | None, tid: Moment | None, force: bool,
+            check_only: bool, as_json: bool) -> None:
     """Rebuild a data file DEST from the backups in BACKUP_DIR.
 
     The latest state, or with --time the state as of then (cut after the
     last transaction at or before it).  Every piece's sha256 is checked.
+    With --check, only check the backups.
     """
     when = one_moment(time=at, tid=tid)
+    if check_only:
+        if dest is not None or when is not None or force:
+            raise click.UsageError("--check takes only BACKUP_DIR (it writes nothing)")
+        _check_backups(backup_dir, as_json)
+        return
+    if dest is None:
+        raise click.UsageError("missing argument DEST (the file to write), or give --check")
     with failing_cleanly(backup_dir), byte_progress(None, "restore") as progress:
         report = backup_mod.restore(backup_dir, dest, when and when.tid, force, progress)
     if as_json:
@@ -545,3 +567,22 @@ def restore(backup_dir: str, dest: str, at: Moment | None, tid: Moment | None, f
     upto = common.tid_repr(report.last_tid) if report.last_tid else "no transaction"
     click.echo(f"restored {dest} from {plural(len(report.pieces or []), 'backup piece')}: "
                f"{size_repr(report.size)}, {plural(report.transactions, 'transaction')}, up to {upto}")
+
+
+def _check_backups(backup_dir: str, as_json: bool) -> None:
+    with failing_cleanly(backup_dir), byte_progress(None, "backup: checking") as progress:
+        chains = backup_mod.check(backup_dir, progress)
+    if as_json:
+        emit_json([c.to_json() for c in chains])
+    else:
+        for i, c in enumerate(chains, 1):
+            upto = common.tid_repr(c.last_tid) if c.last_tid else "no transaction"
+            state = "OK" if not c.problems else plural(len(c.problems), "problem")
+            click.echo(f"backup {i} (file id {c.file_id}): {plural(c.pieces, 'piece')}, {size_repr(c.size)}, "
+                       f"up to {upto}: {state}")
+            for problem in c.problems:
+                click.echo(f"  {problem}")
+        if not chains:
+            click.echo(f"{backup_dir}: no backups listed")
+    if any(c.problems for c in chains):
+        _fail()

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from .. import fileio
 from .. import format as fmt
-from ..errors import CorruptedError, StorageIOError
+from ..errors import CorruptedError, RefStorageError, StorageIOError
 from ..log import LogReader, scan
 from .common import Log, Progress, ToolError, phase, tid_repr
 
@@ -369,3 +369,84 @@ def _trim(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
         if pos < limit:
             yield chunk[: limit - pos] if pos + len(chunk) > limit else chunk
         pos += len(chunk)
+
+
+# -- checking and pruning the backups ---------------------------------------------------------
+
+@dataclass
+class ChainCheck:
+    file_id: str
+    pieces: int
+    size: int
+    last_tid: bytes | None
+    problems: list[str]
+
+    def to_json(self) -> dict:
+        return {"file_id": self.file_id, "pieces": self.pieces, "size": self.size,
+                "last_tid": _hex(self.last_tid), "problems": self.problems, "ok": not self.problems}
+
+
+def check(backup_dir: str, progress: Progress | None = None) -> list[ChainCheck]:
+    """Check every piece of every chain: present, of the size and sha256 the manifest records,
+    and joined to the piece before it.  Nothing is written."""
+    backup_dir = str(backup_dir)
+    manifest = load_manifest(backup_dir)
+    if manifest is None:
+        raise ToolError(f"{backup_dir}: no {MANIFEST}; not a backup directory")
+    total = sum(p["end"] - p["start"] for c in manifest["chains"] for p in c["pieces"])
+    phase(progress, "backup: checking", total, "B")
+    done = 0
+    out = []
+    for chain in manifest["chains"]:
+        pieces = chain["pieces"]
+        result = ChainCheck(chain["file_id"], len(pieces), pieces[-1]["end"] if pieces else 0,
+                            _unhex(pieces[-1]["last_tid"]) if pieces else None, [])
+        expected = 0
+        for p in pieces:
+            ppath = os.path.join(backup_dir, p["file"])
+            if p["start"] != expected:
+                result.problems.append(f"{p['file']} starts at {p['start']}, the piece before ends at "
+                                       f"{expected}")
+            expected = p["end"]
+            if not fileio.exists(ppath):
+                result.problems.append(f"{ppath}: missing")
+                done += p["end"] - p["start"]
+                continue
+            try:
+                digest, size = _sha256_of(ppath, progress, done)
+            except RefStorageError as exc:
+                result.problems.append(str(exc))
+                continue
+            finally:
+                done += p["end"] - p["start"]
+            if size != p["end"] - p["start"]:
+                result.problems.append(f"{ppath}: {size} bytes, the manifest says {p['end'] - p['start']}")
+            elif digest != p["sha256"]:
+                result.problems.append(f"{ppath}: sha256 mismatch: the backup piece is damaged")
+        out.append(result)
+    return out
+
+
+def prune(backup_dir: str, keep: int) -> list[str]:
+    """Remove every chain but the newest `keep` ones (each a full backup and its incrementals).
+
+    The manifest is rewritten first, then the pieces it no longer names are
+    deleted; returns their file names."""
+    if keep < 1:
+        raise ToolError(f"keep {keep}: at least the newest full backup is kept")
+    backup_dir = str(backup_dir)
+    manifest = load_manifest(backup_dir)
+    if manifest is None:
+        raise ToolError(f"{backup_dir}: no {MANIFEST}; not a backup directory")
+    chains = [c for c in manifest["chains"] if c["pieces"]]
+    if len(chains) <= keep:
+        return []
+    dropped = chains[:-keep]
+    manifest["chains"] = chains[-keep:]
+    _save_manifest(backup_dir, manifest)
+    removed = []
+    for chain in dropped:
+        for p in chain["pieces"]:
+            fileio.remove_if_exists(os.path.join(backup_dir, p["file"]))
+            removed.append(p["file"])
+    return removed
