@@ -334,3 +334,46 @@ def test_backup_keep_prunes_older_chains_and_check_finds_damage(db, tmp_path):
     assert run("backup", db, bdir, "--keep", "0").exit_code == 2
     assert run("restore", bdir).exit_code == 2  # neither DEST nor --check
     assert run("restore", bdir, tmp_path / "x.rfs", "--check").exit_code == 2
+
+
+def test_compressed_backups_restore_and_mix_with_plain_ones(tmp_path):
+    import transaction
+    import ZODB
+
+    import refstorage
+    path = tmp_path / "Data.rfs"
+    make_db(path)
+    bdir = tmp_path / "b"
+    r = run("backup", path, bdir, "-z", "--json")
+    assert r.exit_code == 0, r.output
+    full = json.loads(r.output)
+    assert full["piece"].endswith(".rfsb.gz")
+    assert (bdir / full["piece"]).stat().st_size < os.path.getsize(path)
+    tids = []
+    for i in range(3):  # incrementals after a compressed piece: its tail is compared decompressed
+        db = ZODB.DB(refstorage.FileStorage(str(path)))
+        with db.transaction() as conn:
+            conn.root()["n"] = i
+        tids.append(db.lastTransaction())
+        db.close()
+        transaction.abort()
+        r = run("backup", path, bdir, *(["--compress"] if i != 1 else []), "--json")
+        assert json.loads(r.output)["kind"] == "incremental", r.output
+    assert run("restore", bdir, "--check").exit_code == 0
+    r = run("restore", bdir, tmp_path / "latest.rfs")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "latest.rfs").read_bytes() == path.read_bytes()
+    r = run("restore", bdir, tmp_path / "mid.rfs", "--time", tids[0].hex(), "--json")  # cut in a .gz piece
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output)["last_tid"] == tids[0].hex()
+    assert run("verify", tmp_path / "mid.rfs").exit_code == 0
+    assert not list(tmp_path.glob("*.tmp*"))
+    # a damaged compressed piece: check and restore say so, in one line
+    victim = bdir / full["piece"]
+    data = bytearray(victim.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    r = run("restore", bdir, "--check")
+    assert r.exit_code == 1 and full["piece"] in r.output and "damaged" in r.output
+    r = run("restore", bdir, tmp_path / "bad.rfs")
+    assert r.exit_code == 1 and "Traceback" not in r.output and not (tmp_path / "bad.rfs").exists()

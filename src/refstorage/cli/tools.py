@@ -486,16 +486,17 @@ def recover(src: str, dst: str, force: bool, as_json: bool) -> None:
 @main.command(epilog="""\b
 Examples:
   refstorage backup Data.rfs /backups/app          # full the first time, then incremental
-  refstorage backup Data.rfs /backups/app --full
+  refstorage backup Data.rfs /backups/app --full --compress --keep 2
   refstorage restore /backups/app Restored.rfs""")
 @click.argument("path", type=DATABASE)
 @click.argument("backup_dir", type=BackupDir(exists=False))
 @click.option("--full", is_flag=True, help="Start a new full backup even if an incremental one would do.")
+@click.option("-z", "--compress", is_flag=True, help="Write the new piece gzip-compressed (as repozo -z).")
 @click.option("--keep", type=COUNT, default=None, metavar="N",
               help="Then remove the older backups: keep only the newest N full backups, each with its "
                    "incrementals (as repozo's cleanup; --keep 1 after --full keeps just the new one).")
 @JSON_OPTION
-def backup(path: str, backup_dir: str, full: bool, keep: int | None, as_json: bool) -> None:
+def backup(path: str, backup_dir: str, full: bool, compress: bool, keep: int | None, as_json: bool) -> None:
     """Back up the (possibly live) file PATH into BACKUP_DIR.
 
     The first backup is full; later ones copy only the transactions written
@@ -505,7 +506,7 @@ def backup(path: str, backup_dir: str, full: bool, keep: int | None, as_json: bo
     if missing (its parent directory must exist).
     """
     with failing_cleanly(path), byte_progress(_size_of(path), "backup") as progress:
-        report = backup_mod.backup(path, backup_dir, full, progress)
+        report = backup_mod.backup(path, backup_dir, full, progress, compress)
     removed: list[str] = []
     if keep is not None:
         with failing_cleanly(backup_dir):

@@ -13,14 +13,17 @@ its range) and ``manifest.json``::
     {"format": "refstorage-backup", "version": 1,
      "chains": [{"file_id": ..., "pack_tid": ...,
                  "pieces": [{"file", "kind": "full" | "incremental", "start", "end",
-                             "first_tid", "last_tid", "transactions", "sha256", "created"}]}]}
+                             "first_tid", "last_tid", "transactions", "sha256", "created",
+                             "compression" (optional: "gzip")}]}]}
 
 A chain is one generation of the data file: a full backup and the
 incrementals after it.  A new chain (a full backup) starts when the data
 file's id changed (a pack or a restore wrote a new file), when the bytes at
 the end of the last backup no longer match the file, or on request.  Each
 piece is written with `fileio.atomic_write`, then read back and its sha256
-checked, before the manifest (also written atomically) names it.
+checked, before the manifest (also written atomically) names it.  A piece
+written with `compress` is a gzip file (``.rfsb.gz``); its sha256 is that of
+the bytes it holds, so compressed and plain pieces are checked alike.
 
 Restore concatenates the pieces of one chain, checking each sha256, and
 cuts at the last transaction at or before the requested tid: the state as
@@ -34,6 +37,7 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -109,15 +113,54 @@ def _read_range(file: fileio.DataFile, start: int, end: int, progress: Progress 
             progress(base + pos)
 
 
-def _sha256_of(path: str, progress: Progress | None = None, base: int = 0) -> tuple[str, int]:
-    f = fileio.DataFile(path, read_only=True)
+def _gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The gzip stream of `chunks` (repozo's -z writes gzip files too)."""
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    for chunk in chunks:
+        out = z.compress(chunk)
+        if out:
+            yield out
+    yield z.flush()
+
+
+def piece_chunks(backup_dir: str, piece: dict, progress: Progress | None = None,
+                 base: int = 0) -> Iterator[bytes]:
+    """The bytes a piece holds (decompressed if it was written with --compress), in chunks;
+    progress(base + position in the piece's range)."""
+    ppath = os.path.join(str(backup_dir), piece["file"])
+    f = fileio.DataFile(ppath, read_only=True)
     try:
-        h = hashlib.sha256()
-        for chunk in _read_range(f, 0, f.size, progress, base):
-            h.update(chunk)
-        return h.hexdigest(), f.size
+        if piece.get("compression") != "gzip":
+            yield from _read_range(f, 0, f.size, progress, base)
+            return
+        z = zlib.decompressobj(31)
+        pos = 0
+        for chunk in _read_range(f, 0, f.size):
+            try:
+                data = z.decompress(chunk)
+            except zlib.error as exc:
+                raise ToolError(f"{ppath}: not a valid gzip stream ({exc}): the backup piece is damaged") \
+                    from None
+            if data:
+                pos += len(data)
+                yield data
+                if progress is not None:
+                    progress(base + pos)
+        if not z.eof:
+            raise ToolError(f"{ppath}: the gzip stream ends early: the backup piece is damaged")
     finally:
         f.close()
+
+
+def _piece_digest(backup_dir: str, piece: dict, progress: Progress | None = None,
+                  base: int = 0) -> tuple[str, int]:
+    """(sha256, length) of the bytes a piece holds."""
+    h = hashlib.sha256()
+    n = 0
+    for chunk in piece_chunks(backup_dir, piece, progress, base):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
 
 
 # -- backup -------------------------------------------------------------------------------
@@ -156,12 +199,18 @@ def _tail_matches(log: Log, backup_dir: str, piece: dict) -> str | None:
     ppath = os.path.join(backup_dir, piece["file"])
     if not fileio.exists(ppath):
         return f"the last backup piece {piece['file']} is missing"
-    pf = fileio.DataFile(ppath, read_only=True)
-    try:
-        n = min(TAIL_CHECK, pf.size, end - piece["start"])
-        ours = pf.read(pf.size - n, n)
-    finally:
-        pf.close()
+    if piece.get("compression") == "gzip":
+        ours = b""
+        for chunk in piece_chunks(backup_dir, piece):
+            ours = (ours + chunk)[-TAIL_CHECK:]
+        n = len(ours)
+    else:
+        pf = fileio.DataFile(ppath, read_only=True)
+        try:
+            n = min(TAIL_CHECK, pf.size, end - piece["start"])
+            ours = pf.read(pf.size - n, n)
+        finally:
+            pf.close()
     if log.file.read(end - n, n) != ours:
         return "the data at the end of the last backup changed (the file was replaced)"
     try:
@@ -173,8 +222,12 @@ def _tail_matches(log: Log, backup_dir: str, piece: dict) -> str | None:
     return None
 
 
-def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | None = None) -> BackupReport:
-    """Back up the file at `path` into `backup_dir`: incrementally if possible."""
+def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | None = None,
+           compress: bool = False) -> BackupReport:
+    """Back up the file at `path` into `backup_dir`: incrementally if possible.
+
+    With `compress` the piece is written as a gzip file (its sha256 is still
+    that of the data it holds)."""
     path, backup_dir = str(path), str(backup_dir)
     report = BackupReport(path, backup_dir)
     fileio.make_dirs(backup_dir)
@@ -213,6 +266,8 @@ def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | 
         report.kind, report.reason = kind, reason or ""
         seq = sum(len(c["pieces"]) for c in chains) + 1
         name = f"{seq:05d}-{kind}-{result.last_tid.hex() if result.last_tid else 'empty'}.rfsb"
+        if compress:
+            name += ".gz"
         ppath = os.path.join(backup_dir, name)
         h = hashlib.sha256()
 
@@ -221,16 +276,18 @@ def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | 
                 h.update(chunk)
                 yield chunk
 
-        fileio.atomic_write(ppath, chunks())
+        fileio.atomic_write(ppath, _gzip(chunks()) if compress else chunks())
     digest = h.hexdigest()
-    again, size = _sha256_of(ppath)
+    piece = {"file": name, "kind": kind, "start": start, "end": end, "first_tid": _hex(report.first_tid),
+             "last_tid": _hex(report.last_tid), "transactions": report.transactions, "sha256": digest,
+             "created": _now()}
+    if compress:
+        piece["compression"] = "gzip"
+    again, size = _piece_digest(backup_dir, piece)
     if again != digest or size != end - start:
         fileio.remove_if_exists(ppath)
         raise ToolError(f"{ppath}: the backup piece read back differs from what was written "
                         f"(sha256 {again}, expected {digest}); nothing was recorded")
-    piece = {"file": name, "kind": kind, "start": start, "end": end, "first_tid": _hex(report.first_tid),
-             "last_tid": _hex(report.last_tid), "transactions": report.transactions, "sha256": digest,
-             "created": _now()}
     if reason:
         chains.append({"file_id": log.file_id.hex(), "pack_tid": log.header.pack_tid.hex(),
                        "pieces": [piece]})
@@ -296,11 +353,21 @@ def _choose(manifest: dict, backup_dir: str, tid: bytes | None) -> tuple[dict, l
                     "or before it, or every backup that old was packed after it)")
 
 
-def _cut(backup_dir: str, piece: dict, tid: bytes) -> int:
-    """Where the state as of `tid` ends in `piece`: after its last transaction <= tid."""
+def _cut(backup_dir: str, piece: dict, tid: bytes, scratch: str) -> int:
+    """Where the state as of `tid` ends in `piece`: after its last transaction <= tid.
+
+    A compressed piece is first decompressed into the file `scratch` (removed after)."""
     if piece["last_tid"] is None or bytes.fromhex(piece["last_tid"]) <= tid:
         return piece["end"]
-    pf = _PieceFile(os.path.join(backup_dir, piece["file"]), piece["start"])
+    ppath = os.path.join(backup_dir, piece["file"])
+    if piece.get("compression") == "gzip":
+        fileio.atomic_write(scratch, piece_chunks(backup_dir, piece))
+        ppath = scratch
+    try:
+        pf = _PieceFile(ppath, piece["start"])
+    finally:
+        if ppath == scratch:
+            fileio.remove_if_exists(scratch)  # the open file stays readable
     try:
         cut = max(piece["start"], fmt.HEADER_SIZE)
         for th in LogReader(pf).iter_txns(cut, piece["end"]):  # type: ignore[arg-type]
@@ -324,7 +391,7 @@ def restore(backup_dir: str, dest: str, tid: bytes | None = None, force: bool = 
     if fileio.exists(dest) and not force:
         raise ToolError(f"{dest} exists; restore writes a new file (give another name, or --force)")
     chain, pieces = _choose(manifest, backup_dir, tid)
-    cut = pieces[-1]["end"] if tid is None else _cut(backup_dir, pieces[-1], tid)
+    cut = pieces[-1]["end"] if tid is None else _cut(backup_dir, pieces[-1], tid, dest + ".cut.tmp")
     report = RestoreReport(backup_dir, dest, chain["file_id"], [p["file"] for p in pieces], asked_tid=tid)
     expected_pos = 0
     for p in pieces:
@@ -338,18 +405,26 @@ def restore(backup_dir: str, dest: str, tid: bytes | None = None, force: bool = 
     def chunks() -> Iterator[bytes]:
         for p in pieces:
             ppath = os.path.join(backup_dir, p["file"])
-            f = fileio.DataFile(ppath, read_only=True)
-            try:
-                if f.size != p["end"] - p["start"]:
-                    raise ToolError(f"{ppath}: {f.size} bytes, the manifest says {p['end'] - p['start']}")
-                h = hashlib.sha256()
-                for chunk in _read_range(f, 0, f.size, progress, p["start"]):
-                    h.update(chunk)
-                    yield chunk
-                if h.hexdigest() != p["sha256"]:
-                    raise ToolError(f"{ppath}: sha256 mismatch: the backup piece is damaged")
-            finally:
-                f.close()
+            size = p["end"] - p["start"]
+            if p.get("compression") != "gzip":
+                f = fileio.DataFile(ppath, read_only=True)
+                try:
+                    if f.size != size:
+                        raise ToolError(f"{ppath}: {f.size} bytes, the manifest says {size}")
+                finally:
+                    f.close()
+            h = hashlib.sha256()
+            n = 0
+            for chunk in piece_chunks(backup_dir, p, progress, p["start"]):
+                n += len(chunk)
+                if n > size:
+                    raise ToolError(f"{ppath}: holds more than the {size} bytes the manifest says")
+                h.update(chunk)
+                yield chunk
+            if n != size:
+                raise ToolError(f"{ppath}: {n} bytes, the manifest says {size}")
+            if h.hexdigest() != p["sha256"]:
+                raise ToolError(f"{ppath}: sha256 mismatch: the backup piece is damaged")
 
     fileio.atomic_write(dest, _trim(chunks(), cut))
     fileio.remove_if_exists(dest + ".index")
@@ -413,7 +488,7 @@ def check(backup_dir: str, progress: Progress | None = None) -> list[ChainCheck]
                 done += p["end"] - p["start"]
                 continue
             try:
-                digest, size = _sha256_of(ppath, progress, done)
+                digest, size = _piece_digest(backup_dir, p, progress, done)
             except RefStorageError as exc:
                 result.problems.append(str(exc))
                 continue
