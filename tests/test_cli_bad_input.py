@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -231,3 +233,36 @@ def test_serve_and_pack_do_not_create_a_missing_file(tmp_path):
         check(r, tmp_path / "typo.rfs", status=1)
         assert "--create" in r.output or cmd == "pack"
         assert os.listdir(tmp_path) == []
+
+
+def test_serve_on_a_port_in_use(files, tmp_path):
+    import socket
+    db = tmp_path / "Data.rfs"
+    shutil.copy(files / "Data.rfs", db)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run("serve", db, "--port", port)
+    check(r, str(port), status=1)
+    assert "cannot listen" in r.output
+
+
+def test_a_database_open_for_writing_says_what_to_run_instead(files, tmp_path):
+    import refstorage
+    db = tmp_path / "Data.rfs"
+    shutil.copy(files / "Data.rfs", db)
+    storage = refstorage.FileStorage(str(db))
+    try:
+        r = run("pack", db)
+        check(r, db, status=1)
+        assert "open for writing by another process" in r.output and "zeopack" in r.output
+        assert "read_only=True" not in r.output
+        # in a subprocess: runzeo sets up logging for the process it runs in
+        proc = subprocess.run([sys.executable, "-m", "refstorage", "serve", str(db), "--port", "0"],
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 1 and "Traceback" not in proc.stderr
+        last = proc.stderr.strip().splitlines()[-1]
+        assert str(db) in last and "--read-only" in last and "read_only=True" not in last
+    finally:
+        storage.close()

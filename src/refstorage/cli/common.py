@@ -314,14 +314,17 @@ def is_refstorage_path(path: str, create: bool = False) -> bool:
 
 # -- errors ---------------------------------------------------------------------------------
 
-def describe(exc: BaseException, subject: str | None = None) -> str:
-    """One line for an error: names the file (or `subject`) and the cause."""
+def describe(exc: BaseException, subject: str | None = None, locked_hint: str | None = None) -> str:
+    """One line for an error: names the file (or `subject`) and the cause.
+
+    `locked_hint` says what to run instead when the file is open for writing
+    by another process."""
     if isinstance(exc, StorageLockedError):
         import re
         holder = re.search(r"\((.*?)\)", exc.detail)
         by = f" ({holder.group(1)})" if holder else ""
-        return (f"{exc.path} is open for writing by another process{by}: stop that process first, "
-                "or, if it is a ZEO server, pack through the server (ZEO's zeopack)")
+        return (f"{exc.path} is open for writing by another process{by}: stop that process first"
+                + (f", {locked_hint}" if locked_hint else ""))
     if isinstance(exc, RefStorageError):
         msg = str(exc)
     elif isinstance(exc, OSError):
@@ -339,21 +342,21 @@ def describe(exc: BaseException, subject: str | None = None) -> str:
 
 
 @contextmanager
-def failing_cleanly(subject: str | None = None) -> Iterator[None]:
+def failing_cleanly(subject: str | None = None, locked_hint: str | None = None) -> Iterator[None]:
     """Turn errors about files, storages and configurations into a one-line message and exit status 1.
 
     `subject` (a path, URI or configuration file) is named in the message if
-    the error does not name it already."""
+    the error does not name it already; `locked_hint`: see `describe`."""
     from ZODB.POSException import POSError
     try:
         yield
     except click.ClickException:
         raise
     except (RefStorageError, POSError, OSError) as exc:
-        raise CliError(describe(exc, subject)) from exc
+        raise CliError(describe(exc, subject, locked_hint)) from exc
     except Exception as exc:
         if type(exc).__module__.split(".")[0] in ("ZConfig", "zodburi", "ZEO"):
-            raise CliError(describe(exc, subject)) from exc
+            raise CliError(describe(exc, subject, locked_hint)) from exc
         raise
 
 

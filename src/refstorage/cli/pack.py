@@ -59,7 +59,8 @@ def pack(path: str, days: Moment | None, at: Moment | None, before: Moment | Non
     references stored in the records, nothing is unpickled.
     """
     when = one_moment(days=days, time=at, before=before) or moment_for_days(0)
-    with failing_cleanly(path):
+    with failing_cleanly(path, locked_hint="or, if it is a ZEO server, pack through the server "
+                         "(ZEO's zeopack -d DAYS HOST:PORT)"):
         storage = FileStorage(path, pack_keep_old=keep_old, pack_gc=gc, blob_dir=blob_dir)
         try:
             with phased_progress(PHASES) as progress:

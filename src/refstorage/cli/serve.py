@@ -85,12 +85,21 @@ def run_server(config_text: str, ready=None) -> None:
 
 
 def _check_host(host: str, port: int) -> None:
+    """A one-line error unless the server can listen on (host, port)."""
     import socket
     try:
-        socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, OSError) as exc:
         cause = getattr(exc, "strerror", None) or str(exc)
         raise CliError(f"--host {host}: not an address to listen on ({cause})") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise CliError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") \
+                from None
 
 
 @main.command(epilog="""\b
@@ -119,7 +128,7 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
     URI zeo://HOST:PORT?blob_dir=LOCAL_CACHE_DIR.  Stop with Ctrl-C or SIGTERM.
     """
-    with failing_cleanly(path):
+    with failing_cleanly(path, locked_hint="or serve it beside that process with --read-only"):
         for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
             if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
                 raise click.ClickException(f"{what}: the directory that should hold {value} does not exist")
