@@ -266,3 +266,17 @@ def test_a_database_open_for_writing_says_what_to_run_instead(files, tmp_path):
         assert str(db) in last and "--read-only" in last and "read_only=True" not in last
     finally:
         storage.close()
+
+
+def test_an_unexpected_error_is_one_line_and_vv_shows_the_traceback(files, monkeypatch):
+    from refstorage.tools import info as info_mod
+
+    def broken(*a, **k):
+        raise KeyError("boom")
+
+    monkeypatch.setattr(info_mod, "tail", broken)
+    r = run("tail", files / "Data.rfs")
+    check(r, "boom", status=1)
+    assert "unexpected error" in r.output and "-vv" in r.output
+    r = CliRunner().invoke(main, ["tail", str(files / "Data.rfs"), "-vv"])
+    assert r.exit_code == 1 and "Traceback" in r.output and "KeyError" in r.output

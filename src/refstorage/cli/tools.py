@@ -222,8 +222,8 @@ def _print_info(r: info_mod.InfoReport) -> None:
         return "-" if tid is None else common.tid_repr(tid)
 
     click.echo(f"file:          {r.path}")
-    click.echo(f"size:          {_n(r.size)} bytes" + ("" if r.end == r.size else
-                                                         f" (good transactions end at {_n(r.end)})"))
+    click.echo(f"size:          {size_repr(r.size)}" + ("" if r.end == r.size else
+                                                         f"; good transactions end at {_n(r.end)}"))
     click.echo(f"file id:       {r.file_id.hex()}")
     packed = "never" if r.pack_tid == common.Z64 else common.tid_repr(r.pack_tid)
     click.echo(f"packed to:     {packed}")
@@ -232,9 +232,9 @@ def _print_info(r: info_mod.InfoReport) -> None:
     click.echo(f"last:          {when(r.last_tid)}")
     click.echo(f"records:       {_n(r.records)}")
     click.echo(f"objects:       {_n(r.objects)} ({_n(r.deleted_objects)} deleted)")
-    click.echo(f"current data:  {_n(r.current_bytes)} bytes")
-    click.echo(f"history:       {_n(r.history_bytes)} bytes ({100 * r.history_share:.1f}% of the records)")
-    click.echo(f"overhead:      {_n(r.overhead_bytes)} bytes (file and transaction headers, trailers)")
+    click.echo(f"current data:  {size_repr(r.current_bytes)}")
+    click.echo(f"history:       {size_repr(r.history_bytes)}, {100 * r.history_share:.1f}% of the records")
+    click.echo(f"overhead:      {size_repr(r.overhead_bytes)}: file and transaction headers, trailers")
     if r.damage:
         click.echo(f"DAMAGE:        {r.damage}")
     click.echo("space per class:")
@@ -251,13 +251,13 @@ def _print_info(r: info_mod.InfoReport) -> None:
             click.echo(f"{head} would free nothing ({p.reason})")
         else:
             share = 100.0 * p.bytes_freed / p.bytes_before if p.bytes_before else 0.0
-            click.echo(f"{head} would free {_n(p.bytes_freed)} bytes ({share:.1f}%): "
-                       f"{_n(p.bytes_before)} -> {_n(p.bytes_after)} bytes; removes "
-                       f"{_n(p.revisions_removed)} revisions, {_n(p.objects_removed)} objects, "
-                       f"{_n(p.transactions_removed)} transactions")
+            click.echo(f"{head} would free {size_repr(p.bytes_freed)}, {share:.1f}%: "
+                       f"{size_repr(p.bytes_before)} -> {size_repr(p.bytes_after)}; removes "
+                       f"{plural(p.revisions_removed, 'revision')}, {plural(p.objects_removed, 'object')}, "
+                       f"{plural(p.transactions_removed, 'transaction')}")
         if p.refs_unreadable:
-            click.echo(f"  note: {len(p.refs_unreadable)} reachable records have no stored references and "
-                       "their data is not a ZODB pickle: the pack would refuse (PackError)")
+            click.echo(f"  note: {plural(len(p.refs_unreadable), 'reachable record')} with no stored "
+                       "references and data that is not a ZODB pickle: the pack would refuse (PackError)")
 
 
 # -- tail, history, refs ------------------------------------------------------------------
