@@ -280,3 +280,16 @@ def test_an_unexpected_error_is_one_line_and_vv_shows_the_traceback(files, monke
     assert "unexpected error" in r.output and "-vv" in r.output
     r = CliRunner().invoke(main, ["tail", str(files / "Data.rfs"), "-vv"])
     assert r.exit_code == 1 and "Traceback" in r.output and "KeyError" in r.output
+
+
+def test_a_closed_pipe_stops_quietly(tmp_path):
+    """refstorage dump Data.rfs | head -1: no 'Broken pipe' error, no traceback."""
+    db = tmp_path / "Data.rfs"
+    make_db(db, extra_txns=200)  # a dump of several times the 64 KiB a pipe holds
+    proc = subprocess.Popen([sys.executable, "-m", "refstorage", "dump", str(db), "--data"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    proc.wait(60)
+    assert err == "" and proc.returncode == 1

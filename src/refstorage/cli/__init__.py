@@ -9,6 +9,8 @@ statuses are in `common`.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import traceback
 
 import click
@@ -32,6 +34,14 @@ class RefstorageGroup(click.Group):
         except (click.ClickException, click.exceptions.Exit, click.Abort, SystemExit,
                 KeyboardInterrupt):
             raise
+        except BrokenPipeError:
+            # the reader of stdout went away (refstorage dump ... | head): stop quietly
+            try:
+                devnull = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(devnull, sys.stdout.fileno())
+            except (OSError, ValueError, AttributeError):
+                pass
+            ctx.exit(EXIT_PROBLEM)
         except Exception as exc:
             if verbosity() >= 2:
                 traceback.print_exc()

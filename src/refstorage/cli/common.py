@@ -350,7 +350,7 @@ def failing_cleanly(subject: str | None = None, locked_hint: str | None = None) 
     from ZODB.POSException import POSError
     try:
         yield
-    except click.ClickException:
+    except (click.ClickException, BrokenPipeError):
         raise
     except (RefStorageError, POSError, OSError) as exc:
         raise CliError(describe(exc, subject, locked_hint)) from exc
