@@ -293,3 +293,18 @@ def test_a_closed_pipe_stops_quietly(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(60)
     assert err == "" and proc.returncode == 1
+
+
+def test_no_python_api_advice_on_the_command_line(files, tmp_path, monkeypatch):
+    """The storage's messages suggest read_only=True to Python callers; the command says otherwise."""
+    import zc.lockfile
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    db = tmp_path / "Data.rfs"
+    shutil.copy(files / "Data.rfs", db)
+    monkeypatch.setattr(zc.lockfile, "LockFile", denied)
+    r = run("pack", db)
+    check(r, f"{db}.lock", status=1)
+    assert "read_only=True" not in r.output and "verify, info and dump" in r.output

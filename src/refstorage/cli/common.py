@@ -314,6 +314,14 @@ def is_refstorage_path(path: str, create: bool = False) -> bool:
 
 # -- errors ---------------------------------------------------------------------------------
 
+# Python API advice in the storage's messages, and what to say on the command line instead
+_API_ADVICE = [
+    ("(open read_only=True to read without it)",
+     "(the read-only subcommands, such as verify, info and dump, do not need it)"),
+    ("open it read_only=True beside it, or stop that process", "stop that process first"),
+]
+
+
 def describe(exc: BaseException, subject: str | None = None, locked_hint: str | None = None) -> str:
     """One line for an error: names the file (or `subject`) and the cause.
 
@@ -327,6 +335,8 @@ def describe(exc: BaseException, subject: str | None = None, locked_hint: str | 
                 + (f", {locked_hint}" if locked_hint else ""))
     if isinstance(exc, RefStorageError):
         msg = str(exc)
+        for api, cli in _API_ADVICE:
+            msg = msg.replace(api, cli)
     elif isinstance(exc, OSError):
         name = exc.filename or subject
         cause = exc.strerror or str(exc)
