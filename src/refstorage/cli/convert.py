@@ -48,7 +48,7 @@ def _check_source(src: str) -> int | None:
             return scan(log.reader, fmt.HEADER_SIZE, log.size).ntxn or None
     if not head.startswith(FS_MAGICS):
         raise CliError(f"{src}: neither a refstorage file nor a ZODB FileStorage file")
-    return None
+    return -1  # a FileStorage file: counted once open (its iterator reads transaction headers only)
 
 
 def _check_dest(dst: str) -> bool:
@@ -121,6 +121,8 @@ def convert(src: str, dst: str, incremental: bool, blob_dir: str | None, dest_bl
                     raise CliError(
                         f"{dst} is not empty (last transaction {last.hex()}); "
                         "use --incremental to add only newer transactions")
+                if total == -1:
+                    total = _count_txns(source, start) if not incremental else None
                 t0 = time.perf_counter()
                 with progress_bar(total, "convert" + (" (dry run)" if dry_run else ""),
                                   unit="txn") as bar:
@@ -164,3 +166,14 @@ def _count(source, start: bytes | None, bar):
         if close is not None:
             close()
     return report
+
+
+def _count_txns(source, start: bytes | None) -> int | None:
+    """How many transactions a FileStorage source holds (for the progress bar's total)."""
+    it = source.iterator(start) if start is not None else source.iterator()
+    try:
+        return sum(1 for _txn in it) or None
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
