@@ -356,8 +356,8 @@ def test_last_invalidations(tmp_path):
 def test_refstorage_serve_command(tmp_path):
     data = tmp_path / "Data.rfs"
     blobs = tmp_path / "blobs"
-    proc = subprocess.Popen([sys.executable, "-m", "refstorage", "serve", str(data), "--port", "0",
-                             "--blob-dir", str(blobs)], env=ENV, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "refstorage", "serve", str(data), "--create",
+                             "--port", "0", "--blob-dir", str(blobs)], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True)
     try:
         line = _read_line(proc)

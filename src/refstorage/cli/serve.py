@@ -19,6 +19,7 @@ closing the storage; logging to stderr) applies.  Clients connect with
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -26,7 +27,7 @@ import tempfile
 import click
 
 from . import main
-from .common import failing_cleanly
+from .common import CliError, check_database, check_new_file, failing_cleanly
 
 DEFAULT_PORT = 8100
 
@@ -83,8 +84,30 @@ def run_server(config_text: str, ready=None) -> None:
     _Server(options).main()
 
 
-@main.command()
-@click.argument("path", type=click.Path(dir_okay=False))
+def _check_host(host: str, port: int) -> None:
+    """A one-line error unless the server can listen on (host, port)."""
+    import socket
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, OSError) as exc:
+        cause = getattr(exc, "strerror", None) or str(exc)
+        raise CliError(f"--host {host}: not an address to listen on ({cause})") from None
+    family, kind, proto, _name, address = infos[0]
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise CliError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") \
+                from None
+
+
+@main.command(epilog="""\b
+Examples:
+  refstorage serve Data.rfs                          # on 127.0.0.1:8100
+  refstorage serve Data.rfs --blob-dir blobs --port 8200
+  refstorage serve New.rfs --create --port 0 --json  # a new database, on a free port""")
+@click.argument("path", type=click.Path(dir_okay=True))
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (use 0.0.0.0 only on a trusted network: ZEO has no authentication).")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
@@ -93,18 +116,31 @@ def run_server(config_text: str, ready=None) -> None:
               help="Blob directory (enables blobs; created if missing).")
 @click.option("--read-only", is_flag=True, help="Serve without accepting commits.")
 @click.option("--name", default="1", show_default=True, help="Storage name clients ask for.")
-def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str) -> None:
+@click.option("--create", is_flag=True,
+              help="Create PATH if it does not exist (else a missing PATH is an error).")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the address as one JSON line once listening: {\"path\", \"storage\", \"host\", "
+                   "\"port\"}.")
+def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str,
+          create: bool, as_json: bool) -> None:
     """Serve the refstorage database PATH over ZEO until interrupted.
 
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
     URI zeo://HOST:PORT?blob_dir=LOCAL_CACHE_DIR.  Stop with Ctrl-C or SIGTERM.
     """
-    with failing_cleanly():
+    with failing_cleanly(path, locked_hint="or serve it beside that process with --read-only"):
         for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
             if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
                 raise click.ClickException(f"{what}: the directory that should hold {value} does not exist")
         if read_only and not os.path.exists(path):
             raise click.ClickException(f"{path} does not exist (a read-only server does not create it)")
+        if os.path.exists(path) or not create:
+            if not os.path.lexists(path):
+                raise CliError(f"{path}: no such file (give --create to start a new database)")
+            check_database(path)
+        else:
+            check_new_file(path)
+        _check_host(host, port)
         config_text = server_config(path, host, port, blob_dir, read_only, name)
         # runzeo logs to stderr itself; keep one handler
         root = logging.getLogger()
@@ -113,7 +149,11 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
 
         def ready(address) -> None:
             host_, port_ = address[:2]
-            click.echo(f"serving {os.path.abspath(path)} as storage {name!r} on {host_}:{port_}", err=False)
+            if as_json:
+                click.echo(json.dumps({"path": os.path.abspath(path), "storage": name, "host": host_,
+                                       "port": port_}))
+            else:
+                click.echo(f"serving {os.path.abspath(path)} as storage {name!r} on {host_}:{port_}")
             click.get_text_stream("stdout").flush()
 
         run_server(config_text, ready)

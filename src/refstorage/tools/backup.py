@@ -13,14 +13,17 @@ its range) and ``manifest.json``::
     {"format": "refstorage-backup", "version": 1,
      "chains": [{"file_id": ..., "pack_tid": ...,
                  "pieces": [{"file", "kind": "full" | "incremental", "start", "end",
-                             "first_tid", "last_tid", "transactions", "sha256", "created"}]}]}
+                             "first_tid", "last_tid", "transactions", "sha256", "created",
+                             "compression" (optional: "gzip")}]}]}
 
 A chain is one generation of the data file: a full backup and the
 incrementals after it.  A new chain (a full backup) starts when the data
 file's id changed (a pack or a restore wrote a new file), when the bytes at
 the end of the last backup no longer match the file, or on request.  Each
 piece is written with `fileio.atomic_write`, then read back and its sha256
-checked, before the manifest (also written atomically) names it.
+checked, before the manifest (also written atomically) names it.  A piece
+written with `compress` is a gzip file (``.rfsb.gz``); its sha256 is that of
+the bytes it holds, so compressed and plain pieces are checked alike.
 
 Restore concatenates the pieces of one chain, checking each sha256, and
 cuts at the last transaction at or before the requested tid: the state as
@@ -34,14 +37,15 @@ import datetime as _dt
 import hashlib
 import json
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from .. import fileio
 from .. import format as fmt
-from ..errors import CorruptedError, StorageIOError
+from ..errors import CorruptedError, RefStorageError, StorageIOError
 from ..log import LogReader, scan
-from .common import Log, Progress, ToolError, tid_repr
+from .common import Log, Progress, ToolError, phase, tid_repr
 
 MANIFEST = "manifest.json"
 FORMAT = "refstorage-backup"
@@ -109,15 +113,54 @@ def _read_range(file: fileio.DataFile, start: int, end: int, progress: Progress 
             progress(base + pos)
 
 
-def _sha256_of(path: str, progress: Progress | None = None, base: int = 0) -> tuple[str, int]:
-    f = fileio.DataFile(path, read_only=True)
+def _gzip(chunks: Iterator[bytes]) -> Iterator[bytes]:
+    """The gzip stream of `chunks` (repozo's -z writes gzip files too)."""
+    z = zlib.compressobj(6, zlib.DEFLATED, 31)
+    for chunk in chunks:
+        out = z.compress(chunk)
+        if out:
+            yield out
+    yield z.flush()
+
+
+def piece_chunks(backup_dir: str, piece: dict, progress: Progress | None = None,
+                 base: int = 0) -> Iterator[bytes]:
+    """The bytes a piece holds (decompressed if it was written with --compress), in chunks;
+    progress(base + position in the piece's range)."""
+    ppath = os.path.join(str(backup_dir), piece["file"])
+    f = fileio.DataFile(ppath, read_only=True)
     try:
-        h = hashlib.sha256()
-        for chunk in _read_range(f, 0, f.size, progress, base):
-            h.update(chunk)
-        return h.hexdigest(), f.size
+        if piece.get("compression") != "gzip":
+            yield from _read_range(f, 0, f.size, progress, base)
+            return
+        z = zlib.decompressobj(31)
+        pos = 0
+        for chunk in _read_range(f, 0, f.size):
+            try:
+                data = z.decompress(chunk)
+            except zlib.error as exc:
+                raise ToolError(f"{ppath}: not a valid gzip stream ({exc}): the backup piece is damaged") \
+                    from None
+            if data:
+                pos += len(data)
+                yield data
+                if progress is not None:
+                    progress(base + pos)
+        if not z.eof:
+            raise ToolError(f"{ppath}: the gzip stream ends early: the backup piece is damaged")
     finally:
         f.close()
+
+
+def _piece_digest(backup_dir: str, piece: dict, progress: Progress | None = None,
+                  base: int = 0) -> tuple[str, int]:
+    """(sha256, length) of the bytes a piece holds."""
+    h = hashlib.sha256()
+    n = 0
+    for chunk in piece_chunks(backup_dir, piece, progress, base):
+        h.update(chunk)
+        n += len(chunk)
+    return h.hexdigest(), n
 
 
 # -- backup -------------------------------------------------------------------------------
@@ -156,12 +199,18 @@ def _tail_matches(log: Log, backup_dir: str, piece: dict) -> str | None:
     ppath = os.path.join(backup_dir, piece["file"])
     if not fileio.exists(ppath):
         return f"the last backup piece {piece['file']} is missing"
-    pf = fileio.DataFile(ppath, read_only=True)
-    try:
-        n = min(TAIL_CHECK, pf.size, end - piece["start"])
-        ours = pf.read(pf.size - n, n)
-    finally:
-        pf.close()
+    if piece.get("compression") == "gzip":
+        ours = b""
+        for chunk in piece_chunks(backup_dir, piece):
+            ours = (ours + chunk)[-TAIL_CHECK:]
+        n = len(ours)
+    else:
+        pf = fileio.DataFile(ppath, read_only=True)
+        try:
+            n = min(TAIL_CHECK, pf.size, end - piece["start"])
+            ours = pf.read(pf.size - n, n)
+        finally:
+            pf.close()
     if log.file.read(end - n, n) != ours:
         return "the data at the end of the last backup changed (the file was replaced)"
     try:
@@ -173,8 +222,12 @@ def _tail_matches(log: Log, backup_dir: str, piece: dict) -> str | None:
     return None
 
 
-def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | None = None) -> BackupReport:
-    """Back up the file at `path` into `backup_dir`: incrementally if possible."""
+def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | None = None,
+           compress: bool = False) -> BackupReport:
+    """Back up the file at `path` into `backup_dir`: incrementally if possible.
+
+    With `compress` the piece is written as a gzip file (its sha256 is still
+    that of the data it holds)."""
     path, backup_dir = str(path), str(backup_dir)
     report = BackupReport(path, backup_dir)
     fileio.make_dirs(backup_dir)
@@ -213,6 +266,8 @@ def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | 
         report.kind, report.reason = kind, reason or ""
         seq = sum(len(c["pieces"]) for c in chains) + 1
         name = f"{seq:05d}-{kind}-{result.last_tid.hex() if result.last_tid else 'empty'}.rfsb"
+        if compress:
+            name += ".gz"
         ppath = os.path.join(backup_dir, name)
         h = hashlib.sha256()
 
@@ -221,16 +276,18 @@ def backup(path: str, backup_dir: str, full: bool = False, progress: Progress | 
                 h.update(chunk)
                 yield chunk
 
-        fileio.atomic_write(ppath, chunks())
+        fileio.atomic_write(ppath, _gzip(chunks()) if compress else chunks())
     digest = h.hexdigest()
-    again, size = _sha256_of(ppath)
+    piece = {"file": name, "kind": kind, "start": start, "end": end, "first_tid": _hex(report.first_tid),
+             "last_tid": _hex(report.last_tid), "transactions": report.transactions, "sha256": digest,
+             "created": _now()}
+    if compress:
+        piece["compression"] = "gzip"
+    again, size = _piece_digest(backup_dir, piece)
     if again != digest or size != end - start:
         fileio.remove_if_exists(ppath)
         raise ToolError(f"{ppath}: the backup piece read back differs from what was written "
                         f"(sha256 {again}, expected {digest}); nothing was recorded")
-    piece = {"file": name, "kind": kind, "start": start, "end": end, "first_tid": _hex(report.first_tid),
-             "last_tid": _hex(report.last_tid), "transactions": report.transactions, "sha256": digest,
-             "created": _now()}
     if reason:
         chains.append({"file_id": log.file_id.hex(), "pack_tid": log.header.pack_tid.hex(),
                        "pieces": [piece]})
@@ -296,11 +353,21 @@ def _choose(manifest: dict, backup_dir: str, tid: bytes | None) -> tuple[dict, l
                     "or before it, or every backup that old was packed after it)")
 
 
-def _cut(backup_dir: str, piece: dict, tid: bytes) -> int:
-    """Where the state as of `tid` ends in `piece`: after its last transaction <= tid."""
+def _cut(backup_dir: str, piece: dict, tid: bytes, scratch: str) -> int:
+    """Where the state as of `tid` ends in `piece`: after its last transaction <= tid.
+
+    A compressed piece is first decompressed into the file `scratch` (removed after)."""
     if piece["last_tid"] is None or bytes.fromhex(piece["last_tid"]) <= tid:
         return piece["end"]
-    pf = _PieceFile(os.path.join(backup_dir, piece["file"]), piece["start"])
+    ppath = os.path.join(backup_dir, piece["file"])
+    if piece.get("compression") == "gzip":
+        fileio.atomic_write(scratch, piece_chunks(backup_dir, piece))
+        ppath = scratch
+    try:
+        pf = _PieceFile(ppath, piece["start"])
+    finally:
+        if ppath == scratch:
+            fileio.remove_if_exists(scratch)  # the open file stays readable
     try:
         cut = max(piece["start"], fmt.HEADER_SIZE)
         for th in LogReader(pf).iter_txns(cut, piece["end"]):  # type: ignore[arg-type]
@@ -324,7 +391,7 @@ def restore(backup_dir: str, dest: str, tid: bytes | None = None, force: bool = 
     if fileio.exists(dest) and not force:
         raise ToolError(f"{dest} exists; restore writes a new file (give another name, or --force)")
     chain, pieces = _choose(manifest, backup_dir, tid)
-    cut = pieces[-1]["end"] if tid is None else _cut(backup_dir, pieces[-1], tid)
+    cut = pieces[-1]["end"] if tid is None else _cut(backup_dir, pieces[-1], tid, dest + ".cut.tmp")
     report = RestoreReport(backup_dir, dest, chain["file_id"], [p["file"] for p in pieces], asked_tid=tid)
     expected_pos = 0
     for p in pieces:
@@ -333,21 +400,31 @@ def restore(backup_dir: str, dest: str, tid: bytes | None = None, force: bool = 
                             f"{p['start']}, the one before ends at {expected_pos}")
         expected_pos = p["end"]
 
+    phase(progress, "restore", pieces[-1]["end"], "B")
+
     def chunks() -> Iterator[bytes]:
         for p in pieces:
             ppath = os.path.join(backup_dir, p["file"])
-            f = fileio.DataFile(ppath, read_only=True)
-            try:
-                if f.size != p["end"] - p["start"]:
-                    raise ToolError(f"{ppath}: {f.size} bytes, the manifest says {p['end'] - p['start']}")
-                h = hashlib.sha256()
-                for chunk in _read_range(f, 0, f.size, progress, p["start"]):
-                    h.update(chunk)
-                    yield chunk
-                if h.hexdigest() != p["sha256"]:
-                    raise ToolError(f"{ppath}: sha256 mismatch: the backup piece is damaged")
-            finally:
-                f.close()
+            size = p["end"] - p["start"]
+            if p.get("compression") != "gzip":
+                f = fileio.DataFile(ppath, read_only=True)
+                try:
+                    if f.size != size:
+                        raise ToolError(f"{ppath}: {f.size} bytes, the manifest says {size}")
+                finally:
+                    f.close()
+            h = hashlib.sha256()
+            n = 0
+            for chunk in piece_chunks(backup_dir, p, progress, p["start"]):
+                n += len(chunk)
+                if n > size:
+                    raise ToolError(f"{ppath}: holds more than the {size} bytes the manifest says")
+                h.update(chunk)
+                yield chunk
+            if n != size:
+                raise ToolError(f"{ppath}: {n} bytes, the manifest says {size}")
+            if h.hexdigest() != p["sha256"]:
+                raise ToolError(f"{ppath}: sha256 mismatch: the backup piece is damaged")
 
     fileio.atomic_write(dest, _trim(chunks(), cut))
     fileio.remove_if_exists(dest + ".index")
@@ -367,3 +444,84 @@ def _trim(chunks: Iterator[bytes], limit: int) -> Iterator[bytes]:
         if pos < limit:
             yield chunk[: limit - pos] if pos + len(chunk) > limit else chunk
         pos += len(chunk)
+
+
+# -- checking and pruning the backups ---------------------------------------------------------
+
+@dataclass
+class ChainCheck:
+    file_id: str
+    pieces: int
+    size: int
+    last_tid: bytes | None
+    problems: list[str]
+
+    def to_json(self) -> dict:
+        return {"file_id": self.file_id, "pieces": self.pieces, "size": self.size,
+                "last_tid": _hex(self.last_tid), "problems": self.problems, "ok": not self.problems}
+
+
+def check(backup_dir: str, progress: Progress | None = None) -> list[ChainCheck]:
+    """Check every piece of every chain: present, of the size and sha256 the manifest records,
+    and joined to the piece before it.  Nothing is written."""
+    backup_dir = str(backup_dir)
+    manifest = load_manifest(backup_dir)
+    if manifest is None:
+        raise ToolError(f"{backup_dir}: no {MANIFEST}; not a backup directory")
+    total = sum(p["end"] - p["start"] for c in manifest["chains"] for p in c["pieces"])
+    phase(progress, "backup: checking", total, "B")
+    done = 0
+    out = []
+    for chain in manifest["chains"]:
+        pieces = chain["pieces"]
+        result = ChainCheck(chain["file_id"], len(pieces), pieces[-1]["end"] if pieces else 0,
+                            _unhex(pieces[-1]["last_tid"]) if pieces else None, [])
+        expected = 0
+        for p in pieces:
+            ppath = os.path.join(backup_dir, p["file"])
+            if p["start"] != expected:
+                result.problems.append(f"{p['file']} starts at {p['start']}, the piece before ends at "
+                                       f"{expected}")
+            expected = p["end"]
+            if not fileio.exists(ppath):
+                result.problems.append(f"{ppath}: missing")
+                done += p["end"] - p["start"]
+                continue
+            try:
+                digest, size = _piece_digest(backup_dir, p, progress, done)
+            except RefStorageError as exc:
+                result.problems.append(str(exc))
+                continue
+            finally:
+                done += p["end"] - p["start"]
+            if size != p["end"] - p["start"]:
+                result.problems.append(f"{ppath}: {size} bytes, the manifest says {p['end'] - p['start']}")
+            elif digest != p["sha256"]:
+                result.problems.append(f"{ppath}: sha256 mismatch: the backup piece is damaged")
+        out.append(result)
+    return out
+
+
+def prune(backup_dir: str, keep: int) -> list[str]:
+    """Remove every chain but the newest `keep` ones (each a full backup and its incrementals).
+
+    The manifest is rewritten first, then the pieces it no longer names are
+    deleted; returns their file names."""
+    if keep < 1:
+        raise ToolError(f"keep {keep}: at least the newest full backup is kept")
+    backup_dir = str(backup_dir)
+    manifest = load_manifest(backup_dir)
+    if manifest is None:
+        raise ToolError(f"{backup_dir}: no {MANIFEST}; not a backup directory")
+    chains = [c for c in manifest["chains"] if c["pieces"]]
+    if len(chains) <= keep:
+        return []
+    dropped = chains[:-keep]
+    manifest["chains"] = chains[-keep:]
+    _save_manifest(backup_dir, manifest)
+    removed = []
+    for chain in dropped:
+        for p in chain["pieces"]:
+            fileio.remove_if_exists(os.path.join(backup_dir, p["file"]))
+            removed.append(p["file"])
+    return removed

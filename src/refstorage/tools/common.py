@@ -26,7 +26,18 @@ from ..log import LogReader, ScanResult, scan
 Z64 = b"\0" * 8
 
 Progress = Callable[[int], None]
-"""progress(position): how far into the file a tool has got, in bytes."""
+"""progress(position): how far into the file a tool has got, in bytes.
+
+A display may also have `phase(label, total, unit)`: the tools call it (via
+`phase`) when a new phase of work starts, after which progress(n) counts in
+that phase's unit ("B" for bytes, or "records", "objects"...)."""
+
+
+def phase(progress: Progress | None, label: str, total: int | None, unit: str = "B") -> None:
+    """Tell `progress` that a new phase starts, if it displays phases."""
+    start = getattr(progress, "phase", None)
+    if start is not None:
+        start(label, total, unit)
 
 
 class ToolError(RefStorageError):

@@ -108,10 +108,11 @@ def format_item(item: dict) -> list[str]:
     """Text lines for one item of `dump`."""
     kind = item["type"]
     if kind == "header":
-        return [f"file {item['path']}: {item['size']} bytes, format version {item['version']}, "
+        return [f"file {item['path']}: {item['size']:,} bytes, format version {item['version']}, "
                 f"file id {item['file_id']}, pack tid {item['pack_tid']}"]
     if kind == "damage":
-        return [f"DAMAGE: bytes [{item['start']}, {item['end']}) ({item['end'] - item['start']} bytes) "
+        n = item["end"] - item["start"]
+        return [f"DAMAGE: bytes [{item['start']}, {item['end']}) ({n:,} byte{'' if n == 1 else 's'}) "
                 f"hold no valid transaction: {item['error']}"]
     moved = "" if item["written_at"] == item["pos"] else f" (MOVED: written at {item['written_at']})"
     lines = [f"transaction at {item['pos']}{moved}: tid {item['tid']} ({item['time']}) tlen {item['tlen']} "

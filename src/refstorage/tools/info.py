@@ -29,6 +29,7 @@ from .common import (
     Progress,
     ToolError,
     oid_repr,
+    phase,
     text,
     tid_time,
     time_repr,
@@ -161,7 +162,7 @@ def info(path: str, pack_time: float | None = None, progress: Progress | None = 
                     report.history_bytes += size
         report.objects = len(index)
         if pack_time is not None:
-            report.pack = pack_forecast(log, built, pack_time)
+            report.pack = pack_forecast(log, built, pack_time, progress)
     return report
 
 
@@ -182,7 +183,8 @@ def _backpointer_class(reader, rec: fmt.DataRecord, names: ClassNames, cache: di
     return name
 
 
-def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast:
+def pack_forecast(log: Log, built: IndexBuild, pack_time: float,
+                  progress: Progress | None = None) -> PackForecast:
     """What packing the file to `pack_time` would remove, with gc, as FileStorage.pack does it.
 
     Runs pack's GC (reachability from the root and from every record after
@@ -208,7 +210,13 @@ def pack_forecast(log: Log, built: IndexBuild, pack_time: float) -> PackForecast
         return refs
 
     # with gc the GC only looks oids up in the index
-    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of)
+    gc_progress = None
+    if progress is not None and hasattr(progress, "phase"):
+        phase(progress, "info: pack forecast", len(built.index), "objects")
+
+        def gc_progress(_phase: str, done: int, _total: int) -> None:
+            progress(done)
+    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of, gc_progress)
     if f.refs_unreadable and not reason:
         # pack's own decision: anything could be reachable from such a record,
         # so it packs without garbage collection
@@ -358,45 +366,125 @@ def _state(reader, index, oid: bytes) -> tuple[str, fmt.DataRecord | None]:
 
 def refs(path: str, oid: bytes, progress: Progress | None = None) -> RefsReport:
     """What `oid` references, and which current objects reference it."""
+    return refs_many(path, [oid], progress)[0]
+
+
+def refs_many(path: str, oids: list[bytes], progress: Progress | None = None) -> list[RefsReport]:
+    """`refs` for each of `oids`, in one pass over the current records."""
     with Log(path) as log:
         built = log.build_index()
         index = built.index
         reader = log.reader
         names = ClassNames()
-        report = RefsReport(oid)
-        report.pos = index.get(oid)
-        report.state, data_rec = _state(reader, index, oid)
-        if data_rec is not None:
-            report.class_name = names(data_rec.data)
-            report.refs_known = data_rec.refs_known
-            for ref in data_rec.ref_oids():
-                state, target = _state(reader, index, ref)
-                report.references.append({"oid": ref.hex(), "state": state,
-                                          "class": names(target.data) if target is not None else None})
+        reports = []
+        for oid in oids:
+            report = RefsReport(oid)
+            report.pos = index.get(oid)
+            report.state, data_rec = _state(reader, index, oid)
+            if data_rec is not None:
+                report.class_name = names(data_rec.data)
+                report.refs_known = data_rec.refs_known
+                for ref in data_rec.ref_oids():
+                    state, target = _state(reader, index, ref)
+                    report.references.append({"oid": ref.hex(), "state": state,
+                                              "class": names(target.data) if target is not None else None})
+            reports.append(report)
         positions = array("Q", sorted(pos for _o, pos in index.items()))
+        phase(progress, "refs: searching referrers", len(positions), "objects")
+        listening = progress is not None and hasattr(progress, "phase")
         done = 0
         for rec in reader.read_data_records(positions):
             done += 1
             if progress is not None and not done % 4096:
-                progress(rec.pos)
+                progress(done if listening else rec.pos)
             if rec.is_backpointer:
                 if not rec.back:
                     continue
                 try:
                     target = reader.resolve(rec)
                 except CorruptedError:
-                    report.unreadable_referrers += 1
+                    for report in reports:
+                        report.unreadable_referrers += 1
                     continue
                 if target is None:
                     continue
             else:
                 target = rec
             if not target.refs_known:
-                report.unknown_referrers += 1
-            elif _refs_contain(target.refs, oid):
-                report.referrers.append({"oid": rec.oid.hex(), "pos": rec.pos, "class": names(target.data)})
-        return report
+                for report in reports:
+                    report.unknown_referrers += 1
+                continue
+            for report in reports:
+                if _refs_contain(target.refs, report.oid):
+                    report.referrers.append({"oid": rec.oid.hex(), "pos": rec.pos,
+                                             "class": names(target.data)})
+        return reports
 
+
+# -- a path from the root -------------------------------------------------------------------
+
+@dataclass
+class RootPath:
+    """A shortest chain of references from the root (oid 0) to an oid, with each object's class.
+
+    `chain` is None if the oid is not reachable through the stored references;
+    `unknown` counts the reachable records whose references are not stored (or
+    unreadable), which the search could not follow."""
+
+    oid: bytes
+    chain: list[tuple[bytes, str]] | None
+    unknown: int = 0
+
+
+def paths_from_root(path: str, oids: list[bytes]) -> list[RootPath]:
+    """For each oid, a shortest chain of current references from the root (breadth-first)."""
+    root = fmt.p64(0)
+    with Log(path) as log:
+        index = log.build_index().index
+        reader = log.reader
+        names = ClassNames()
+        parent: dict[bytes, bytes | None] = {}
+        klass: dict[bytes, str] = {}
+        unknown = 0
+        wanted = set(oids)
+        frontier = [root] if root in index else []
+        if frontier:
+            parent[root] = None
+        while frontier and not wanted.issubset(parent):
+            positions = sorted((index.get(o), o) for o in frontier)
+            frontier = []
+            for pos, oid in positions:
+                try:
+                    data_rec = reader.resolve(reader.read_data_record(pos, oid))
+                except CorruptedError:
+                    unknown += 1
+                    continue
+                if data_rec is None:
+                    klass[oid] = DELETED
+                    continue
+                klass[oid] = names(data_rec.data)
+                if not data_rec.refs_known:
+                    unknown += 1
+                    continue
+                for ref in data_rec.ref_oids():
+                    if ref not in parent and ref in index:
+                        parent[ref] = oid
+                        frontier.append(ref)
+        out = []
+        for oid in oids:
+            if oid not in parent:
+                out.append(RootPath(oid, None, unknown))
+                continue
+            chain = []
+            o: bytes | None = oid
+            while o is not None:
+                if o not in klass:
+                    state, rec = _state(reader, index, o)
+                    klass[o] = names(rec.data) if rec is not None else f"({state})"
+                chain.append((o, klass[o]))
+                o = parent[o]
+            out.append(RootPath(oid, chain[::-1], unknown))
+        return out
 
 
 def _refs_contain(refs: bytes, oid: bytes) -> bool:

@@ -29,7 +29,7 @@ from .. import fileio
 from .. import format as fmt
 from ..errors import CorruptedError, IndexFileError
 from ..index import OidIndex, load_index
-from .common import BatchedIndex, Log, Progress, oid_repr, tid_repr
+from .common import BatchedIndex, Log, Progress, oid_repr, phase, tid_repr
 from .walk import Damage, walk
 
 MAX_PROBLEMS = 10_000  # problems kept in the report (all are counted)
@@ -229,7 +229,7 @@ class _Verifier:
         self.index = index.flush()
         report.objects = len(self.index)
         report.deleted = len(deleted)
-        self._check_references()
+        self._check_references(progress)
 
     def _damage(self, d: Damage) -> None:
         report = self.report
@@ -287,11 +287,15 @@ class _Verifier:
 
     # -- references between current objects --------------------------------------------
 
-    def _check_references(self) -> None:
+    def _check_references(self, progress: Progress | None = None) -> None:
         report, reader, index, deleted = self.report, self.reader, self.index, self.deleted
         positions = array("Q", sorted(pos for _oid, pos in index.items()))
+        phase(progress, "verify: references", len(positions), "objects")
+        listening = progress is not None and hasattr(progress, "phase")
         try:
-            for rec in reader.read_data_records(positions):
+            for done, rec in enumerate(reader.read_data_records(positions), 1):
+                if listening and not done % 4096:
+                    progress(done)
                 data_rec = rec
                 if rec.flags & fmt.FLAG_BACKPOINTER:
                     if not rec.back:
