@@ -172,6 +172,15 @@ class DataFile:
         except OSError as exc:
             raise _io_error(self.path, "read", exc, pos) from exc
 
+    def read_chunks(self, pos: int, end: int, chunk: int = READ_CLAMP) -> Iterator[bytes]:
+        """The bytes in [pos, end) as reads of at most `chunk` bytes (stops early at the end of the file)."""
+        while pos < end:
+            data = self.read(pos, min(chunk, end - pos))
+            if not data:
+                return
+            yield data
+            pos += len(data)
+
     def physical_size(self) -> int:
         try:
             return ops.fsize(self.fd)
@@ -347,13 +356,16 @@ def read_whole(path: str) -> bytes:
         ops.close(fd)
 
 
-def save_side_file(path: str, data: bytes) -> str:
-    """Keep bytes removed from a torn tail in the first free ``<path>.tr<N>``."""
+def save_side_file(path: str, data: bytes | Iterable[bytes]) -> str:
+    """Keep bytes removed from a torn tail in the first free ``<path>.tr<N>``.
+
+    `data` is the bytes, or an iterable of chunks of them (streamed: a long
+    tail is never held in memory whole)."""
     n = 0
     while os.path.exists(f"{path}.tr{n}"):
         n += 1
     side = f"{path}.tr{n}"
-    atomic_write(side, [data])
+    atomic_write(side, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
     return side
 
 
