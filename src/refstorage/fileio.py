@@ -33,6 +33,7 @@ __all__ = [
     "DataFile",
     "atomic_write",
     "fsync_dir",
+    "sync_path",
     "replace_durably",
     "link_durably",
     "read_whole",
@@ -261,6 +262,24 @@ def fsync_dir(dirpath: str) -> None:
         ops.fsync_dir(dirpath)
     except OSError as exc:
         raise _io_error(dirpath, "directory fsync", exc) from exc
+
+
+def sync_path(path: str) -> None:
+    """fsync the file at `path` (opened read-only for it)."""
+    path = str(path)
+    try:
+        fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _io_error(path, "open", exc) from exc
+    try:
+        ops.fsync(fd)
+    except OSError as exc:
+        raise _io_error(path, "fsync", exc) from exc
+    finally:
+        try:
+            ops.close(fd)
+        except OSError:
+            pass
 
 
 def replace_durably(src: str, dst: str) -> None:

@@ -117,8 +117,10 @@ def dump(path: str, start: bytes | None, stop: bytes | None, classes: bool, full
 
 @main.command()
 @click.argument("path", type=PATH)
+@click.option("--blob-dir", default=None, type=click.Path(file_okay=False),
+              help="The database's blob directory: check its files against the records too.")
 @JSON_OPTION
-def verify(path: str, as_json: bool) -> None:
+def verify(path: str, blob_dir: str | None, as_json: bool) -> None:
     """Check the whole file PATH and the references between its current objects.
 
     Every header, checksum, length and oid table; tids; every prev and
@@ -128,10 +130,12 @@ def verify(path: str, as_json: bool) -> None:
     "references unknown" (not an error).  Exit status 1 if anything is wrong.
     The file may be in use meanwhile; only what it holds when verify starts
     is read (a commit in progress at its end shows as an incomplete last
-    transaction).
+    transaction).  With --blob-dir, a blob file with no record (left by a
+    transaction that never committed) and a current blob record without
+    its file are reported too.
     """
     with failing_cleanly(), _byte_progress(_size_of(path), "verify") as progress:
-        report = verify_mod.verify(path, progress)
+        report = verify_mod.verify(path, progress, blob_dir=blob_dir)
     if as_json:
         emit_json(report.to_json())
     else:
