@@ -31,8 +31,9 @@ INDEX_BATCH = 1 << 20
 # covered by a checksum when it is read) never makes a reader allocate more
 # than this much at once.  Every read of a record also stays inside the
 # transaction that holds it, whose header is checksummed.
-BIG_READ = 1 << 20
+BIG_READ = 16 << 20
 CHECK_CHUNK = 1 << 20
+LIMITS_CACHED = 4096  # transaction bounds remembered by records_limit
 
 
 class LogReader:
@@ -41,6 +42,10 @@ class LogReader:
     def __init__(self, file: DataFile):
         self.file = file
         self.path = file.path
+        # tpos -> (data_pos, records_end) of transactions records_limit checked
+        # (a committed transaction never changes: loads of long records read
+        # the header of a transaction once)
+        self._limits: dict[int, tuple[int, int]] = {}
 
     # -- single records --------------------------------------------------------------
 
@@ -83,19 +88,25 @@ class LogReader:
         `pos`; the transaction header it names is checksummed, so a damaged
         tpos fails here and a damaged length cannot reach past the records of
         the transaction that holds the record."""
-        if not fmt.HEADER_SIZE <= tpos < pos:
-            raise CorruptedDataError(
-                self.path, f"data record names transaction position {tpos}, not before it", pos)
-        try:
-            th = self.read_txn_header(tpos)
-        except CorruptedError as exc:
-            raise CorruptedDataError(
-                self.path, f"data record names transaction position {tpos}, where no valid "
-                f"transaction header is ({exc})", pos) from None
-        if not th.data_pos <= pos < th.records_end:
+        bounds = self._limits.get(tpos)
+        if bounds is None:
+            if not fmt.HEADER_SIZE <= tpos < pos:
+                raise CorruptedDataError(
+                    self.path, f"data record names transaction position {tpos}, not before it", pos)
+            try:
+                th = self.read_txn_header(tpos)
+            except CorruptedError as exc:
+                raise CorruptedDataError(
+                    self.path, f"data record names transaction position {tpos}, where no valid "
+                    f"transaction header is ({exc})", pos) from None
+            bounds = (th.data_pos, th.records_end)
+            if len(self._limits) >= LIMITS_CACHED:
+                self._limits.clear()
+            self._limits[tpos] = bounds
+        if not bounds[0] <= pos < bounds[1]:
             raise CorruptedDataError(
                 self.path, f"data record lies outside the transaction at {tpos} it names", pos)
-        return th.records_end
+        return bounds[1]
 
     def _read_long_record(self, pos: int, header: tuple, limit: int | None = None) -> bytes:
         """The bytes of the record at `pos` longer than one read-ahead, read with bounds.

@@ -218,8 +218,15 @@ def test_damaged_trailer_length(base_db, tmp_path):
     assert not report.ok
 
 
+@pytest.fixture
+def small_big_read(monkeypatch):
+    """Long records are checksummed in chunks from 1 MiB on (the 3 MB record's transaction
+    then exercises that path)."""
+    monkeypatch.setattr(log, "BIG_READ", 1 << 20)
+
+
 @pytest.mark.parametrize("shape", sorted(RECORD_SHAPES))
-def test_damaged_record_length_field(base_db, tmp_path, shape):
+def test_damaged_record_length_field(base_db, tmp_path, shape, small_big_read):
     where, oid_int, off, bit = RECORD_SHAPES[shape]
     path, txns, recs = _damaged_copy(base_db, tmp_path, shape)
     pos = recs[(where, p64(oid_int))]
@@ -229,7 +236,7 @@ def test_damaged_record_length_field(base_db, tmp_path, shape):
 
 
 @pytest.mark.parametrize("shape", sorted(HEADER_SHAPES))
-def test_damaged_transaction_length_field(base_db, tmp_path, shape):
+def test_damaged_transaction_length_field(base_db, tmp_path, shape, small_big_read):
     where, off, width, bit = HEADER_SHAPES[shape]
     path, txns, recs = _damaged_copy(base_db, tmp_path, shape)
     start, end = txns[where]
@@ -255,7 +262,7 @@ def test_load_of_a_damaged_long_record_reads_only_its_transaction(base_db, tmp_p
     assert sum(n for _, n in ops.reads) <= 3 * log.READ_AHEAD, ops.reads
 
 
-def test_long_metadata_is_checked_in_chunks(tmp_path):
+def test_long_metadata_is_checked_in_chunks(tmp_path, small_big_read):
     """A transaction whose extension is longer than BIG_READ reads back; damaged, it is refused."""
     path = str(tmp_path / "meta.rfs")
     with no_fsync():
