@@ -99,8 +99,8 @@ def plan_blobs(seed: int, round_: int, nsteps: int) -> list[dict]:
     for i in range(nsteps):
         r = rng.random()
         prev = steps[-1]["kind"] if steps else None
-        if i >= 3 and r < 0.15:
-            steps.append({"kind": "pack"})
+        if i >= 3 and r < 0.15 or i == nsteps - 3 and all(s["kind"] != "pack" for s in steps):
+            steps.append({"kind": "pack"})  # (every run packs at least once)
             continue
         if prev in ("blob", "restoreblob") and r < 0.4:
             steps.append({"kind": "undo"})
