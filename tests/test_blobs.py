@@ -29,7 +29,7 @@ from ZODB.POSException import POSKeyError, UndoError, Unsupported
 from ZODB.tests.hexstorage import HexStorage
 from ZODB.tests.PackableStorage import IExternalGC_suite
 from ZODB.tests.testblob import storage_reusable_suite
-from ZODB.utils import z64
+from ZODB.utils import p64, u64, z64
 
 import refstorage
 from refstorage.blobs import pack_blobs
@@ -449,3 +449,39 @@ def test_undo_needs_the_old_blob_file(paths):
             assert _read(conn.root()["b"]) == b"new"
     finally:
         db.close()
+
+
+def test_verify_reports_blob_files_without_a_record_and_missing_ones(paths, tmp_path):
+    """A blob file left by a transaction that never committed (a crash after storeBlob
+    moved it in), and a current blob record whose file is gone: verify --blob-dir names both."""
+    from click.testing import CliRunner
+
+    from refstorage.cli import main
+    from refstorage.tools.verify import verify
+
+    path, blob_dir = paths
+    db = ZODB.DB(refstorage.FileStorage(path, blob_dir=blob_dir))
+    with db.transaction() as conn:
+        conn.root()["a"] = Blob(b"kept")
+        conn.root()["b"] = Blob(b"lost")
+    with db.transaction() as conn:
+        a_oid, b_oid = conn.root()["a"]._p_oid, conn.root()["b"]._p_oid
+    db.close()
+    assert verify(path, blob_dir=blob_dir).ok
+    assert CliRunner().invoke(main, ["verify", path, "--blob-dir", blob_dir]).exit_code == 0
+    st = refstorage.FileStorage(path, blob_dir=blob_dir)
+    orphan = st.fshelper.getBlobFilename(a_oid, p64(u64(st.lastTransaction()) + 5))
+    b_file = st.loadBlob(b_oid, st.getTid(b_oid))
+    st.close()
+    with open(orphan, "wb") as f:
+        f.write(b"from a transaction that never committed")
+    os.chmod(b_file, 0o644)
+    os.remove(b_file)
+    report = verify(path, blob_dir=blob_dir)
+    blob = [p for p in report.problems if p.kind == "blob"]
+    assert len(blob) == 2 and report.counts == {"blob": 2}, [str(p) for p in report.problems]
+    assert any(orphan in p.message and "no record" in p.message for p in blob)
+    assert any(p.oid == b_oid and "missing" in p.message for p in blob)
+    assert verify(path).ok  # without --blob-dir the data file alone is fine
+    result = CliRunner().invoke(main, ["verify", path, "--blob-dir", blob_dir])
+    assert result.exit_code == 1 and orphan in result.output and "2 blob" in result.output

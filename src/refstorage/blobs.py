@@ -46,6 +46,7 @@ from ZODB.blob import (
 )
 from ZODB.interfaces import IBlobStorage, IBlobStorageRestoreable
 
+from . import fileio
 from .errors import BlobDirectoryError
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -85,7 +86,11 @@ class BlobSupport:
             if create and os.path.exists(path):
                 remove_committed_dir(path)
             fshelper = FilesystemHelper(path)
+            new = not os.path.isdir(path)
             fshelper.create()
+            if new:  # its name and its layout marker, durably
+                fileio.fsync_dir(path)
+                fileio.fsync_dir(os.path.dirname(path))
         except OSError as exc:
             raise BlobDirectoryError(path, f"cannot use as blob directory: {exc}") from exc
         except ValueError as exc:  # a layout marker that does not match
@@ -150,17 +155,41 @@ class BlobSupport:
             dirty.clear()
         dirty.append((oid, tid))
 
+    def _blob_oid_dir(self, oid: bytes) -> None:
+        """Create oid's blob directory if missing, durably (each new directory's parent synced)."""
+        path = self.fshelper.getPathForOID(oid)
+        missing = []
+        while not os.path.isdir(path) and len(path) > len(self.blob_dir or ""):
+            missing.append(path)
+            path = os.path.dirname(path)
+        if missing:
+            self.fshelper.getPathForOID(oid, create=True)
+            for made in reversed(missing):
+                fileio.fsync_dir(os.path.dirname(made))
+
+    @staticmethod
+    def _blob_sync(target: str) -> None:
+        """Make a committed-to-be blob file durable: its content, then its name.
+
+        Done before the transaction is voted, so the blob file of a commit
+        that survives a power loss survives too (ZODB's FileStorage leaves
+        that to the operating system)."""
+        fileio.sync_path(target)
+        fileio.fsync_dir(os.path.dirname(target))
+
     def _blob_move_in(self, oid: bytes, tid: bytes, filename: str) -> None:
         with self._blob_dir_lock:
-            self.fshelper.getPathForOID(oid, create=True)
+            self._blob_oid_dir(oid)
             target = self.fshelper.getBlobFilename(oid, tid)
             rename_or_copy_blob(filename, target)
             self._blob_note_dirty(oid, tid)
+        fileio.point("blob.after-move-in")
+        self._blob_sync(target)
 
     def _blob_link_in(self, oid: bytes, tid: bytes, source: str) -> None:
         """Make the committed file `source` also the blob of (oid, tid)."""
         with self._blob_dir_lock:
-            self.fshelper.getPathForOID(oid, create=True)
+            self._blob_oid_dir(oid)
             target = self.fshelper.getBlobFilename(oid, tid)
             if os.path.exists(target):
                 remove_committed(target)
@@ -172,6 +201,8 @@ class BlobSupport:
                     shutil.copyfileobj(src, dst)
                 rename_or_copy_blob(tmp, target)
             self._blob_note_dirty(oid, tid)
+        fileio.point("blob.after-link-in")
+        self._blob_sync(target)
 
     def _blob_tpc_finish(self) -> None:
         """The transaction committed: its blob files stay."""
@@ -326,6 +357,7 @@ def pack_blobs(storage: FileStorage, removed: Iterable[tuple[bytes, bytes]] | No
             os.rename(path, dest)
         else:
             remove_committed(path)
+        fileio.point("pack.blobs.after-dispose")
 
     count = 0
     if removed is not None:

@@ -33,6 +33,7 @@ __all__ = [
     "DataFile",
     "atomic_write",
     "fsync_dir",
+    "sync_path",
     "replace_durably",
     "link_durably",
     "read_whole",
@@ -172,6 +173,15 @@ class DataFile:
         except OSError as exc:
             raise _io_error(self.path, "read", exc, pos) from exc
 
+    def read_chunks(self, pos: int, end: int, chunk: int = READ_CLAMP) -> Iterator[bytes]:
+        """The bytes in [pos, end) as reads of at most `chunk` bytes (stops early at the end of the file)."""
+        while pos < end:
+            data = self.read(pos, min(chunk, end - pos))
+            if not data:
+                return
+            yield data
+            pos += len(data)
+
     def physical_size(self) -> int:
         try:
             return ops.fsize(self.fd)
@@ -257,6 +267,24 @@ def fsync_dir(dirpath: str) -> None:
         ops.fsync_dir(dirpath)
     except OSError as exc:
         raise _io_error(dirpath, "directory fsync", exc) from exc
+
+
+def sync_path(path: str) -> None:
+    """fsync the file at `path` (opened read-only for it)."""
+    path = str(path)
+    try:
+        fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _io_error(path, "open", exc) from exc
+    try:
+        ops.fsync(fd)
+    except OSError as exc:
+        raise _io_error(path, "fsync", exc) from exc
+    finally:
+        try:
+            ops.close(fd)
+        except OSError:
+            pass
 
 
 def replace_durably(src: str, dst: str) -> None:
@@ -352,13 +380,16 @@ def read_whole(path: str) -> bytes:
         ops.close(fd)
 
 
-def save_side_file(path: str, data: bytes) -> str:
-    """Keep bytes removed from a torn tail in the first free ``<path>.tr<N>``."""
+def save_side_file(path: str, data: bytes | Iterable[bytes]) -> str:
+    """Keep bytes removed from a torn tail in the first free ``<path>.tr<N>``.
+
+    `data` is the bytes, or an iterable of chunks of them (streamed: a long
+    tail is never held in memory whole)."""
     n = 0
     while os.path.exists(f"{path}.tr{n}"):
         n += 1
     side = f"{path}.tr{n}"
-    atomic_write(side, [data])
+    atomic_write(side, [data] if isinstance(data, (bytes, bytearray, memoryview)) else data)
     return side
 
 

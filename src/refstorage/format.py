@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
 from .errors import (
@@ -488,6 +488,54 @@ def decode_data_payload(buf, path: str, pos: int) -> tuple[bytes, bytes, bytes |
     if flags & FLAG_BACKPOINTER:
         return oid, tid, None, _Q.unpack_from(buf, refs_end)[0]
     return oid, tid, buf[refs_end:body_end], 0
+
+
+def check_data_record_chunks(chunks: Iterable, header: tuple, path: str, pos: int) -> None:
+    """Checksum a long record given as consecutive chunks of its bytes, in bounded memory.
+
+    `header` is what `peek_data_header` returned for it; `chunks` yields the
+    record's bytes from its start, `header[7]` in all (fewer: it was cut
+    short).  Readers call this before reading a long record whole, so a
+    damaged length costs no allocation of that length."""
+    length = header[7]
+    body_end = length - CRC_SIZE
+    crc = 0
+    got = 0
+    tail = b""
+    for chunk in chunks:
+        if got + len(chunk) > body_end:
+            keep = body_end - got
+            tail += bytes(chunk[max(0, keep):])
+            chunk = chunk[:max(0, keep)]
+        crc = crc32(chunk, crc)
+        got += len(chunk)
+    if got < body_end or len(tail) < CRC_SIZE:
+        raise CorruptedDataError(path, f"data record cut short ({got + len(tail)} of {length} bytes)", pos)
+    if crc != _CRC.unpack_from(tail, 0)[0]:
+        raise CorruptedDataError(path, f"data record checksum mismatch (oid {header[0].hex()})", pos)
+
+
+def check_txn_header_chunks(fixed, chunks: Iterable, path: str, pos: int) -> None:
+    """Checksum a transaction header whose metadata is long, in bounded memory.
+
+    `fixed` holds its TXN_HEADER_SIZE fixed bytes, `chunks` yields the
+    user, description and extension bytes that follow (ulen + dlen + elen
+    in all).  Raises what `decode_txn_header` would for a bad checksum or a
+    header cut short."""
+    _, _, _, ulen, dlen, elen, _, hcrc = decode_txn_header_fixed(fixed, 0, path, pos)
+    need = ulen + dlen + elen
+    crc = crc32(fixed[STATUS_OFFSET + 1: TXN_HEADER_SIZE - 4], crc32(fixed[:STATUS_OFFSET]))
+    got = 0
+    for chunk in chunks:
+        chunk = chunk[:need - got]
+        crc = crc32(chunk, crc)
+        got += len(chunk)
+    if got < need:
+        raise CorruptedTransactionError(
+            path, f"transaction header cut short ({TXN_HEADER_SIZE + got} of {TXN_HEADER_SIZE + need} bytes)",
+            pos)
+    if crc != hcrc:
+        raise CorruptedTransactionError(path, "transaction header checksum mismatch", pos)
 
 
 def check_data_record(buf, offset: int, length: int, path: str, pos: int) -> None:

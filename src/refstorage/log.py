@@ -26,6 +26,14 @@ from .fileio import DataFile
 READ_AHEAD = 4096
 SCAN_CHUNK = 8 << 20
 INDEX_BATCH = 1 << 20
+# A record or transaction header longer than this is checksummed in reads of
+# CHECK_CHUNK bytes before it is read whole: a damaged length field (not yet
+# covered by a checksum when it is read) never makes a reader allocate more
+# than this much at once.  Every read of a record also stays inside the
+# transaction that holds it, whose header is checksummed.
+BIG_READ = 16 << 20
+CHECK_CHUNK = 1 << 20
+LIMITS_CACHED = 4096  # transaction bounds remembered by records_limit
 
 
 class LogReader:
@@ -34,15 +42,24 @@ class LogReader:
     def __init__(self, file: DataFile):
         self.file = file
         self.path = file.path
+        # tpos -> (data_pos, records_end) of transactions records_limit checked
+        # (a committed transaction never changes: loads of long records read
+        # the header of a transaction once)
+        self._limits: dict[int, tuple[int, int]] = {}
 
     # -- single records --------------------------------------------------------------
 
-    def read_data_record(self, pos: int, oid: bytes | None = None) -> fmt.DataRecord:
-        """The checked data record at `pos` (optionally asserting its oid)."""
+    def read_data_record(self, pos: int, oid: bytes | None = None, limit: int | None = None,
+                         ) -> fmt.DataRecord:
+        """The checked data record at `pos` (optionally asserting its oid).
+
+        A record longer than one read-ahead must end by `limit` (default: the
+        end of the records of the transaction its header names, which must
+        hold it); see `_read_long_record`."""
         buf = self.file.read(pos, READ_AHEAD)
         header = fmt.peek_data_header(buf, 0, self.path, pos)
         if header[7] > len(buf):
-            buf = self.file.read(pos, header[7])
+            buf = self._read_long_record(pos, header, limit)
         rec = fmt.decode_data_record(buf, 0, self.path, pos, header)
         if oid is not None and rec.oid != oid:
             raise CorruptedDataError(
@@ -54,7 +71,7 @@ class LogReader:
         buf = self.file.read(pos, READ_AHEAD)
         got = fmt.decode_data_payload(buf, self.path, pos)
         if type(got) is int:
-            buf = self.file.read(pos, got)
+            buf = self._read_long_record(pos, fmt.peek_data_header(buf, 0, self.path, pos))
             got = fmt.decode_data_payload(buf, self.path, pos)
             if type(got) is int:
                 raise CorruptedDataError(self.path, f"data record cut short ({len(buf)} of {got} bytes)", pos)
@@ -63,6 +80,51 @@ class LogReader:
             raise CorruptedDataError(
                 self.path, f"record for oid {roid.hex()} found where oid {oid.hex()} was expected", pos)
         return tid, data, back
+
+    def records_limit(self, pos: int, tpos: int) -> int:
+        """Where the records of the transaction at `tpos` end, checking that it holds `pos`.
+
+        `tpos` comes from the (not yet checksummed) header of the record at
+        `pos`; the transaction header it names is checksummed, so a damaged
+        tpos fails here and a damaged length cannot reach past the records of
+        the transaction that holds the record."""
+        bounds = self._limits.get(tpos)
+        if bounds is None:
+            if not fmt.HEADER_SIZE <= tpos < pos:
+                raise CorruptedDataError(
+                    self.path, f"data record names transaction position {tpos}, not before it", pos)
+            try:
+                th = self.read_txn_header(tpos)
+            except CorruptedError as exc:
+                raise CorruptedDataError(
+                    self.path, f"data record names transaction position {tpos}, where no valid "
+                    f"transaction header is ({exc})", pos) from None
+            bounds = (th.data_pos, th.records_end)
+            if len(self._limits) >= LIMITS_CACHED:
+                self._limits.clear()
+            self._limits[tpos] = bounds
+        if not bounds[0] <= pos < bounds[1]:
+            raise CorruptedDataError(
+                self.path, f"data record lies outside the transaction at {tpos} it names", pos)
+        return bounds[1]
+
+    def _read_long_record(self, pos: int, header: tuple, limit: int | None = None) -> bytes:
+        """The bytes of the record at `pos` longer than one read-ahead, read with bounds.
+
+        Its length must end by `limit` (default: `records_limit`); a record
+        longer than BIG_READ is checksummed in chunks before it is read whole,
+        so memory stays bounded whatever its length field says."""
+        length = header[7]
+        if limit is None:
+            limit = self.records_limit(pos, header[3])
+        if pos + length > limit:
+            raise CorruptedDataError(
+                self.path, f"data record length {length} runs past its transaction "
+                f"(its records end at {limit})", pos)
+        if length > BIG_READ:
+            fmt.check_data_record_chunks(self.file.read_chunks(pos, pos + length, CHECK_CHUNK),
+                                         header, self.path, pos)
+        return self.file.read(pos, length)
 
     def resolve(self, rec: fmt.DataRecord) -> fmt.DataRecord | None:
         """Follow backpointers to the record holding the data; None if deleted."""
@@ -80,8 +142,28 @@ class LogReader:
         buf = self.file.read(pos, READ_AHEAD)
         need = fmt.txn_header_needs(buf, 0)
         if need > len(buf):
-            buf = self.file.read(pos, need)
+            buf = self._read_long_txn_header(pos, buf, need, file_size)
         return fmt.decode_txn_header(buf, 0, self.path, pos, file_size)
+
+    def _read_long_txn_header(self, pos: int, buf: bytes, need: int, file_size: int | None) -> bytes:
+        """A transaction header with long metadata: its lengths checked before it is read.
+
+        The metadata lengths (not yet checksummed) must fit in the
+        transaction's length and the file; beyond BIG_READ the header is
+        checksummed in chunks before it is read whole."""
+        if len(buf) < fmt.TXN_HEADER_SIZE:
+            return buf  # decoding raises: cut short
+        _, tlen, _, _, _, _, nrec, _ = fmt.decode_txn_header_fixed(buf, 0, self.path, pos)
+        end = self.file.size if file_size is None else file_size
+        if need + fmt.oid_table_size(nrec) > tlen or pos + need > end:
+            raise CorruptedTransactionError(
+                self.path, f"transaction header metadata ({need - fmt.TXN_HEADER_SIZE} bytes) does not "
+                f"fit in its transaction ({tlen} bytes) or the file", pos)
+        if need > BIG_READ:
+            fmt.check_txn_header_chunks(
+                buf[:fmt.TXN_HEADER_SIZE],
+                self.file.read_chunks(pos + fmt.TXN_HEADER_SIZE, pos + need, CHECK_CHUNK), self.path, pos)
+        return self.file.read(pos, need)
 
     def txn_ending_at(self, end: int, file_size: int | None = None) -> fmt.TxnHeader:
         """The transaction whose trailer ends at `end` (the next one would start there)."""
@@ -124,7 +206,7 @@ class LogReader:
                                               0, self.path, pos)[7]
                 if pos + length > end:
                     raise CorruptedDataError(self.path, "data record runs past its transaction", pos)
-                yield self.read_data_record(pos)
+                yield self.read_data_record(pos, limit=end)
                 off = length
             pos += off
 
@@ -144,7 +226,9 @@ class LogReader:
                 buf, bufpos, off = self.file.read(pos, last - pos + READ_AHEAD), pos, 0
             length = fmt.peek_data_header(buf, off, self.path, pos)[7]
             if off + length > len(buf):
-                buf, bufpos, off = self.file.read(pos, max(length, READ_AHEAD)), pos, 0
+                buf = b""  # a long record: read alone, bounded by its transaction
+                yield self.read_data_record(pos)
+                continue
             yield fmt.decode_data_record(buf, off, self.path, pos)
 
     # -- walking transactions ----------------------------------------------------------
@@ -221,11 +305,19 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
                 raise CorruptedTransactionError(path, "transaction id does not increase", pos)
             tend = th.next_pos
             checked = verify or tend >= file_size
-            if checked:
+            if checked and tend - pos > SCAN_CHUNK:
+                # a long transaction: its records are checked in bounded reads
+                tstart = th.records_end
+                raw = reader.file.read(tstart, tend - tstart)
+                table = list(fmt.decode_oid_table(raw, 0, th.nrec, path, tstart))
+                fmt.check_trailer(raw, th.end - tstart, th, path)
+                for _ in _checked_records(reader, th, table, keep=False):
+                    pass
+            elif checked:
                 # decode every record; the last transaction is always checked
                 # fully, as the only one a crash can leave half written
                 if tend - bufpos > len(buf):
-                    buf = reader.file.read(pos, max(SCAN_CHUNK, tend - pos))
+                    buf = reader.file.read(pos, SCAN_CHUNK)
                     bufpos = pos
                 table = list(fmt.decode_oid_table(buf, th.records_end - bufpos, th.nrec, path,
                                                   th.records_end))
@@ -249,7 +341,7 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
             error = exc
             if held_pos is not None and not held_checked:
                 try:
-                    read_checked_txn(reader, held_pos, file_size)
+                    check_txn(reader, held_pos, file_size)
                 except CorruptedError as earlier:  # the damage starts there
                     pos, error, held = held_pos, earlier, []
                     last_tid = tid_before_held
@@ -292,18 +384,57 @@ def _check_records(buf, bufpos: int, th: fmt.TxnHeader, table, path: str) -> lis
     return recs
 
 
+def _checked_records(reader: LogReader, th: fmt.TxnHeader, table, delta: int = 0,
+                     keep: bool = True) -> Iterator[fmt.DataRecord | None]:
+    """The records of `th`, matched to its oid `table` as `_check_records` does, read in bounded chunks.
+
+    Positions are those the transaction was written at; the bytes are read
+    ``delta`` further on (see `read_moved_txn`).  No read goes past the
+    transaction's records or takes more than SCAN_CHUNK (a longer record is
+    checksummed in chunks first, see `LogReader.read_data_record`).  Without
+    `keep`, a record longer than SCAN_CHUNK is checked but not read whole,
+    and None is yielded for it."""
+    path = reader.path
+    end = th.records_end
+    pos = th.data_pos
+    buf, bufpos = b"", pos
+    n = 0
+    for oid, where in table:
+        if pos >= end or pos != where:
+            raise CorruptedTransactionError(path, "oid table does not match the records", end)
+        off = pos - bufpos
+        if off + fmt.DATA_HEADER_SIZE > len(buf):
+            buf, bufpos, off = reader.file.read(pos + delta, min(SCAN_CHUNK, end - pos)), pos, 0
+        header = fmt.peek_data_header(buf, off, path, pos)
+        length = header[7]
+        if pos + length > end:
+            raise CorruptedDataError(path, "data record runs past its transaction", pos)
+        if off + length > len(buf) and length <= SCAN_CHUNK:
+            buf, bufpos, off = reader.file.read(pos + delta, min(SCAN_CHUNK, end - pos)), pos, 0
+        if off + length <= len(buf):
+            rec = fmt.decode_data_record(buf, off, path, pos, header)
+        elif keep:
+            rec = reader.read_data_record(pos + delta, limit=end + delta)._replace(pos=pos)
+        else:
+            fmt.check_data_record_chunks(
+                reader.file.read_chunks(pos + delta, pos + delta + length, CHECK_CHUNK), header, path, pos)
+            rec = None
+        if header[0] != oid or header[1] != th.tid or header[3] != th.pos:
+            raise CorruptedDataError(path, "data record does not belong to its transaction", pos)
+        yield rec
+        pos += length
+        n += 1
+    if pos != end:
+        raise CorruptedTransactionError(path, f"transaction holds more data than its {n} records", pos)
+
+
 def _read_txn(reader: LogReader, pos: int, file_size: int):
-    """(buffer holding the whole transaction at pos, its header, its checked oid table entries)."""
-    buf = reader.file.read(pos, READ_AHEAD)
-    need = fmt.txn_header_needs(buf, 0)
-    if need > len(buf):
-        buf = reader.file.read(pos, need)
-    th = fmt.decode_txn_header(buf, 0, reader.path, pos, file_size)
-    if th.next_pos - pos > len(buf):
-        buf = reader.file.read(pos, th.next_pos - pos)
-    table = list(fmt.decode_oid_table(buf, th.records_end - pos, th.nrec, reader.path, th.records_end))
-    fmt.check_trailer(buf, th.end - pos, th, reader.path)
-    return buf, th, table
+    """(header of the transaction at pos, its checked oid table entries); records not read."""
+    th = reader.read_txn_header(pos, file_size)
+    raw = reader.file.read(th.records_end, th.next_pos - th.records_end)
+    table = list(fmt.decode_oid_table(raw, 0, th.nrec, reader.path, th.records_end))
+    fmt.check_trailer(raw, th.end - th.records_end, th, reader.path)
+    return th, table
 
 
 def read_checked_txn(reader: LogReader, pos: int, file_size: int,
@@ -312,10 +443,18 @@ def read_checked_txn(reader: LogReader, pos: int, file_size: int,
 
     Header checksum and status, the length against `file_size`, the oid table
     (checksum, and matching the records), the trailer, and every record
-    (checksum, tid and tpos).  The whole transaction is read at once.  Status
-    and tid order are the caller's to judge."""
-    buf, th, table = _read_txn(reader, pos, file_size)
-    return th, _check_records(buf, pos, th, table, reader.path)
+    (checksum, tid and tpos).  Records are read in bounded chunks, never past
+    the transaction.  Status and tid order are the caller's to judge."""
+    th, table = _read_txn(reader, pos, file_size)
+    return th, list(_checked_records(reader, th, table))
+
+
+def check_txn(reader: LogReader, pos: int, file_size: int) -> fmt.TxnHeader:
+    """Check the transaction at `pos` as `read_checked_txn` does, keeping no record in memory."""
+    th, table = _read_txn(reader, pos, file_size)
+    for _ in _checked_records(reader, th, table, keep=False):
+        pass
+    return th
 
 
 def read_moved_txn(reader: LogReader, pos: int, file_size: int,
@@ -328,9 +467,9 @@ def read_moved_txn(reader: LogReader, pos: int, file_size: int,
     table and records are consistent with a single origin ``pos - delta``.
     Returns (th, records, delta): th and each record's `pos` are where they
     are now; tpos, prev and backpointers still hold the old positions."""
-    buf, th, table = _read_txn(reader, pos, file_size)
+    th, table = _read_txn(reader, pos, file_size)
     delta = th.data_pos - table[0][1] if table else 0
-    recs = _check_records(buf, pos - delta, th._replace(pos=pos - delta), table, reader.path)
+    recs = _checked_records(reader, th._replace(pos=pos - delta), table, delta)
     return th, [rec._replace(pos=rec.pos + delta) for rec in recs], delta
 
 

@@ -110,10 +110,10 @@ def _handle_damage(file: fileio.DataFile, result: ScanResult, read_only: bool,
     if read_only:
         logger.warning("%s: ignoring an incomplete last transaction at %d (%s)", path, bad, error.detail)
         return bad
-    tail = file.read(bad, file.size - bad)
-    side = fileio.save_side_file(path, tail)
+    tail_len = file.size - bad
+    side = fileio.save_side_file(path, file.read_chunks(bad, file.size))  # streamed, bounded memory
     file.truncate(bad)
     file.sync()
     logger.warning("%s: moved an incomplete last transaction (%d bytes at offset %d: %s) to %s",
-                   path, len(tail), bad, error.detail, side)
+                   path, tail_len, bad, error.detail, side)
     return bad

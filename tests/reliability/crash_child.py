@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import signal
 import sys
+import tempfile
 import time
 import traceback
 from collections import Counter
@@ -33,8 +35,9 @@ from collections import Counter
 if __package__ in (None, ""):  # run as a script: make the sibling helpers importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from ZODB.blob import Blob  # noqa: E402
 from ZODB.Connection import TransactionMetaData  # noqa: E402
-from ZODB.utils import p64  # noqa: E402
+from ZODB.utils import p64, u64  # noqa: E402
 
 import refstorage  # noqa: E402
 from refstorage import fileio, storage  # noqa: E402
@@ -67,6 +70,44 @@ def plan(seed: int, round_: int, nsteps: int, pack: bool) -> list[dict]:
             size = rng.choice((0, 10, 50, 200, 700, 2500))
             writes[oid] = f"{seed}.{round_}.{i}.{oid}." + "x" * size
         kind = "abort" if r > 0.9 else "store"
+        steps.append({"kind": kind, "writes": writes})
+    return steps
+
+
+BLOB_OIDS = range(30, 36)  # the blob mode's objects
+
+
+def blob_data(value: str) -> bytes:
+    """A blob record's data: the Blob class pickle (what ZODB.blob.is_blob_record looks for),
+    then a unique state, so a model can tell revisions apart."""
+    return pickle.dumps(Blob, 3) + pickle.dumps(value, 3)
+
+
+def blob_content(value: str) -> bytes:
+    return f"blob file of {value}\n".encode() * 3
+
+
+def plan_blobs(seed: int, round_: int, nsteps: int) -> list[dict]:
+    """The steps of one blob-mode run (a pure function of its arguments).
+
+    Kinds: "blob" {oid: value} (storeBlob each), "restoreblob" {oid: value}
+    (restoreBlob each, in a transaction with an explicit tid), "undo" (the
+    previous step, always a blob or restoreblob), "abortblob" (storeBlob,
+    vote, abort), "pack" (gc=False, to now: drops older revisions' files)."""
+    rng = random.Random(f"blobs/{seed}/{round_}")
+    steps: list[dict] = []
+    for i in range(nsteps):
+        r = rng.random()
+        prev = steps[-1]["kind"] if steps else None
+        if i >= 3 and r < 0.15 or i == nsteps - 3 and all(s["kind"] != "pack" for s in steps):
+            steps.append({"kind": "pack"})  # (every run packs at least once)
+            continue
+        if prev in ("blob", "restoreblob") and r < 0.4:
+            steps.append({"kind": "undo"})
+            continue
+        oids = rng.sample(list(BLOB_OIDS), rng.choice((1, 1, 2)))
+        writes = {oid: f"{seed}.{round_}.{i}.{oid}" for oid in oids}
+        kind = "abortblob" if r > 0.9 else "restoreblob" if r > 0.75 else "blob"
         steps.append({"kind": kind, "writes": writes})
     return steps
 
@@ -130,18 +171,59 @@ def _store(st, writes: dict, user: str) -> bytes:
     return st.tpc_finish(t)
 
 
+def _blob_upload(st, value: str) -> str:
+    """The application's new blob file, in the storage's temporary directory."""
+    fd, name = tempfile.mkstemp(dir=st.temporaryDirectory(), suffix=".upload")
+    with os.fdopen(fd, "wb") as f:
+        f.write(blob_content(value))
+    return name
+
+
+def _store_blobs(st, writes: dict, user: str, restore: bool = False, finish: bool = True):
+    t = TransactionMetaData(user, "crash test, blobs")
+    if restore:  # as a copy would: an explicit tid after the last one
+        tid = p64(u64(st.lastTransaction()) + 1)
+        st.tpc_begin(t, tid)
+    else:
+        st.tpc_begin(t)
+    for oid_int, value in writes.items():
+        oid = p64(oid_int)
+        upload = _blob_upload(st, value)
+        if restore:
+            st.restoreBlob(oid, tid, blob_data(value), upload, None, t)
+        else:
+            st.storeBlob(oid, current_serial(st, oid), blob_data(value), upload, "", t)
+    st.tpc_vote(t)
+    if not finish:
+        st.tpc_abort(t)
+        return None
+    got = st.tpc_finish(t)
+    return tid if restore else got
+
+
 def run_worker(spec: dict) -> None:
     storage.INDEX_SAVE_BYTES = spec["index_save_bytes"]
     storage.WRITE_CHUNK = spec["write_chunk"]
     kill = spec.get("kill")
     ops = KillOps(kill["event"], kill["nth"]) if kill else KillOps()
     fileio.ops = ops
-    steps = plan(spec["seed"], spec["round"], spec["steps"], spec["pack"])
-    st = refstorage.FileStorage(spec["path"])
+    if spec.get("blobs"):
+        steps = plan_blobs(spec["seed"], spec["round"], spec["steps"])
+        st = refstorage.FileStorage(spec["path"], blob_dir=spec["path"] + ".blobs")
+    else:
+        steps = plan(spec["seed"], spec["round"], spec["steps"], spec["pack"])
+        st = refstorage.FileStorage(spec["path"])
     last_store_tid = None
     for i, step in enumerate(steps):
         kind = step["kind"]
-        if kind == "store":
+        if kind in ("blob", "restoreblob"):
+            tid = _store_blobs(st, step["writes"], f"step {i}", restore=kind == "restoreblob")
+            last_store_tid = tid
+            _emit(f"ack {i} {tid.hex()}")
+        elif kind == "abortblob":
+            _store_blobs(st, step["writes"], f"step {i}", finish=False)
+            _emit(f"aborted {i}")
+        elif kind == "store":
             tid = _store(st, step["writes"], f"step {i}")
             last_store_tid = tid
             _emit(f"ack {i} {tid.hex()}")

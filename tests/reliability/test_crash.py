@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import random
 import selectors
 import signal
@@ -36,9 +37,11 @@ import time
 from collections import Counter
 
 import pytest
-from ZODB.utils import p64
+from ZODB.blob import remove_committed_dir
+from ZODB.utils import p64, u64
 
 from refstorage import format as fmt
+from refstorage.tools.verify import verify
 
 from . import crash_child
 from .helpers import (
@@ -79,6 +82,9 @@ EVENTS = [
     "link.before", "link.after",
 ]
 RANDOM_SHARE = 0.3
+# The blob mode (storeBlob, restoreBlob, undo and pack of blob objects) adds these.
+BLOB_EVENTS = ["point:blob.after-move-in", "point:blob.after-link-in", "point:pack.blobs.after-dispose"]
+BLOB_KILLS = scaled(100, 1000)
 
 
 class ForkServer:
@@ -155,9 +161,16 @@ class ForkServer:
         self.err.close()
 
 
-def _spec(path: str, seed: int, round_: int, pack: bool, kill: dict | None = None) -> dict:
+def _spec(path: str, seed: int, round_: int, pack: bool, kill: dict | None = None,
+          blobs: bool = False) -> dict:
     return {"path": path, "seed": seed, "round": round_, "steps": STEPS, "pack": pack,
-            "index_save_bytes": 3000, "write_chunk": 700, "kill": kill}
+            "index_save_bytes": 3000, "write_chunk": 700, "kill": kill, "blobs": blobs}
+
+
+def _plan(chain: Chain) -> list[dict]:
+    if chain.blobs:
+        return crash_child.plan_blobs(chain.seed, chain.round, STEPS)
+    return crash_child.plan(chain.seed, chain.round, STEPS, chain.pack)
 
 
 def _side_files(path: str) -> set[str]:
@@ -168,10 +181,12 @@ def _side_files(path: str) -> set[str]:
 class Chain:
     """One data file through several kill rounds, with the model of what it must hold."""
 
-    def __init__(self, path: str, seed: int, pack: bool):
+    def __init__(self, path: str, seed: int, pack: bool, blobs: bool = False):
         self.path = path
         self.seed = seed
-        self.pack = pack
+        self.pack = pack or blobs  # the blob mode packs too
+        self.blobs = blobs
+        self.blob_dir = path + ".blobs" if blobs else None
         self.round = 0
         self.model = TxnModel()
 
@@ -193,7 +208,7 @@ class Chain:
             if word == "ack":
                 writes = self._writes(step, last_store)
                 model.add(bytes.fromhex(tid_hex), writes)
-                last_store = (bytes.fromhex(tid_hex), writes) if step["kind"] == "store" else None
+                last_store = (bytes.fromhex(tid_hex), writes) if step["kind"] in STORES else None
                 stats["acked"] += 1
             elif word == "packed":
                 stats["packs completed"] += 1
@@ -201,16 +216,16 @@ class Chain:
             else:
                 last_store = None
         in_flight = None
-        if code != 0 and len(done) < len(steps) and steps[len(done)]["kind"] in ("store", "undo"):
+        if code != 0 and len(done) < len(steps) and steps[len(done)]["kind"] in (*STORES, "undo"):
             in_flight = self._writes(steps[len(done)], last_store)
         before = _side_files(self.path)
         with capture_log() as log:
             ro_last = None
             if os.path.exists(self.path):
-                ro = open_storage(self.path, read_only=True)
+                ro = open_storage(self.path, read_only=True, blob_dir=self.blob_dir)
                 ro_last = ro.lastTransaction()
                 ro.close()
-            st = open_storage(self.path)
+            st = open_storage(self.path, blob_dir=self.blob_dir)
         try:
             last = st.lastTransaction()
             if last != model.last_tid():
@@ -229,6 +244,8 @@ class Chain:
                         history=True, after_tid=after)
             self._check_iterator(st, after)
             check_storage(st)
+            if self.blobs:
+                self._check_blobs(st, after, stats)
         finally:
             st.close()
         new = _side_files(self.path) - before
@@ -238,9 +255,38 @@ class Chain:
                 "a side file was written without a warning"
         self.round += 1
 
+    def _check_blobs(self, st, after: bytes, stats: Counter) -> None:
+        """No acknowledged blob is lost; every blob file without a record is reported by verify."""
+        for tid, writes in self.model.txns:
+            if tid <= after:
+                continue
+            for oid, data in writes.items():
+                if data is not None:
+                    with open(st.loadBlob(oid, tid), "rb") as f:
+                        assert f.read() == _blob_content(data), f"blob of oid {u64(oid)} at {tid.hex()}"
+        for oid, data in self.model.state().items():
+            if data is not None:
+                with st.openCommittedBlobFile(oid, st.getTid(oid)) as f:
+                    assert f.read() == _blob_content(data), f"current blob of oid {u64(oid)}"
+        orphans = set()
+        for oid, oid_path in st.fshelper.listOIDs():
+            tids = _record_tids(st, oid)
+            for name in os.listdir(oid_path):
+                path = os.path.join(oid_path, name)
+                if name.endswith(".blob") and st.fshelper.splitBlobFilename(path)[1] not in tids:
+                    orphans.add(path)
+        stats["orphan blob files found after reopens (all reported by verify)"] += len(orphans)
+        report = verify(self.path, blob_dir=self.blob_dir)
+        reported = {p.message.split()[2] for p in report.problems if p.kind == "blob"}
+        assert reported == orphans, (sorted(reported), sorted(orphans))
+        # (a pack killed after its rename leaves the old index file: verify reports that too)
+        assert set(report.counts) <= {"blob", "index"}, [str(p) for p in report.problems]
+
     def _writes(self, step: dict, last_store) -> dict[bytes, bytes | None]:
         if step["kind"] == "store":
             return {p64(o): value_data(v) for o, v in step["writes"].items()}
+        if step["kind"] in ("blob", "restoreblob"):
+            return {p64(o): crash_child.blob_data(v) for o, v in step["writes"].items()}
         assert last_store is not None
         # undo of the previous (store) transaction: each oid goes back to before it
         before = self.model.state(len(self.model) - 1)
@@ -265,48 +311,81 @@ class Chain:
             assert set(seen) <= set(txns)
 
 
-def _calibrate(server: ForkServer, workdir: str) -> dict:
+STORES = ("store", "blob", "restoreblob")
+
+
+def _blob_content(data: bytes) -> bytes:
+    """The blob file content of a record written by crash_child's blob mode."""
+    head = crash_child.blob_data("")[:-len(pickle.dumps("", 3))]  # the Blob class pickle
+    assert data.startswith(head)
+    return crash_child.blob_content(pickle.loads(data[len(head):]))
+
+
+def _record_tids(st, oid: bytes) -> set[bytes]:
+    tids, pos, reader = set(), st._state.index.get(oid), st._state.reader
+    while pos:
+        rec = reader.read_data_record(pos, oid)
+        tids.add(rec.tid)
+        pos = rec.prev
+    return tids
+
+
+def _calibrate(server: ForkServer, workdir: str, blobs: bool = False) -> dict:
     """Event counts and run time of whole (unkilled) runs, per mode and first/later round."""
     counts: dict[tuple[bool, bool], Counter] = {}
     seconds = []
-    for pack in (False, True):
+    for pack in (True,) if blobs else (False, True):
         path = os.path.join(workdir, f"calibrate-{int(pack)}.rfs")
-        chain = Chain(path, 999, pack)
+        chain = Chain(path, 999, pack, blobs)
         for round_ in range(2):
-            spec = _spec(path, 999, round_, pack)
+            spec = _spec(path, 999, round_, pack, blobs=blobs)
             started = time.monotonic()
             lines, code = server.run(spec)
             seconds.append(time.monotonic() - started)
             assert code == 0, server.stderr()
             got = Counter(json.loads(lines[-1].split(" ", 1)[1]))
             counts.setdefault((pack, round_ == 0), Counter()).update(got)
-            chain.check(crash_child.plan(999, round_, STEPS, pack), lines, code, Counter())
+            chain.round = round_
+            chain.check(_plan(chain), lines, code, Counter())
     return {"counts": counts, "seconds": max(seconds)}
 
 
 def test_sigkill_never_loses_an_acknowledged_transaction():
-    rng = random.Random(20240607)
+    _kill_loop(KILLS, EVENTS, blobs=False)
+
+
+def test_sigkill_never_loses_an_acknowledged_blob():
+    """The blob mode: kill -9 during storeBlob, restoreBlob, undo and pack of blob objects."""
+    _kill_loop(BLOB_KILLS, EVENTS + BLOB_EVENTS, blobs=True)
+
+
+def _kill_loop(wanted: int, events: list[str], blobs: bool) -> None:
+    rng = random.Random(20240607 + blobs)
     stats: Counter = Counter()
     kills_by_event: Counter = Counter()
     started = time.monotonic()
     with temp_dir() as workdir:
         server = ForkServer(workdir)
         try:
-            cal = _calibrate(server, workdir)
+            cal = _calibrate(server, workdir, blobs)
             kills = cases = 0
             chain = None
             nfile = 0
-            while kills < KILLS:
+            while kills < wanted:
                 assert time.monotonic() - started < TIME_LIMIT, (
                     f"only {kills} kills in {TIME_LIMIT} s: {dict(kills_by_event)}")
                 if chain is None or chain.round >= ROUNDS:
                     if chain is not None:
                         for name in os.listdir(workdir):
                             if name.startswith("Data"):
-                                os.remove(os.path.join(workdir, name))
+                                full = os.path.join(workdir, name)
+                                if os.path.isdir(full):
+                                    remove_committed_dir(full)
+                                else:
+                                    os.remove(full)
                     nfile += 1
                     chain = Chain(os.path.join(workdir, "Data.rfs"), rng.randrange(1 << 30),
-                                  pack=nfile % 3 == 0)
+                                  pack=nfile % 3 == 0, blobs=blobs)
                 counts = cal["counts"][(chain.pack, chain.round == 0)]
                 kill = None
                 kill_after = None
@@ -315,16 +394,16 @@ def test_sigkill_never_loses_an_acknowledged_transaction():
                     kill_after = rng.uniform(0, cal["seconds"])
                 else:
                     # the eligible event killed least so far: every one gets its share
-                    eligible = [e for e in EVENTS if counts[e]]
+                    eligible = [e for e in events if counts[e]]
                     fewest = min(kills_by_event[e] for e in eligible)
                     event = rng.choice([e for e in eligible if kills_by_event[e] == fewest])
                     kill = {"event": event, "nth": rng.randint(1, counts[event])}
-                spec = _spec(chain.path, chain.seed, chain.round, chain.pack, kill)
+                spec = _spec(chain.path, chain.seed, chain.round, chain.pack, kill, blobs)
                 lines, code = server.run(spec, kill_after)
                 cases += 1
                 if code not in (0, -signal.SIGKILL):
                     raise AssertionError(f"worker failed (exit {code}) for {spec}:\n{server.stderr()}")
-                steps = crash_child.plan(chain.seed, chain.round, STEPS, chain.pack)
+                steps = _plan(chain)
                 try:
                     chain.check(steps, lines, code, stats)
                 except BaseException as exc:
@@ -337,9 +416,10 @@ def test_sigkill_never_loses_an_acknowledged_transaction():
         finally:
             server.close()
     elapsed = time.monotonic() - started
-    report("crash", kills=kills, cases=cases, files=nfile, seconds=round(elapsed, 1),
+    report("crash-blobs" if blobs else "crash", kills=kills, cases=cases, files=nfile,
+           seconds=round(elapsed, 1),
            kills_by_event=dict(sorted(kills_by_event.items())), **{k: v for k, v in stats.items()})
-    assert kills >= KILLS
+    assert kills >= wanted
     # every event that occurs in a workload killed a worker at least once
-    occurring = {e for c in cal["counts"].values() for e in EVENTS if c[e]}
+    occurring = {e for c in cal["counts"].values() for e in events if c[e]}
     assert occurring - set(kills_by_event) == set()

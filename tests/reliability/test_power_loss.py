@@ -42,11 +42,13 @@ from __future__ import annotations
 
 import os
 import random
+import tempfile
+import time
 from collections import Counter
 
 import pytest
 from ZODB.Connection import TransactionMetaData
-from ZODB.utils import p64, z64
+from ZODB.utils import p64, u64, z64
 
 import refstorage
 from refstorage import fileio, storage
@@ -435,3 +437,100 @@ def test_power_loss_images(seed):
                 images[mode] += 1
     report("power_loss", seed=seed, operations=len(rec.log), transactions=len(work.model),
            images=sum(images.values()), images_by_mode=dict(images), **stats)
+
+
+# -- blobs -----------------------------------------------------------------------------------
+
+class SyncLog(fileio.Ops):
+    """Logs, in order, the fsyncs (by path), directory fsyncs and fault points."""
+
+    def __init__(self):
+        self.log: list[tuple[str, str]] = []
+        self.paths: dict[int, str] = {}
+
+    def open(self, path, flags, mode=0o666):
+        fd = super().open(path, flags, mode)
+        self.paths[fd] = os.path.realpath(path)
+        return fd
+
+    def fsync(self, fd):
+        super().fsync(fd)
+        self.log.append(("fsync", self.paths[fd]))
+
+    def fsync_dir(self, path):
+        super().fsync_dir(path)
+        self.log.append(("fsync_dir", os.path.realpath(path)))
+
+    def point(self, name):
+        self.log.append(("point", name))
+
+
+def _blob_record(value: str) -> bytes:
+    import pickle
+
+    from ZODB.blob import Blob
+    return pickle.dumps(Blob, 3) + pickle.dumps(value, 3)
+
+
+def test_blob_files_are_durable_before_their_commit(tmp_path):
+    """A power loss keeps what was fsynced: every blob file of a commit -- its content, its
+    name, every directory created for it -- is synced before the commit's status flip is.
+
+    storeBlob (new and existing oid directories), restoreBlob, an undo that gives the
+    restored revision its file under the undo's tid, and a commit after a pack."""
+    path = str(tmp_path / "Data.rfs")
+    blob_dir = os.path.realpath(str(tmp_path / "blobs"))
+    ops = SyncLog()
+    with fileio.injected(ops):
+        st = refstorage.FileStorage(path, blob_dir=blob_dir)
+        try:
+            assert ("fsync_dir", blob_dir) in ops.log  # the new blob directory and its name
+            checked = 0
+
+            def run(kind: str, oids: list[int], undo_tid: bytes | None = None) -> bytes:
+                nonlocal checked
+                before = {d for d, _dirs, _files in os.walk(blob_dir)}
+                start = len(ops.log)
+                t = TransactionMetaData("", kind)
+                tid = p64(u64(st.lastTransaction()) + 1) if kind == "restore" else None
+                st.tpc_begin(t, tid) if tid else st.tpc_begin(t)
+                if kind == "undo":
+                    st.undo(undo_tid, t)
+                for i in oids:
+                    fd, upload = tempfile.mkstemp(dir=st.temporaryDirectory())
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(f"{kind} {i}".encode())
+                    if kind == "restore":
+                        st.restoreBlob(p64(i), tid, _blob_record(f"r{i}"), upload, None, t)
+                    else:
+                        st.storeBlob(p64(i), current_serial(st, p64(i)), _blob_record(f"s{i}"), upload,
+                                     "", t)
+                st.tpc_vote(t)
+                got = st.tpc_finish(t)
+                tid = tid or got
+                seg = ops.log[start:]
+                flip = seg.index(("point", "commit.after-status-flip"))
+                seg = seg[:flip]
+                files = [st.fshelper.getBlobFilename(p64(i), tid) for i in range(1, 6)]
+                files = [os.path.realpath(f) for f in files if os.path.exists(f)]
+                assert files, kind
+                for f in files:
+                    assert ("fsync", f) in seg, f"{kind}: {f} not synced before the commit"
+                    synced = seg.index(("fsync", f))
+                    assert ("fsync_dir", os.path.dirname(f)) in seg[synced:], \
+                        f"{kind}: the name of {f} not synced before the commit"
+                    checked += 1
+                for d in {d for d, _dirs, _files in os.walk(blob_dir)} - before:
+                    assert ("fsync_dir", os.path.dirname(d)) in seg, f"{kind}: new directory {d}"
+                return tid
+
+            run("store", [1, 2])
+            run("store", [1])
+            last = run("store", [2, 3])
+            run("restore", [4])
+            run("undo", [], undo_tid=last)
+            st.pack(time.time(), gc=False)
+            run("store", [5, 1])
+            assert checked >= 8
+        finally:
+            st.close()

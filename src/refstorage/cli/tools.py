@@ -100,13 +100,17 @@ def dump(path: str, start: Moment | None, stop: Moment | None, classes: bool, fu
 @main.command(epilog="""\b
 Examples:
   refstorage verify Data.rfs
-  refstorage verify Data.rfs --all      # every problem, not the first of each kind""")
+  refstorage verify Data.rfs --all      # every problem, not the first of each kind
+  refstorage verify Data.rfs --blob-dir blobs""")
 @click.argument("path", type=LOOSE_DATABASE)
+@click.option("--blob-dir", type=click.Path(file_okay=False, exists=True), default=None,
+              metavar="DIRECTORY",
+              help="The database's blob directory: check its files against the records too.")
 @click.option("--all", "show_all", is_flag=True,
               help=f"List every problem found (else the first {verify_mod.MAX_LISTED} of each kind, and "
                    "dangling references grouped by the oid they point to).")
 @JSON_OPTION
-def verify(path: str, show_all: bool, as_json: bool) -> None:
+def verify(path: str, blob_dir: str | None, show_all: bool, as_json: bool) -> None:
     """Check the whole file PATH and the references between its current objects.
 
     Every header, checksum, length and oid table; tids; every prev and
@@ -116,10 +120,12 @@ def verify(path: str, show_all: bool, as_json: bool) -> None:
     "references unknown" (not an error).  Exit status 1 if anything is wrong.
     The file may be in use meanwhile; only what it holds when verify starts
     is read (a commit in progress at its end shows as an incomplete last
-    transaction).
+    transaction).  With --blob-dir, a blob file with no record (left by a
+    transaction that never committed) and a current blob record without
+    its file are reported too.
     """
     with failing_cleanly(path), byte_progress(_size_of(path), "verify") as progress:
-        report = verify_mod.verify(path, progress)
+        report = verify_mod.verify(path, progress, blob_dir=blob_dir)
     if as_json:
         emit_json(report.to_json())
     else:

@@ -141,7 +141,9 @@ def _resolve(reader, rec: fmt.DataRecord, deltas: list[int]) -> fmt.DataRecord |
             if rec.back + delta < fmt.HEADER_SIZE:
                 continue
             try:
-                target = reader.read_data_record(rec.back + delta, rec.oid)
+                # a moved target names its old transaction position: bound it by the file
+                target = reader.read_data_record(rec.back + delta, rec.oid,
+                                                 limit=reader.file.size if delta else None)
             except CorruptedError:
                 continue
             if target.tid < rec.tid:

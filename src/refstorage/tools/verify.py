@@ -11,7 +11,11 @@ record and checks
   storage, pack and restore write, so "an earlier record of the same oid";
 - each backpointer: an earlier transaction's record of the same oid;
 - the index file, if there is one: same file id, and its entries equal to
-  the index a scan builds up to the position it covers.
+  the index a scan builds up to the position it covers;
+- with the database's blob directory: that every committed blob file
+  belongs to a record of its oid and tid (one that does not was left by a
+  transaction that never committed, e.g. after a crash; the next pack
+  removes it), and that every current blob record has its file.
 
 Then every current record is read once more (in file order) for its stored
 references: a reference to an oid with no current revision, or to a deleted
@@ -21,6 +25,7 @@ whose references are not stored (REFS_UNKNOWN) are counted, not judged.
 
 from __future__ import annotations
 
+import os
 import time
 from array import array
 from dataclasses import dataclass, field
@@ -103,22 +108,54 @@ class _SavedIndex:
         self.tid = tid
 
 
-def verify(path: str, progress: Progress | None = None) -> VerifyReport:
-    """Check the file at `path` (read-only; a storage may have it open meanwhile)."""
+def verify(path: str, progress: Progress | None = None, blob_dir: str | None = None) -> VerifyReport:
+    """Check the file at `path` (read-only; a storage may have it open meanwhile).
+
+    With `blob_dir`, the blob files are checked against the records too."""
     started = time.perf_counter()
     report = VerifyReport(str(path))
     with Log(path, allow_bad_header=True) as log:
         report.size = log.size
         if log.header_error is not None:
             report.add("header", log.header_error.detail, log.header_error.offset)
-        _Verifier(log, report).run(progress)
+        _Verifier(log, report, _blob_files(blob_dir, report) if blob_dir else None).run(progress)
     report.seconds = time.perf_counter() - started
     return report
 
 
+class _BlobFiles:
+    """The committed blob files of a blob directory: {oid: {tid: path}}."""
+
+    def __init__(self, fshelper, files: dict[bytes, dict[bytes, str]]):
+        self.fshelper = fshelper
+        self.files = files
+        self.unmatched = {oid: dict(tids) for oid, tids in files.items()}
+
+
+def _blob_files(blob_dir: str, report: VerifyReport) -> _BlobFiles | None:
+    from ZODB.blob import BLOB_SUFFIX, FilesystemHelper
+
+    if not os.path.isdir(blob_dir):
+        report.add("blob", f"blob directory {blob_dir} does not exist")
+        return None
+    try:
+        fshelper = FilesystemHelper(os.path.abspath(blob_dir))
+        files: dict[bytes, dict[bytes, str]] = {}
+        for oid, oid_path in fshelper.listOIDs():
+            for name in os.listdir(oid_path):
+                if name.endswith(BLOB_SUFFIX):
+                    blob = os.path.join(oid_path, name)
+                    files.setdefault(oid, {})[fshelper.splitBlobFilename(blob)[1]] = blob
+    except (OSError, ValueError) as exc:
+        report.add("blob", f"blob directory {blob_dir} cannot be read: {exc}")
+        return None
+    return _BlobFiles(fshelper, files)
+
+
 class _Verifier:
-    def __init__(self, log: Log, report: VerifyReport):
+    def __init__(self, log: Log, report: VerifyReport, blobs: _BlobFiles | None = None):
         self.log = log
+        self.blobs = blobs
         self.reader = log.reader
         self.report = report
         self.index = BatchedIndex()
@@ -220,6 +257,12 @@ class _Verifier:
                 local[oid] = rec.pos
             report.records += len(recs)
             index.update(local)
+            if self.blobs is not None and self.blobs.unmatched:
+                unmatched = self.blobs.unmatched
+                for rec in recs:
+                    tids = unmatched.get(rec.oid)
+                    if tids is not None:
+                        tids.pop(rec.tid, None)
             if self.saved is not None and th.next_pos == self.saved.pos:
                 self._compare_saved(last_tid)
         if self.saved is not None:
@@ -230,6 +273,12 @@ class _Verifier:
         report.objects = len(self.index)
         report.deleted = len(deleted)
         self._check_references(progress)
+        if self.blobs is not None:
+            for oid, tids in sorted(self.blobs.unmatched.items()):
+                for tid, blob in sorted(tids.items()):
+                    report.add("blob", f"blob file {blob} (oid {oid_repr(oid)}, tid {tid_repr(tid)}) "
+                               "has no record in the data file: left by a transaction that never "
+                               "committed (a pack removes it)", oid=oid)
 
     def _damage(self, d: Damage) -> None:
         report = self.report
@@ -306,6 +355,10 @@ class _Verifier:
                         continue  # reported by the walk
                     if data_rec is None:
                         continue
+                if self.blobs is not None and data_rec.data and _is_blob_record(data_rec.data) \
+                        and rec.tid not in self.blobs.files.get(rec.oid, ()):
+                    report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
+                               f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
                 if data_rec.flags & fmt.FLAG_REFS_UNKNOWN:
                     report.refs_unknown_current_count += 1
                     if len(report.refs_unknown_current) < MAX_PROBLEMS:
@@ -324,6 +377,12 @@ class _Verifier:
                                f"oid {oid_repr(ref)}, {why}", rec.pos, ref)
         except CorruptedError as exc:  # a current record the walk could not have checked
             report.add("damage", f"current record unreadable: {exc.detail}", exc.offset)
+
+
+def _is_blob_record(data: bytes) -> bool:
+    from ZODB.blob import is_blob_record
+
+    return bool(is_blob_record(data))
 
 
 def _index_diffs(saved: OidIndex, scanned: OidIndex) -> tuple[int, list[str]]:
