@@ -10,8 +10,9 @@ record and checks
   earlier transaction (0 if there is none) -- which is exactly what the
   storage, pack and restore write, so "an earlier record of the same oid";
 - each backpointer: an earlier transaction's record of the same oid;
-- the index file, if there is one: same file id, and its entries equal to
-  the index a scan builds up to the position it covers.
+- the index file, if there is one: usable by the rule open applies
+  (`recovery.check_saved_index`), and its entries equal to the index a scan
+  builds up to the position it covers.
 
 Then every current record is read once more (in file order) for its stored
 references: a reference to an oid with no current revision, or to a deleted
@@ -27,8 +28,9 @@ from dataclasses import dataclass, field
 
 from .. import fileio
 from .. import format as fmt
-from ..errors import CorruptedError, IndexFileError
-from ..index import OidIndex, load_index
+from ..errors import CorruptedError
+from ..index import OidIndex
+from ..recovery import check_saved_index
 from .common import BatchedIndex, Log, Progress, oid_repr, tid_repr
 from .walk import Damage, walk
 
@@ -129,30 +131,23 @@ class _Verifier:
     # -- the index file ----------------------------------------------------------------
 
     def _load_saved_index(self) -> _SavedIndex | None:
+        """The index file, judged by the rule open uses (`recovery.check_saved_index`)."""
         log, report = self.log, self.report
         ipath = log.path + ".index"
         if not fileio.exists(ipath):
             return None
-        try:
-            loaded = load_index(ipath)
-        except IndexFileError as exc:
-            report.index_file = "unreadable"
-            report.add("index", f"{exc} (the storage ignores it and rebuilds the index)")
+        saved = check_saved_index(self.reader, ipath, log.file_id, log.size)
+        if saved.state == "absent":
             return None
-        if loaded is None:
-            return None
-        index, file_id, pos, tid = loaded
-        if log.header is not None and file_id != log.header.file_id:
-            report.index_file = "another file's"
-            report.add("index", f"{ipath} belongs to another data file (file id {file_id.hex()}, "
-                       f"the data file's is {log.header.file_id.hex()}); the storage ignores it")
-            return None
-        if pos > log.size or pos < fmt.HEADER_SIZE:
-            report.index_file = "beyond the data"
-            report.add("index", f"{ipath} covers {pos} bytes but the data file has {log.size}")
+        if saved.index is None:
+            report.index_file = saved.state
+            if saved.state == "unreadable":
+                report.add("index", f"{saved.why} (the storage ignores it and rebuilds the index)")
+            else:
+                report.add("index", f"{ipath}: {saved.why}; the storage ignores it and rebuilds the index")
             return None
         report.index_file = "not compared"
-        return _SavedIndex(index, pos, tid)
+        return _SavedIndex(saved.index, saved.pos, saved.tid or b"\0" * 8)
 
     def _compare_saved(self, tid: bytes | None) -> None:
         saved, report = self.saved, self.report

@@ -3,27 +3,20 @@
 `walk` yields each transaction (checked, and with its records decoded and
 checksummed when asked) and, for each damaged stretch, a `Damage` naming the
 byte range that holds no usable transaction and what was wrong at its start.
-After damage it resynchronises: it looks for the next position where a valid
-transaction starts (a header that passes its checksum, with a later tid than
-the last good one, an intact oid table and a matching trailer).  verify,
-dump and recover are built on it.
+After damage it resumes where `log.next_valid_txn` says the next valid
+transaction starts: the rule open's scan uses to tell a torn tail (nothing
+valid follows) from corruption.  verify, dump, info and recover are built on it.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .. import format as fmt
 from ..errors import CorruptedError, CorruptedTransactionError
-from ..log import LogReader, read_checked_txn, read_moved_txn
+from ..log import LogReader, next_valid_txn, read_checked_txn, read_moved_txn
 from .common import Progress
-
-SEARCH_CHUNK = 1 << 20
-# A transaction header has one of these status bytes (never 'c' for a good one) at
-# STATUS_OFFSET: candidates for a resynchronisation are found with one regex search.
-_STATUS_RE = re.compile(b"[" + re.escape(fmt.STATUS_COMMITTED + fmt.STATUS_PACKED) + b"]")
 
 
 class Txn(NamedTuple):
@@ -58,54 +51,6 @@ def _check_status_and_order(reader: LogReader, th: fmt.TxnHeader, last_tid: byte
         raise CorruptedTransactionError(
             reader.path, f"transaction id {th.tid.hex()} does not increase (previous {last_tid.hex()})",
             th.pos)
-
-
-def valid_txn_at(reader: LogReader, pos: int, end: int, after_tid: bytes | None = None) -> bool:
-    """Does a finished transaction with a tid after `after_tid` start at `pos`?
-
-    Its header, oid table and trailer are checked (not its records)."""
-    try:
-        th = reader.read_txn_header(pos, end)
-        _check_status_and_order(reader, th, after_tid)
-        _check_table_and_trailer(reader, th)
-    except CorruptedError:
-        return False
-    return True
-
-
-def next_valid_txn(reader: LogReader, bad: int, end: int, after_tid: bytes | None = None) -> int | None:
-    """The first position after `bad` where a valid transaction starts, or None.
-
-    If the transaction at `bad` has an intact header, the one after it is
-    tried first; otherwise every byte position is a candidate (those whose
-    status byte is plausible are checked)."""
-    try:
-        th = reader.read_txn_header(bad, end)
-    except CorruptedError:
-        th = None
-    if th is not None and th.next_pos < end and valid_txn_at(reader, th.next_pos, end, after_tid):
-        return th.next_pos
-    path = reader.path
-    p = bad + 1
-    while p + fmt.MIN_TXN_SIZE <= end:
-        buf = reader.file.read(p, min(SEARCH_CHUNK + fmt.TXN_HEADER_SIZE, end - p))
-        limit = len(buf) - fmt.TXN_HEADER_SIZE + 1  # candidates whose fixed header is in buf
-        if limit <= 0:
-            break
-        for m in _STATUS_RE.finditer(buf, fmt.STATUS_OFFSET, limit + fmt.STATUS_OFFSET):
-            off = m.start() - fmt.STATUS_OFFSET
-            fixed = fmt.decode_txn_header_fixed(buf, off, path, p + off)
-            tid, tlen, _status, ulen, dlen, elen, nrec, _ = fixed
-            if after_tid is not None and tid <= after_tid:
-                continue
-            if p + off + tlen + fmt.TRAILER_SIZE > end:
-                continue
-            if tlen < fmt.TXN_HEADER_SIZE + ulen + dlen + elen + fmt.oid_table_size(nrec):
-                continue
-            if valid_txn_at(reader, p + off, end, after_tid):
-                return p + off
-        p += min(limit, SEARCH_CHUNK)
-    return None
 
 
 def walk(reader: LogReader, start: int, end: int, decode: bool | Callable[[fmt.TxnHeader], bool] = True,
