@@ -364,7 +364,7 @@ SEARCH_CHUNK = 1 << 20
 _CANDIDATES: dict[int, re.Pattern] = {}
 
 
-def _candidate_re(end: int) -> re.Pattern:
+def header_candidates(end: int) -> re.Pattern:
     """Positions where a transaction header fitting before `end` may start.
 
     Its status byte is a known one and its tlen, less than `end`, has as many
@@ -394,7 +394,7 @@ def next_valid_txn(reader: LogReader, bad: int, end: int, after_tid: bytes | Non
         th = None
     if th is not None and th.next_pos < end and valid_txn_at(reader, th.next_pos, end, after_tid):
         return th.next_pos
-    pattern = _candidate_re(end)
+    pattern = header_candidates(end)
     p = bad + 1
     while p + fmt.MIN_TXN_SIZE <= end:
         buf = reader.file.read(p, min(SEARCH_CHUNK + fmt.TXN_HEADER_SIZE, end - p))

@@ -44,6 +44,7 @@ class Problem:
     message: str
     offset: int | None = None
     oid: bytes | None = None
+    referrer: bytes | None = None  # dangling: the oid whose record holds the reference
 
     def __str__(self) -> str:
         where = f" at offset {self.offset}" if self.offset is not None else ""
@@ -80,10 +81,11 @@ class VerifyReport:
     def problem_count(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, kind: str, message: str, offset: int | None = None, oid: bytes | None = None) -> None:
+    def add(self, kind: str, message: str, offset: int | None = None, oid: bytes | None = None,
+            referrer: bytes | None = None) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(Problem(kind, message, offset, oid))
+            self.problems.append(Problem(kind, message, offset, oid, referrer))
 
     def to_json(self) -> dict:
         return {
@@ -312,7 +314,7 @@ class _Verifier:
                     else:
                         continue
                     report.add("dangling", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) references "
-                               f"oid {oid_repr(ref)}, {why}", rec.pos, ref)
+                               f"oid {oid_repr(ref)}, {why}", rec.pos, ref, rec.oid)
         except CorruptedError as exc:  # a current record the walk could not have checked
             report.add("damage", f"current record unreadable: {exc.detail}", exc.offset)
 

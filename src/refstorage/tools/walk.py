@@ -10,12 +10,21 @@ valid follows) from corruption.  verify, dump, info and recover are built on it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 from .. import format as fmt
 from ..errors import CorruptedError, CorruptedTransactionError
-from ..log import LogReader, next_valid_txn, read_checked_txn, read_moved_txn
+from ..log import (
+    READ_AHEAD,
+    SEARCH_CHUNK,
+    LogReader,
+    header_candidates,
+    next_valid_txn,
+    read_checked_txn,
+    read_moved_txn,
+)
 from .common import Progress
 
 
@@ -32,6 +41,8 @@ class Damage(NamedTuple):
     start: int  # first byte of the damaged stretch (where a transaction should start)
     end: int  # where the next valid transaction starts, or the end of the file
     error: CorruptedError  # what was wrong at `start`
+    after_tid: bytes | None = None  # tid of the last good transaction before it
+    delta: int = 0  # shift of the transactions before it (see Txn.delta)
 
     @property
     def length(self) -> int:
@@ -67,6 +78,7 @@ def walk(reader: LogReader, start: int, end: int, decode: bool | Callable[[fmt.T
     """
     pos = start
     last_tid: bytes | None = None
+    last_delta = 0
     while pos < end:
         try:
             th = reader.read_txn_header(pos, end)
@@ -90,13 +102,309 @@ def walk(reader: LogReader, start: int, end: int, decode: bool | Callable[[fmt.T
         except CorruptedError as exc:
             nxt = next_valid_txn(reader, pos, end, last_tid)
             stop = end if nxt is None else nxt
-            yield Damage(pos, stop, exc)
+            yield Damage(pos, stop, exc, last_tid, last_delta)
             pos = stop
             if progress is not None:
                 progress(pos)
             continue
         yield Txn(th, recs, delta)
-        last_tid = th.tid
+        last_tid, last_delta = th.tid, delta
         pos = th.next_pos
         if progress is not None:
             progress(pos)
+
+
+# -- salvage: the intact records of a damaged stretch ----------------------------------------
+
+class Lost(NamedTuple):
+    """A record that was in a damaged transaction and could not be read back."""
+
+    pos: int  # where it is (or was meant to be) in the file
+    oid: bytes | None  # None: unknown
+    tid: bytes | None  # None: unknown
+    oid_certain: bool  # the oid comes from a checked oid table (else from the damaged record itself)
+    reason: str
+
+
+class Piece(NamedTuple):
+    """What could be read of one damaged transaction (see `salvage`)."""
+
+    start: int  # where the transaction starts (or the part of the stretch this covers)
+    end: int  # where it ends
+    header: fmt.TxnHeader | None  # its header if that passed its checksum (status: the raw byte)
+    tid: bytes | None  # the header's tid, else the one its intact records share
+    records: list[fmt.DataRecord]  # the records that passed their checksums, in file order
+    lost: list[Lost]  # the records known to be there that did not
+    complete: bool  # every record it held is in `records` or `lost` (nothing unaccounted for)
+    unfinished: bool  # its status is 'c': voted, never finished (never acknowledged)
+
+
+def read_header_any_status(reader: LogReader, pos: int, end: int) -> fmt.TxnHeader | None:
+    """The header at `pos` if it passes its checksum and fits before `end`, whatever its status byte.
+
+    The checksum skips the status byte, so a flipped status leaves the rest
+    of the header trustworthy.  The result's `status` is the raw byte."""
+    path = reader.path
+    try:
+        buf = reader.file.read(pos, min(READ_AHEAD, end - pos))
+        need = fmt.txn_header_needs(buf, 0)
+        if need > end - pos:
+            return None
+        if need > len(buf):
+            buf = reader.file.read(pos, need)
+        raw = bytes(buf[fmt.STATUS_OFFSET:fmt.STATUS_OFFSET + 1])
+        if raw not in fmt.STATUSES:
+            buf = bytearray(buf)
+            buf[fmt.STATUS_OFFSET] = fmt.STATUS_COMMITTED[0]
+        return fmt.decode_txn_header(buf, 0, path, pos)._replace(status=raw)
+    except CorruptedError:
+        return None
+
+
+def record_within(reader: LogReader, pos: int, limit: int) -> fmt.DataRecord | None:
+    """The record at `pos` if it passes its checks and ends at or before `limit`, else None."""
+    if pos < fmt.HEADER_SIZE or pos + fmt.DATA_HEADER_SIZE + fmt.CRC_SIZE > limit:
+        return None
+    try:
+        buf = reader.file.read(pos, min(READ_AHEAD, limit - pos))
+        header = fmt.peek_data_header(buf, 0, reader.path, pos)
+        length = header[7]
+        if pos + length > limit:
+            return None
+        if length > len(buf):
+            buf = reader.file.read(pos, length)
+        return fmt.decode_data_record(buf, 0, reader.path, pos, header)
+    except CorruptedError:
+        return None
+
+
+def _find_all(reader: LogReader, pattern: bytes, start: int, end: int) -> Iterator[int]:
+    """Positions p in [start, end) where `pattern` occurs, in order, read in chunks."""
+    n = len(pattern)
+    p = start
+    while p + n <= end:
+        buf = reader.file.read(p, min(SEARCH_CHUNK + n - 1, end - p))
+        i = buf.find(pattern)
+        while i != -1:
+            yield p + i
+            i = buf.find(pattern, i + 1)
+        if len(buf) < n:
+            break
+        p += len(buf) - n + 1
+
+
+def _lost_at(reader: LogReader, pos: int, limit: int, tid: bytes | None, reason: str) -> Lost:
+    """A record that failed at `pos`: its oid as far as its own (unchecked) header says."""
+    try:
+        raw = reader.file.read(pos, fmt.DATA_HEADER_SIZE) if pos + fmt.DATA_HEADER_SIZE <= limit else b""
+    except CorruptedError:
+        raw = b""
+    oid = None
+    if len(raw) == fmt.DATA_HEADER_SIZE and (tid is None or raw[8:16] == tid):
+        oid = bytes(raw[:8])
+    return Lost(pos, oid, tid, False, reason)
+
+
+def _sequential(reader: LogReader, first: int, limit: int, tid: bytes | None, tpos: int | None,
+                ) -> tuple[list[fmt.DataRecord], list[Lost], int]:
+    """Decode records one after the other from `first` up to `limit`.
+
+    After a record that fails, the next one is found by its tid (or its tpos
+    when the tid is unknown) at the same offset in its header.  Returns
+    (records, lost, where the decoding stopped: `limit` if it got there)."""
+    recs: list[fmt.DataRecord] = []
+    lost: list[Lost] = []
+    pos = first
+
+    def fits(rec: fmt.DataRecord | None) -> bool:
+        return rec is not None and (tid is None or rec.tid == tid) and (tpos is None or rec.tpos == tpos)
+
+    while pos < limit:
+        rec = record_within(reader, pos, limit)
+        if fits(rec):
+            recs.append(rec)
+            pos += rec.length
+            continue
+        lost.append(_lost_at(reader, pos, limit, tid, "record fails its checks"))
+        if tid is not None:
+            pattern, at = tid, 8
+        elif tpos is not None:
+            pattern, at = fmt.p64(tpos), 24
+        else:
+            break
+        for q in _find_all(reader, pattern, pos + 1 + at, limit):
+            rec = record_within(reader, q - at, limit)
+            if fits(rec):
+                pos = q - at
+                break
+        else:
+            break
+    return recs, lost, pos
+
+
+def _with_header(reader: LogReader, th: fmt.TxnHeader, end: int) -> Piece:
+    """The records of a damaged transaction whose header is intact."""
+    limit = min(th.records_end, end)
+    entries = None
+    if th.next_pos <= end:
+        try:
+            raw = reader.file.read(th.records_end, fmt.oid_table_size(th.nrec))
+            entries = list(fmt.decode_oid_table(raw, 0, th.nrec, reader.path, th.records_end))
+        except CorruptedError:
+            entries = None
+    if entries:
+        shift = th.data_pos - entries[0][1]  # the transaction was written `shift` bytes before
+        starts = [p + shift for _oid, p in entries] + [th.records_end]
+        if any(a >= b for a, b in zip(starts, starts[1:], strict=False)):
+            entries = None  # a table that passes its checksum yet does not fit: not trusted
+    if entries:
+        recs, lost = [], []
+        for i, (oid, _p) in enumerate(entries):
+            rec = record_within(reader, starts[i], starts[i + 1])
+            if (rec is not None and rec.oid == oid and rec.tid == th.tid
+                    and rec.pos + rec.length == starts[i + 1]):
+                recs.append(rec)
+            else:
+                lost.append(Lost(starts[i], oid, th.tid, True, "record fails its checks"))
+        return Piece(th.pos, th.next_pos, th, th.tid, recs, lost, True, False)
+    if th.nrec == 0 and th.data_pos == th.records_end:
+        return Piece(th.pos, min(th.next_pos, end), th, th.tid, [], [], True, False)
+    recs, lost, stop = _sequential(reader, th.data_pos, limit, th.tid, None)
+    complete = stop == limit and not lost and th.records_end <= end and len(recs) == th.nrec
+    # cut short: what follows where its records stop may belong to other transactions
+    piece_end = th.next_pos if th.next_pos <= end else max(stop, th.data_pos)
+    return Piece(th.pos, piece_end, th, th.tid, recs, lost, complete, False)
+
+
+def _without_header(reader: LogReader, start: int, end: int, delta: int,
+                    after_tid: bytes | None) -> list[Piece]:
+    """The records of a transaction at `start` whose header fails its checksum (stretch up to `end`).
+
+    Its records name it by position (tpos, `start - delta`); if the trailer
+    before `end` leads back to `start`, its oid table is tried with the record
+    count its damaged header holds."""
+    tpos = start - delta
+    entries = None
+    try:
+        tlen = fmt.decode_trailer(reader.file.read(end - fmt.TRAILER_SIZE, fmt.TRAILER_SIZE))
+        if start + tlen + fmt.TRAILER_SIZE == end:
+            fixed = fmt.decode_txn_header_fixed(reader.file.read(start, fmt.TXN_HEADER_SIZE), 0,
+                                                reader.path, start)
+            nrec = fixed[6]
+            tstart = start + tlen - fmt.oid_table_size(nrec)
+            if fmt.HEADER_SIZE < tstart and nrec:
+                raw = reader.file.read(tstart, fmt.oid_table_size(nrec))
+                entries = list(fmt.decode_oid_table(raw, 0, nrec, reader.path, tstart))
+                starts = [p + delta for _oid, p in entries] + [tstart]
+                if any(a >= b for a, b in zip(starts, starts[1:], strict=False)) or starts[0] <= start:
+                    entries = None
+    except (CorruptedError, ValueError):
+        entries = None
+    if entries:
+        recs, lost, tids = [], [], set()
+        for i, (oid, _p) in enumerate(entries):
+            rec = record_within(reader, starts[i], starts[i + 1])
+            if (rec is not None and rec.oid == oid and rec.tpos == tpos
+                    and rec.pos + rec.length == starts[i + 1]):
+                recs.append(rec)
+                tids.add(rec.tid)
+            else:
+                lost.append(Lost(starts[i], oid, None, True, "record fails its checks"))
+        if len(tids) <= 1:
+            tid = next(iter(tids), None)
+            lost = [x._replace(tid=tid) for x in lost]
+            return [Piece(start, end, None, tid, recs, lost, True, False)]
+    return _found_records(reader, start, end, tpos, after_tid)
+
+
+# Where a data record may start: its prev and tpos are positions (below 2**48, see
+# format.MAX_POS: two leading zero bytes; the original positions, so possibly past the
+# end of a file that lost bytes) and its flags fit in 2 bits.  A necessary condition,
+# checked in C; `record_within` decides.
+_RECORD_CANDIDATES = re.compile(b"(?=[\\x00-\\xff]{16}\\x00\\x00[\\x00-\\xff]{6}\\x00\\x00[\\x00-\\xff]{6}"
+                                b"\\x00[\\x00-\\x03])")
+
+
+def _found_records(reader: LogReader, start: int, end: int, tpos: int,
+                   after_tid: bytes | None) -> list[Piece]:
+    """Every record that passes its checks in [start, end), grouped by transaction (tpos, tid).
+
+    Records follow one another, so after one is found the next is tried right
+    after it; elsewhere every byte position is a candidate.  The group naming
+    `tpos` (the transaction that should start at `start`) comes first."""
+    groups: dict[tuple[int, bytes], list[fmt.DataRecord]] = {}
+    pattern = _RECORD_CANDIDATES
+    p = start
+    while p + fmt.DATA_HEADER_SIZE + fmt.CRC_SIZE <= end:
+        buf = reader.file.read(p, min(SEARCH_CHUNK + fmt.DATA_HEADER_SIZE, end - p))
+        limit = len(buf) - fmt.DATA_HEADER_SIZE + 1
+        if limit <= 0:
+            break
+        nxt = p + min(limit, SEARCH_CHUNK)
+        for m in pattern.finditer(buf):
+            q = p + m.start()
+            if m.start() >= limit:
+                break
+            rec = record_within(reader, q, end)
+            if rec is None or after_tid is not None and rec.tid <= after_tid:
+                continue
+            while rec is not None and (after_tid is None or rec.tid > after_tid):
+                groups.setdefault((rec.tpos, rec.tid), []).append(rec)
+                q = rec.pos + rec.length
+                rec = record_within(reader, q, end)
+            nxt = q
+            break
+        p = nxt
+    pieces = [Piece(start, end, None, tid, recs, [], False, False)
+              for (tp, tid), recs in sorted(groups.items(), key=lambda kv: (kv[0][0] != tpos, kv[1][0].pos))]
+    return pieces or [Piece(start, end, None, None, [], [], False, False)]
+
+
+def salvage(reader: LogReader, damage: Damage) -> list[Piece]:
+    """The intact records in a damaged stretch, grouped by the transaction that holds them.
+
+    Each transaction in the stretch is met in order: one whose header passes
+    its checksum (a flipped status byte does not matter) gives its tid,
+    metadata and extent, and its oid table (if intact) where each record is
+    and which oid it holds, so exactly the records that fail are lost;
+    without the table its records are decoded one after the other.  One whose
+    header fails gives what its records say: they carry its tid and position.
+    Nothing is decoded here but through `format`'s decoders."""
+    pieces: list[Piece] = []
+    pos, end = damage.start, damage.end
+    while pos < end:
+        th = read_header_any_status(reader, pos, end)
+        if th is not None and (damage.after_tid is None or th.tid > damage.after_tid):
+            if th.status == fmt.STATUS_CHECKPOINT:
+                piece = Piece(th.pos, min(th.next_pos, end), th, th.tid, [], [], True, True)
+            else:
+                piece = _with_header(reader, th, end)
+        else:
+            nxt = _next_header(reader, pos + 1, end, damage.after_tid)
+            pieces += _without_header(reader, pos, nxt, damage.delta, damage.after_tid)
+            pos = nxt
+            continue
+        pieces.append(piece)
+        if piece.end <= pos:
+            break
+        pos = piece.end
+    return pieces
+
+
+def _next_header(reader: LogReader, start: int, end: int, after_tid: bytes | None) -> int:
+    """The first position in [start, end) where a header passing its checksum starts, else `end`."""
+    pattern = header_candidates(end)
+    p = start
+    while p + fmt.TXN_HEADER_SIZE <= end:
+        buf = reader.file.read(p, min(SEARCH_CHUNK + fmt.TXN_HEADER_SIZE, end - p))
+        limit = len(buf) - fmt.TXN_HEADER_SIZE + 1
+        if limit <= 0:
+            break
+        for m in pattern.finditer(buf):
+            if m.start() >= limit:
+                break
+            th = read_header_any_status(reader, p + m.start(), end)
+            if th is not None and (after_tid is None or th.tid > after_tid):
+                return p + m.start()
+        p += min(limit, SEARCH_CHUNK)
+    return end
