@@ -12,6 +12,7 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
 import refstorage
+from refstorage import format as fmt
 from refstorage.cli import main
 from refstorage.tools.recover import recover
 from tools_db import GOLDEN, cut, flip_bit, layout, loads, make_db, truncate, txns
@@ -244,3 +245,20 @@ def test_unrecoverable_source_is_a_clean_error(tmp_path):
 
 def test_p64_helper_sanity():
     assert p64(1) == b"\0" * 7 + b"\1"
+
+
+def test_nothing_salvageable_has_its_own_exit_status(tmp_path):
+    path = tmp_path / "Junk.rfs"
+    path.write_bytes(fmt.encode_file_header(bytes(16)) + b"junk, no transaction here " * 40)
+    r = run("recover", path, tmp_path / "New.rfs", "--json")
+    d = json.loads(r.output)
+    assert r.exit_code == 5 and d["outcome"] == "nothing" and d["transactions"] == 0
+    assert d["skipped"][0]["unknown"] == [{"start": 1024, "end": path.stat().st_size}]
+    r = run("recover", path, tmp_path / "Again.rfs")
+    assert r.exit_code == 5 and "result: nothing could be salvaged" in r.output
+
+
+def test_exit_statuses_are_documented():
+    r = run("recover", "--help")
+    for line in ("0  clean copy", "3  repaired", "4  salvaged with losses", "5  nothing could be salvaged"):
+        assert line in r.output

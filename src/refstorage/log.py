@@ -365,16 +365,17 @@ _CANDIDATES: dict[int, re.Pattern] = {}
 
 
 def header_candidates(end: int) -> re.Pattern:
-    """Positions where a transaction header fitting before `end` may start.
+    """Status bytes of transaction headers that may fit before `end`: matches are at STATUS_OFFSET.
 
-    Its status byte is a known one and its tlen, less than `end`, has as many
-    leading zero bytes as `end` has: a necessary condition only, checked in C
-    so that the byte-by-byte search costs little on data that cannot match."""
+    The status byte is a known one and the tlen before it, less than `end`,
+    has as many leading zero bytes as `end` has: a necessary condition only,
+    checked in C (the status byte first, so that the byte-by-byte search costs
+    little on data that cannot match)."""
     zeros = 8 - max(1, (end.bit_length() + 7) // 8)
     pat = _CANDIDATES.get(zeros)
     if pat is None:
         status = re.escape(b"".join(fmt.STATUSES))
-        pat = re.compile(b"(?=[\\x00-\\xff]{8}\\x00{%d}[\\x00-\\xff]{%d}[%s])" % (zeros, 8 - zeros, status))
+        pat = re.compile(b"[%s](?<=\\x00{%d}[\\x00-\\xff]{%d})" % (status, zeros, 9 - zeros))
         _CANDIDATES[zeros] = pat
     return pat
 
@@ -401,8 +402,8 @@ def next_valid_txn(reader: LogReader, bad: int, end: int, after_tid: bytes | Non
         limit = len(buf) - fmt.TXN_HEADER_SIZE + 1  # candidates whose fixed header is in buf
         if limit <= 0:
             break
-        for m in pattern.finditer(buf, 0, len(buf)):
-            off = m.start()
+        for m in pattern.finditer(buf, fmt.STATUS_OFFSET):
+            off = m.start() - fmt.STATUS_OFFSET
             if off >= limit:
                 break
             tid, tlen, _status, ulen, dlen, elen, nrec, _ = fmt.decode_txn_header_fixed(

@@ -148,7 +148,8 @@ def read_header_any_status(reader: LogReader, pos: int, end: int) -> fmt.TxnHead
     try:
         buf = reader.file.read(pos, min(READ_AHEAD, end - pos))
         need = fmt.txn_header_needs(buf, 0)
-        if need > end - pos:
+        tlen = fmt.decode_txn_header_fixed(buf, 0, path, pos)[1]
+        if need > min(end - pos, tlen):  # lengths that cannot be right: read no further
             return None
         if need > len(buf):
             buf = reader.file.read(pos, need)
@@ -319,10 +320,12 @@ def _without_header(reader: LogReader, start: int, end: int, delta: int,
 
 # Where a data record may start: its prev and tpos are positions (below 2**48, see
 # format.MAX_POS: two leading zero bytes; the original positions, so possibly past the
-# end of a file that lost bytes) and its flags fit in 2 bits.  A necessary condition,
-# checked in C; `record_within` decides.
-_RECORD_CANDIDATES = re.compile(b"(?=[\\x00-\\xff]{16}\\x00\\x00[\\x00-\\xff]{6}\\x00\\x00[\\x00-\\xff]{6}"
-                                b"\\x00[\\x00-\\x03])")
+# end of a file that lost bytes; tpos at least the file header's size) and its flags fit
+# in 2 bits.  Matches are the flags (at offset 32).  A necessary condition, checked in C
+# (the flags first, then what precedes them); `record_within` decides.
+_FLAGS_OFFSET = 32
+_RECORD_CANDIDATES = re.compile(b"\\x00[\\x00-\\x03](?<=\\x00\\x00[\\x00-\\xff]{6}"
+                                b"\\x00\\x00(?!\\x00\\x00\\x00\\x00[\\x00-\\x03])[\\x00-\\xff]{8})")
 
 
 def _found_records(reader: LogReader, start: int, end: int, tpos: int,
@@ -341,10 +344,11 @@ def _found_records(reader: LogReader, start: int, end: int, tpos: int,
         if limit <= 0:
             break
         nxt = p + min(limit, SEARCH_CHUNK)
-        for m in pattern.finditer(buf):
-            q = p + m.start()
-            if m.start() >= limit:
+        for m in pattern.finditer(buf, _FLAGS_OFFSET):
+            off = m.start() - _FLAGS_OFFSET
+            if off >= limit:
                 break
+            q = p + off
             rec = record_within(reader, q, end)
             if rec is None or after_tid is not None and rec.tid <= after_tid:
                 continue
@@ -400,11 +404,12 @@ def _next_header(reader: LogReader, start: int, end: int, after_tid: bytes | Non
         limit = len(buf) - fmt.TXN_HEADER_SIZE + 1
         if limit <= 0:
             break
-        for m in pattern.finditer(buf):
-            if m.start() >= limit:
+        for m in pattern.finditer(buf, fmt.STATUS_OFFSET):
+            off = m.start() - fmt.STATUS_OFFSET
+            if off >= limit:
                 break
-            th = read_header_any_status(reader, p + m.start(), end)
+            th = read_header_any_status(reader, p + off, end)
             if th is not None and (after_tid is None or th.tid > after_tid):
-                return p + m.start()
+                return p + off
         p += min(limit, SEARCH_CHUNK)
     return end
