@@ -262,3 +262,17 @@ def test_exit_statuses_are_documented():
     r = run("recover", "--help")
     for line in ("0  clean copy", "3  repaired", "4  salvaged with losses", "5  nothing could be salvaged"):
         assert line in r.output
+
+
+def test_bytes_inserted_inside_a_transaction_keep_its_records_under_its_tid(src, template, tmp_path):
+    """Regression (found by fuzzing): the records after the insertion were split off into a
+    second piece of the same transaction and written under a new tid."""
+    lay = template[1]
+    update = lay[2]
+    at = update["records"][5]["pos"]
+    data = pathlib.Path(src).read_bytes()
+    pathlib.Path(src).write_bytes(data[:at] + bytes(range(7, 57)) + data[at:])
+    report = recover(str(src), str(tmp_path / "New.rfs"))
+    assert report.outcome == "losses" and not report.rebuilt
+    assert all(x.oid is None or not x.oid_certain for x in report.lost)
+    assert txns(tmp_path / "New.rfs") == template[2]

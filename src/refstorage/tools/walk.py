@@ -206,37 +206,32 @@ def _lost_at(reader: LogReader, pos: int, limit: int, tid: bytes | None, reason:
     return Lost(pos, oid, tid, False, reason)
 
 
-def _sequential(reader: LogReader, first: int, limit: int, tid: bytes | None, tpos: int | None,
+def _sequential(reader: LogReader, first: int, limit: int, hard_limit: int, tid: bytes,
                 ) -> tuple[list[fmt.DataRecord], list[Lost], int]:
-    """Decode records one after the other from `first` up to `limit`.
+    """Decode records of transaction `tid` one after the other from `first`.
 
-    After a record that fails, the next one is found by its tid (or its tpos
-    when the tid is unknown) at the same offset in its header.  Returns
-    (records, lost, where the decoding stopped: `limit` if it got there)."""
+    After a record that fails, the next one is found by its tid (at offset 8
+    of its header).  Records are expected up to `limit` (where the oid table
+    should start); when bytes were inserted or lost inside the transaction
+    they go on past it, so they are followed up to `hard_limit`, but a failure
+    there is the end of the records, not a loss.  Returns (records, lost,
+    where the decoding stopped)."""
     recs: list[fmt.DataRecord] = []
     lost: list[Lost] = []
     pos = first
-
-    def fits(rec: fmt.DataRecord | None) -> bool:
-        return rec is not None and (tid is None or rec.tid == tid) and (tpos is None or rec.tpos == tpos)
-
-    while pos < limit:
-        rec = record_within(reader, pos, limit)
-        if fits(rec):
+    while pos < hard_limit:
+        rec = record_within(reader, pos, hard_limit)
+        if rec is not None and rec.tid == tid:
             recs.append(rec)
             pos += rec.length
             continue
-        lost.append(_lost_at(reader, pos, limit, tid, "record fails its checks"))
-        if tid is not None:
-            pattern, at = tid, 8
-        elif tpos is not None:
-            pattern, at = fmt.p64(tpos), 24
-        else:
+        if pos >= limit:
             break
-        for q in _find_all(reader, pattern, pos + 1 + at, limit):
-            rec = record_within(reader, q - at, limit)
-            if fits(rec):
-                pos = q - at
+        lost.append(_lost_at(reader, pos, limit, tid, "record fails its checks"))
+        for q in _find_all(reader, tid, pos + 1 + 8, hard_limit):
+            rec = record_within(reader, q - 8, hard_limit)
+            if rec is not None and rec.tid == tid:
+                pos = q - 8
                 break
         else:
             break
@@ -270,10 +265,10 @@ def _with_header(reader: LogReader, th: fmt.TxnHeader, end: int) -> Piece:
         return Piece(th.pos, th.next_pos, th, th.tid, recs, lost, True, False)
     if th.nrec == 0 and th.data_pos == th.records_end:
         return Piece(th.pos, min(th.next_pos, end), th, th.tid, [], [], True, False)
-    recs, lost, stop = _sequential(reader, th.data_pos, limit, th.tid, None)
+    recs, lost, stop = _sequential(reader, th.data_pos, limit, end, th.tid)
     complete = stop == limit and not lost and th.records_end <= end and len(recs) == th.nrec
     # cut short: what follows where its records stop may belong to other transactions
-    piece_end = th.next_pos if th.next_pos <= end else max(stop, th.data_pos)
+    piece_end = max(th.next_pos, stop) if th.next_pos <= end else max(stop, th.data_pos)
     return Piece(th.pos, piece_end, th, th.tid, recs, lost, complete, False)
 
 
@@ -392,7 +387,39 @@ def salvage(reader: LogReader, damage: Damage) -> list[Piece]:
         if piece.end <= pos:
             break
         pos = piece.end
-    return pieces
+    return _merged(pieces)
+
+
+def _merged(pieces: list[Piece]) -> list[Piece]:
+    """One piece per tid, in tid order (pieces without a tid hold no records: kept as they are).
+
+    Damage inside a transaction can split its records over several pieces
+    (those before the damage, found from its header, and those after, found
+    by their tid); they are one transaction again.  A record of an oid the
+    transaction already holds is dropped (a transaction writes an oid once), and so is
+    a loss, read from a record's own header, of an oid the transaction holds."""
+    by_tid: dict[bytes, Piece] = {}
+    rest: list[Piece] = []
+    for piece in pieces:
+        if piece.tid is None:
+            rest.append(piece)
+            continue
+        first = by_tid.get(piece.tid)
+        if first is None:
+            by_tid[piece.tid] = piece
+            continue
+        seen = {r.oid for r in first.records}
+        by_tid[piece.tid] = first._replace(
+            end=max(first.end, piece.end), header=first.header or piece.header,
+            records=first.records + [r for r in piece.records if r.oid not in seen],
+            lost=first.lost + piece.lost, complete=first.complete and piece.complete,
+            unfinished=first.unfinished or piece.unfinished)
+    merged = []
+    for tid in sorted(by_tid):
+        piece = by_tid[tid]
+        kept = {r.oid for r in piece.records}  # a record that failed in one place, found in another
+        merged.append(piece._replace(lost=[x for x in piece.lost if x.oid_certain or x.oid not in kept]))
+    return rest + merged
 
 
 def _next_header(reader: LogReader, start: int, end: int, after_tid: bytes | None) -> int:
