@@ -315,9 +315,9 @@ def test_index_is_saved_on_close_and_reused(path, monkeypatch):
     scanned = []
     real_scan = recovery.scan
 
-    def spy(reader, start, size, index=None, verify=False):
+    def spy(reader, start, size, index=None, verify=False, **kw):
         scanned.append((start, size))
-        return real_scan(reader, start, size, index, verify)
+        return real_scan(reader, start, size, index, verify, **kw)
 
     monkeypatch.setattr(recovery, "scan", spy)
     st = refstorage.FileStorage(path)

@@ -14,6 +14,7 @@ it never decodes bytes itself.  It knows how to
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -251,14 +252,15 @@ class LogReader:
 
 class ScanResult(NamedTuple):
     end: int  # position after the last good transaction
-    last_tid: bytes | None  # tid of that transaction (None if none was scanned)
+    last_tid: bytes | None  # tid of that transaction (None if none was scanned or passed in)
     ntxn: int
     bad_pos: int | None  # where the first bad transaction starts, if any
     error: CorruptedError | None  # what was wrong there
     torn_tail: bool  # True: the bad part is only an unfinished last transaction
 
 
-def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool = False) -> ScanResult:
+def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool = False,
+         last_tid: bytes | None = None) -> ScanResult:
     """Walk the transactions in [start, file_size) and classify the first damage.
 
     Every transaction header, oid table and trailer is checked.  The records
@@ -271,10 +273,12 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
     (a disk writes back sectors in any order).  Each good
     transaction's oid -> position map goes into `index` (anything with
     update(), e.g. an OidIndex), in log order.  A transaction with status 'c'
-    (voted, never finished) counts as bad.
+    (voted, never finished) counts as bad, and so does one whose tid is not
+    after the one before it (`last_tid`: that of the transaction ending at
+    `start`, if any).  The damage is a torn tail when no valid transaction
+    starts after it (`next_valid_txn`, the rule the tools share).
     """
     path = reader.path
-    last_tid = None
     ntxn = 0
     pos = start
     buf = b""
@@ -287,7 +291,7 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
     # the last good transaction, its entries held back from `batch` until the
     # next one is good too (see above); checked: its records were verified
     held: list[tuple[bytes, int]] = []
-    held_pos, held_checked, tid_before_held = None, True, None
+    held_pos, held_checked, tid_before_held = None, True, last_tid
     while pos < file_size:
         try:
             off = pos - bufpos
@@ -349,7 +353,7 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
             batch += held
             if index is not None and batch:
                 merge(batch)
-            torn = _is_torn_tail(reader, pos, file_size)
+            torn = next_valid_txn(reader, pos, file_size, last_tid) is None
             return ScanResult(pos, last_tid, ntxn, pos, error, torn)
         tid_before_held, last_tid = last_tid, th.tid
         held_pos, held_checked = pos, checked
@@ -473,34 +477,83 @@ def read_moved_txn(reader: LogReader, pos: int, file_size: int,
     return th, [rec._replace(pos=rec.pos + delta) for rec in recs], delta
 
 
-def _is_torn_tail(reader: LogReader, bad: int, file_size: int) -> bool:
-    """Is the bad transaction at `bad` the unfinished end of the file?
+def valid_txn_at(reader: LogReader, pos: int, end: int, after_tid: bytes | None = None) -> bool:
+    """Does a transaction that counts as valid after damage start at `pos`?
 
-    It is not if a valid transaction can be found after it: either right after
-    it (when its own header and length are intact), or by stepping back from
-    the end of the file.
-    """
+    The one rule (used by open's scan, verify, recover, dump and info): its
+    header passes its checksum with a known status (a voted-but-unfinished
+    'c' counts: only a commit that was finished can have been followed by
+    one), it fits before `end`, its tid is after `after_tid`, and its oid
+    table passes its checksum and is followed by a trailer repeating its
+    length.  Its records are not read."""
     try:
-        th = reader.read_txn_header(bad, file_size)
-    except CorruptedError:
-        th = None
-    if th is not None and th.next_pos < file_size and _valid_txn_at(reader, th.next_pos, file_size):
-        return False
-    # Step back from the end of the file: a complete transaction there that
-    # starts after the damage proves the damage is not a torn tail.
-    try:
-        last = reader.txn_ending_at(file_size, file_size)
-    except CorruptedError:
-        return True
-    return not last.pos > bad
-
-
-def _valid_txn_at(reader: LogReader, pos: int, file_size: int) -> bool:
-    try:
-        th = reader.read_txn_header(pos, file_size)
-        raw = reader.file.read(th.records_end, fmt.oid_table_size(th.nrec) + fmt.TRAILER_SIZE)
+        th = reader.read_txn_header(pos, end)
+        if after_tid is not None and th.tid <= after_tid:
+            return False
+        size = fmt.oid_table_size(th.nrec)
+        raw = reader.file.read(th.records_end, size + fmt.TRAILER_SIZE)
         fmt.decode_oid_table(raw, 0, th.nrec, reader.path, th.records_end)
-        fmt.check_trailer(raw, fmt.oid_table_size(th.nrec), th, reader.path)
+        fmt.check_trailer(raw, size, th, reader.path)
     except CorruptedError:
         return False
     return True
+
+
+SEARCH_CHUNK = 1 << 20
+_CANDIDATES: dict[int, re.Pattern] = {}
+
+
+def header_candidates(end: int) -> re.Pattern:
+    """Status bytes of transaction headers that may fit before `end`: matches are at STATUS_OFFSET.
+
+    The status byte is a known one and the tlen before it, less than `end`,
+    has as many leading zero bytes as `end` has: a necessary condition only,
+    checked in C (the status byte first, so that the byte-by-byte search costs
+    little on data that cannot match)."""
+    zeros = 8 - max(1, (end.bit_length() + 7) // 8)
+    pat = _CANDIDATES.get(zeros)
+    if pat is None:
+        status = re.escape(b"".join(fmt.STATUSES))
+        pat = re.compile(b"[%s](?<=\\x00{%d}[\\x00-\\xff]{%d})" % (status, zeros, 9 - zeros))
+        _CANDIDATES[zeros] = pat
+    return pat
+
+
+def next_valid_txn(reader: LogReader, bad: int, end: int, after_tid: bytes | None = None) -> int | None:
+    """The first position after `bad` where a valid transaction (`valid_txn_at`) starts, or None.
+
+    The one implementation of "where does the log resume after damage": open
+    calls the damage a torn tail exactly when this finds nothing, and verify,
+    recover, dump and info resume their walks where it says.  If the
+    transaction at `bad` has an intact header, the position after it is tried
+    first; otherwise (or if nothing valid starts there) every byte position
+    after `bad` is a candidate, in order."""
+    try:
+        th = reader.read_txn_header(bad, end)
+    except CorruptedError:
+        th = None
+    if th is not None and th.next_pos < end and valid_txn_at(reader, th.next_pos, end, after_tid):
+        return th.next_pos
+    pattern = header_candidates(end)
+    p = bad + 1
+    while p + fmt.MIN_TXN_SIZE <= end:
+        buf = reader.file.read(p, min(SEARCH_CHUNK + fmt.TXN_HEADER_SIZE, end - p))
+        limit = len(buf) - fmt.TXN_HEADER_SIZE + 1  # candidates whose fixed header is in buf
+        if limit <= 0:
+            break
+        for m in pattern.finditer(buf, fmt.STATUS_OFFSET):
+            off = m.start() - fmt.STATUS_OFFSET
+            if off >= limit:
+                break
+            tid, tlen, _status, ulen, dlen, elen, nrec, _ = fmt.decode_txn_header_fixed(
+                buf, off, reader.path, p + off)
+            if after_tid is not None and tid <= after_tid:
+                continue
+            if p + off + tlen + fmt.TRAILER_SIZE > end:
+                continue
+            if tlen < fmt.TXN_HEADER_SIZE + ulen + dlen + elen + fmt.oid_table_size(nrec):
+                continue
+            if valid_txn_at(reader, p + off, end, after_tid):
+                return p + off
+        p += min(limit, SEARCH_CHUNK)
+    return None

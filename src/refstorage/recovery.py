@@ -53,7 +53,7 @@ def open_log(file: fileio.DataFile, index_path: str, file_id: bytes, read_only: 
     saved_end = start if index is not None else 0
     if index is None:
         index, start, last_tid = OidIndex(), fmt.HEADER_SIZE, None
-    result = scan(reader, start, size, index)
+    result = scan(reader, start, size, index, last_tid=last_tid)
     if result.last_tid is not None:
         last_tid = result.last_tid
     end = result.end
@@ -62,34 +62,64 @@ def open_log(file: fileio.DataFile, index_path: str, file_id: bytes, read_only: 
     return Opened(index, end, last_tid, saved_end)
 
 
-def _saved_index(reader: LogReader, index_path: str, file_id: bytes, size: int):
+class SavedIndex(NamedTuple):
+    """What `check_saved_index` found: the index to use, or why there is none."""
+
+    index: OidIndex | None  # None: absent or not usable
+    pos: int  # where it says it is complete (0 if none could be read)
+    tid: bytes | None  # the tid it says ends there (None: none, or no transaction)
+    state: str  # absent, usable, unreadable, another file's, out of range, mismatch
+    why: str | None  # why it is not usable, as a sentence (None if usable or absent)
+
+
+def check_saved_index(reader: LogReader, index_path: str, file_id: bytes | None, size: int) -> SavedIndex:
+    """The one rule for trusting a saved index: used by open, the tools and verify.
+
+    Usable only if it reads back intact, belongs to this file (`file_id`; None
+    when the file header is unreadable: never usable), and the data file has
+    a finished transaction with the tid it names ending exactly where it
+    stops (or it stops at the file header, naming no transaction)."""
     try:
         loaded = load_index(index_path)
     except IndexFileError as exc:
-        logger.warning("%s; rebuilding the index from the data file", exc)
-        return None, 0, None
+        return SavedIndex(None, 0, None, "unreadable", str(exc))
     if loaded is None:
-        return None, 0, None
+        return SavedIndex(None, 0, None, "absent", None)
     index, saved_id, pos, tid = loaded
-    why = None
-    if saved_id != file_id:
-        why = "it belongs to another data file"
+    state = why = None
+    if file_id is None:
+        state, why = "another file's", "the data file's header is damaged, so it cannot be matched"
+    elif saved_id != file_id:
+        state, why = "another file's", (f"it belongs to another data file (file id {saved_id.hex()}, "
+                                        f"the data file's is {file_id.hex()})")
     elif pos == fmt.HEADER_SIZE:
         if tid != z64:
-            why = "it describes transactions the data file does not hold"
+            state, why = "mismatch", "it describes transactions the data file does not hold"
     elif not fmt.HEADER_SIZE < pos <= size:
-        why = f"it covers {pos} bytes but the data file has {size}"
+        state, why = "out of range", f"it covers {pos} bytes but the data file has {size}"
     else:
         try:
             th = reader.txn_ending_at(pos, size)
             if th.tid != tid or th.status == fmt.STATUS_CHECKPOINT:
-                why = "its last transaction does not match the data file"
+                state, why = "mismatch", (f"its last transaction does not match the data file (it names tid "
+                                          f"{tid.hex()} at {pos}, the file has {th.tid.hex()} "
+                                          f"status {th.status!r})")
         except CorruptedError as exc:
-            why = f"its end position is not a transaction boundary ({exc})"
+            state, why = "mismatch", f"its end position {pos} is not a transaction boundary ({exc.detail})"
     if why:
-        logger.warning("%s: ignoring the saved index (%s); rebuilding it", index_path, why)
+        return SavedIndex(None, pos, tid, state, why)
+    return SavedIndex(index, pos, tid if tid != z64 else None, "usable", None)
+
+
+def _saved_index(reader: LogReader, index_path: str, file_id: bytes, size: int):
+    saved = check_saved_index(reader, index_path, file_id, size)
+    if saved.state == "unreadable":
+        logger.warning("%s; rebuilding the index from the data file", saved.why)
+    elif saved.why:
+        logger.warning("%s: ignoring the saved index (%s); rebuilding it", index_path, saved.why)
+    if saved.index is None:
         return None, 0, None
-    return index, pos, (tid if tid != z64 else None)
+    return saved.index, saved.pos, saved.tid
 
 
 def _handle_damage(file: fileio.DataFile, result: ScanResult, read_only: bool,

@@ -445,12 +445,22 @@ Examples:
 @click.option("--force", is_flag=True, help="Overwrite DST if it exists.")
 @JSON_OPTION
 def recover(src: str, dst: str, force: bool, as_json: bool) -> None:
-    """Salvage every good transaction of the damaged file SRC into a new file DST.
+    """Salvage everything intact of the damaged file SRC into a new file DST.
 
-    Damaged stretches are skipped and reported; a backpointer whose target
-    is lost is written as a deletion and reported.  DST is verified at the
-    end.  Exit status 1 if anything was skipped or lost (DST is written
-    anyway) or if DST does not verify.
+    Every transaction that passes its checks is copied; of a damaged one,
+    every record that passes its own checksum is kept (under its tid and
+    metadata if its header is intact, else in a transaction marked as
+    recovered).  Lost revisions are listed as (oid, tid), with the
+    references they leave dangling; a backpointer whose target is lost is
+    written as a deletion.  DST is verified at the end.
+
+    \b
+    Exit status:
+      0  clean copy: SRC had no damage, DST holds all of it
+      3  repaired: SRC was damaged, but no object revision was lost
+      4  salvaged with losses (listed), DST written
+      5  nothing could be salvaged (DST is an empty database)
+      1  error: recover could not run, or DST does not verify
     """
     with failing_cleanly(src), byte_progress(_size_of(src), "recover") as progress:
         report = recover_mod.recover(src, dst, progress, force)
@@ -463,12 +473,25 @@ def recover(src: str, dst: str, force: bool, as_json: bool) -> None:
             click.echo(f"file header damaged: {report.header_error}; went on from the first transaction")
         for s in report.skipped:
             click.echo(f"skipped bytes [{s.start}, {s.end}) ({plural(s.end - s.start, 'byte')}): {s.error}")
+            if s.records or s.lost:
+                click.echo(f"  salvaged {plural(s.records, 'intact record')} in "
+                           f"{plural(s.transactions, 'transaction')}; {plural(s.lost, 'record')} lost")
+            for a, b in s.unknown:
+                click.echo(f"  [{a}, {b}): could not tell which records these bytes held; they are lost")
+            if s.unfinished:
+                click.echo(f"  {plural(s.unfinished, 'transaction')} never finished (status 'c'): not copied")
+        for pos, tid in report.rebuilt:
+            click.echo(f"rebuilt: the transaction at {pos} had a damaged header; its intact records were "
+                       f"written as tid {tid.hex()}, marked as recovered")
         for pos, delta in report.moved:
             click.echo(f"moved: the transactions from {pos} on were written at {pos - delta} "
                        f"({abs(delta)} bytes {'missing' if delta < 0 else 'inserted'} before them); "
                        "salvaged with their positions rewritten")
         for lost in report.lost:
             click.echo(f"lost: {lost}")
+        for referrer, target, lost_target in report.dangling:
+            click.echo(f"dangling: oid {common.oid_repr(referrer)} references oid {common.oid_repr(target)}"
+                       + (", a lost revision" if lost_target else ""))
         if report.rescued:
             click.echo(f"{plural(report.rescued, 'backpointer')} into skipped stretches: their data was "
                        "still readable and was written in full")
@@ -484,8 +507,15 @@ def recover(src: str, dst: str, force: bool, as_json: bool) -> None:
                                                          "data)" if not structural else ""))
                 for problem in v.problems[:verify_mod.MAX_LISTED]:
                     click.echo(f"  {problem}")
-    if not report.clean or structural:
+        click.echo({"clean": "result: clean copy",
+                    "repaired": "result: damage repaired, no object revision lost",
+                    "losses": f"result: salvaged with losses ({len(report.lost)} revisions lost"
+                              + (", and what the unreadable bytes held" if report.unknown else "") + ")",
+                    "nothing": "result: nothing could be salvaged"}[report.outcome])
+    if structural:
         _fail()
+    if report.exit_status:
+        click.get_current_context().exit(report.exit_status)
 
 
 # -- backup and restore -------------------------------------------------------------------

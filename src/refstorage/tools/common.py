@@ -16,12 +16,12 @@ from .. import format as fmt
 from ..errors import (
     CorruptedError,
     CorruptedHeaderError,
-    IndexFileError,
     RefStorageError,
     StorageIOError,
 )
-from ..index import OidIndex, load_index
+from ..index import OidIndex
 from ..log import LogReader, ScanResult, scan
+from ..recovery import check_saved_index
 
 Z64 = b"\0" * 8
 
@@ -287,7 +287,7 @@ class Log:
         A scan reads only transaction headers, oid tables and trailers."""
         if self._index is None:
             index, start, last_tid = self._saved_index()
-            result = scan(self.reader, start, self.size, index)
+            result = scan(self.reader, start, self.size, index, last_tid=last_tid)
             if result.last_tid is not None:
                 last_tid = result.last_tid
             self._index = IndexBuild(index, result.end, last_tid, result)
@@ -295,27 +295,14 @@ class Log:
         return self._index
 
     def _saved_index(self) -> tuple[OidIndex, int, bytes | None]:
-        fresh = OidIndex(), fmt.HEADER_SIZE, None
-        if self.header is None:
-            return fresh
+        """The saved index if open would use it (`recovery.check_saved_index`), else a fresh one."""
         try:
-            loaded = load_index(self.path + ".index")
-        except (IndexFileError, StorageIOError):
-            return fresh
-        if loaded is None:
-            return fresh
-        index, file_id, pos, tid = loaded
-        if file_id != self.header.file_id or not fmt.HEADER_SIZE <= pos <= self.size:
-            return fresh
-        if pos == fmt.HEADER_SIZE:
-            return (index, pos, None) if tid == Z64 else fresh
-        try:
-            th = self.reader.txn_ending_at(pos, self.size)
-        except CorruptedError:
-            return fresh
-        if th.tid != tid or th.status == fmt.STATUS_CHECKPOINT:
-            return fresh
-        return index, pos, tid
+            saved = check_saved_index(self.reader, self.path + ".index", self.file_id, self.size)
+        except StorageIOError:
+            saved = None
+        if saved is None or saved.index is None:
+            return OidIndex(), fmt.HEADER_SIZE, None
+        return saved.index, saved.pos, saved.tid
 
 
 class BatchedIndex:

@@ -10,8 +10,9 @@ record and checks
   earlier transaction (0 if there is none) -- which is exactly what the
   storage, pack and restore write, so "an earlier record of the same oid";
 - each backpointer: an earlier transaction's record of the same oid;
-- the index file, if there is one: same file id, and its entries equal to
-  the index a scan builds up to the position it covers;
+- the index file, if there is one: usable by the rule open applies
+  (`recovery.check_saved_index`), and its entries equal to the index a scan
+  builds up to the position it covers;
 - with the database's blob directory: that every committed blob file
   belongs to a record of its oid and tid (one that does not was left by a
   transaction that never committed, e.g. after a crash; the next pack
@@ -32,8 +33,9 @@ from dataclasses import dataclass, field
 
 from .. import fileio
 from .. import format as fmt
-from ..errors import CorruptedError, IndexFileError
-from ..index import OidIndex, load_index
+from ..errors import CorruptedError
+from ..index import OidIndex
+from ..recovery import check_saved_index
 from .common import BatchedIndex, Log, Progress, oid_repr, phase, tid_repr
 from .walk import Damage, walk
 
@@ -47,6 +49,7 @@ class Problem:
     message: str
     offset: int | None = None
     oid: bytes | None = None
+    referrer: bytes | None = None  # dangling: the oid whose record holds the reference
 
     def __str__(self) -> str:
         where = f" at offset {self.offset}" if self.offset is not None else ""
@@ -83,10 +86,11 @@ class VerifyReport:
     def problem_count(self) -> int:
         return sum(self.counts.values())
 
-    def add(self, kind: str, message: str, offset: int | None = None, oid: bytes | None = None) -> None:
+    def add(self, kind: str, message: str, offset: int | None = None, oid: bytes | None = None,
+            referrer: bytes | None = None) -> None:
         self.counts[kind] = self.counts.get(kind, 0) + 1
         if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(Problem(kind, message, offset, oid))
+            self.problems.append(Problem(kind, message, offset, oid, referrer))
 
     def to_json(self) -> dict:
         return {
@@ -166,30 +170,23 @@ class _Verifier:
     # -- the index file ----------------------------------------------------------------
 
     def _load_saved_index(self) -> _SavedIndex | None:
+        """The index file, judged by the rule open uses (`recovery.check_saved_index`)."""
         log, report = self.log, self.report
         ipath = log.path + ".index"
         if not fileio.exists(ipath):
             return None
-        try:
-            loaded = load_index(ipath)
-        except IndexFileError as exc:
-            report.index_file = "unreadable"
-            report.add("index", f"{exc} (the storage ignores it and rebuilds the index)")
+        saved = check_saved_index(self.reader, ipath, log.file_id, log.size)
+        if saved.state == "absent":
             return None
-        if loaded is None:
-            return None
-        index, file_id, pos, tid = loaded
-        if log.header is not None and file_id != log.header.file_id:
-            report.index_file = "another file's"
-            report.add("index", f"{ipath} belongs to another data file (file id {file_id.hex()}, "
-                       f"the data file's is {log.header.file_id.hex()}); the storage ignores it")
-            return None
-        if pos > log.size or pos < fmt.HEADER_SIZE:
-            report.index_file = "beyond the data"
-            report.add("index", f"{ipath} covers {pos} bytes but the data file has {log.size}")
+        if saved.index is None:
+            report.index_file = saved.state
+            if saved.state == "unreadable":
+                report.add("index", f"{saved.why} (the storage ignores it and rebuilds the index)")
+            else:
+                report.add("index", f"{ipath}: {saved.why}; the storage ignores it and rebuilds the index")
             return None
         report.index_file = "not compared"
-        return _SavedIndex(index, pos, tid)
+        return _SavedIndex(saved.index, saved.pos, saved.tid or b"\0" * 8)
 
     def _compare_saved(self, tid: bytes | None) -> None:
         saved, report = self.saved, self.report
@@ -374,7 +371,7 @@ class _Verifier:
                     else:
                         continue
                     report.add("dangling", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) references "
-                               f"oid {oid_repr(ref)}, {why}", rec.pos, ref)
+                               f"oid {oid_repr(ref)}, {why}", rec.pos, ref, rec.oid)
         except CorruptedError as exc:  # a current record the walk could not have checked
             report.add("damage", f"current record unreadable: {exc.detail}", exc.offset)
 
