@@ -58,7 +58,7 @@ from .errors import (
 )
 from .index import OidIndex, save_index
 from .iterator import TransactionIterator
-from .log import LogReader
+from .log import LogReader, ScanResult, scan
 from .pack import PackReport, Progress, pack_storage
 from .recovery import open_log
 from .refs import references_many
@@ -766,6 +766,54 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if len(result) >= count:
                 break
         result.reverse()
+        return result
+
+    # -- invariants ------------------------------------------------------------------
+
+    def _check(self, idle: bool = True) -> ScanResult:
+        """Verify the storage's internal invariants against a fresh verifying scan of its file.
+
+        - the in-memory index is well formed (`OidIndex._check`);
+        - a full verifying scan (every record decoded and checksummed) from the
+          file header up to the committed end finds no damage and ends exactly
+          there, at the storage's last transaction;
+        - the index equals what that scan builds, and every position in it
+          holds a record of that oid (backpointers resolve);
+        - no oid in the index is above the one new_oid last handed out;
+        - with `idle` (no transaction in progress), nothing lies past the
+          committed end.
+
+        AssertionError names the first violation (like `OidIndex._check`, a
+        tool for tests, not a runtime check); returns the scan's result.
+        """
+
+        def fail(msg: str) -> None:
+            raise AssertionError(msg)
+
+        state, end = self._snapshot()
+        reader = state.reader
+        state.index._check()
+        fresh = OidIndex()
+        result = scan(reader, fmt.HEADER_SIZE, end, fresh, verify=True)
+        if result.bad_pos is not None:
+            fail(f"verifying scan found damage: {result.error}")
+        if result.end != end:
+            fail(f"verifying scan ends at {result.end}, the committed end is {end}")
+        if (result.last_tid or z64) != self.lastTransaction():
+            fail(f"the scan's last tid {(result.last_tid or z64).hex()} is not "
+                 f"lastTransaction() {self.lastTransaction().hex()}")
+        got = dict(state.index.items())
+        if got != dict(fresh.items()):
+            fail("the index differs from a fresh scan of the file")
+        for oid, pos in got.items():
+            rec = reader.read_data_record(pos, oid)
+            if rec.pos != pos or rec.oid != oid:
+                fail(f"index entry of oid {oid.hex()} at {pos} reads oid {rec.oid.hex()} at {rec.pos}")
+            reader.resolve(rec)
+        if got and max(got) > self._oid:
+            fail("new_oid could hand out an oid already in use")
+        if idle and not self._is_read_only and state.file.physical_size() != end:
+            fail(f"{state.file.physical_size() - end} bytes past the committed end {end}")
         return result
 
     # -- closing ---------------------------------------------------------------------
