@@ -56,7 +56,8 @@ from .errors import (
     QuotaError,
     StorageLockedError,
 )
-from .index import OidIndex, save_index
+from .index import OidIndex
+from .indexfile import save_index
 from .iterator import TransactionIterator
 from .log import LogReader, ScanResult, scan
 from .pack import PackReport, Progress, pack_storage

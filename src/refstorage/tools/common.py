@@ -20,7 +20,8 @@ from ..errors import (
     RefStorageError,
     StorageIOError,
 )
-from ..index import OidIndex, load_index
+from ..index import OidIndex
+from ..indexfile import load_index
 from ..log import LogReader, ScanResult, scan
 
 Z64 = b"\0" * 8

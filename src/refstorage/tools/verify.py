@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from .. import fileio
 from .. import format as fmt
 from ..errors import CorruptedError, IndexFileError
-from ..index import OidIndex, load_index
+from ..index import OidIndex
+from ..indexfile import load_index
 from .common import BatchedIndex, Log, Progress, oid_repr, tid_repr
 from .walk import Damage, walk
 
