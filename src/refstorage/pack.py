@@ -79,6 +79,7 @@ from persistent.TimeStamp import TimeStamp
 
 from . import fileio
 from . import format as fmt
+from .core import StorageCore
 from .errors import CorruptedDataError, CorruptedTransactionError, PackError, StorageIOError
 from .index import OidIndex
 from .log import LogReader
@@ -809,7 +810,7 @@ def _keep_old(path: str, old_path: str, file: fileio.DataFile) -> None:
         fileio.atomic_write(old_path, _chunks(file, file.size))
 
 
-def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
+def pack_storage(storage: StorageCore, t: float, referencesf: Callable, gc: bool,
                  progress: Progress | None = None) -> PackReport:
     """Pack a refstorage FileStorage to time `t` (see the module docstring)."""
     started = time.perf_counter()
@@ -826,27 +827,25 @@ def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
 
 
 class _Pack:
-    def __init__(self, storage, pack_tid: bytes, refs_of: Callable[[fmt.DataRecord], bytes], gc: bool,
-                 progress: Progress | None):
+    def __init__(self, storage: StorageCore, pack_tid: bytes,
+                 refs_of: Callable[[fmt.DataRecord], bytes], gc: bool, progress: Progress | None):
         self.storage = storage
         self.pack_tid = pack_tid
         self.refs_of = refs_of
         self.gc = gc
         self.progress = progress
-        self.path = storage._file_name
+        self.path = storage.getName()
 
     def run(self) -> PackReport:
         s = self.storage
-        with s._lock:
-            if s._closed:
-                raise PackError(f"{self.path}: the storage is closed")
-            reader = s._state.reader
-            end = s._end
-            # gc only looks oids up, which is safe while commits go on; without
-            # gc every oid is visited: that needs a snapshot
-            index = s._state.index if self.gc else s._state.index.copy()
-            last_tid = s._ltid
-            old_pack_tid = s._pack_tid
+        if s.closed:
+            raise PackError(f"{self.path}: the storage is closed")
+        # gc only looks oids up, which is safe while commits go on; without
+        # gc every oid is visited: that needs a copy of the index
+        snap = s.read_snapshot(copy_index=not self.gc)
+        reader, end, index = snap.reader, snap.end, snap.index
+        last_tid, old_pack_tid = snap.last_tid, snap.pack_tid
+        del snap
         report = PackReport(self.path, self.pack_tid, bytes_before=end, bytes_after=end)
         if end <= fmt.HEADER_SIZE:
             report.reason = "the storage is empty"
@@ -881,14 +880,16 @@ class _Pack:
                 report.reason = "nothing to remove"
                 return report
             copier.copy_after(gc.pack_pos, end)
-            with s._commit_lock:
-                if s._closed:
+            with s.commit_lock:
+                if s.closed:
                     raise PackError(f"{self.path}: the storage was closed during the pack")
-                if s._state.file is not reader.file:
+                now = s.read_snapshot()  # stable while the commit lock is held
+                if now.file is not reader.file:
                     raise PackError(f"{self.path}: the storage's file changed during the pack")
-                final_end = s._end
-                objects_before = len(s._state.index)
-                report.transactions_during_pack = copier.copy_after(end, final_end, s._state.index)
+                final_end = now.end
+                objects_before = len(now.index)
+                report.transactions_during_pack = copier.copy_after(end, final_end, now.index)
+                del now
                 writer.flush()
                 copier.release()  # the buffers and bitmaps: saving the index reuses that memory
                 fileio.point("pack.after-copy")
@@ -896,14 +897,14 @@ class _Pack:
                 fileio.point("pack.after-fsync")
                 old_path = self.path + ".old"
                 fileio.remove_if_exists(old_path)
-                if s._pack_keep_old:
+                if s.pack_keep_old:
                     _keep_old(self.path, old_path, reader.file)
                     fileio.point("pack.after-link-old")
                 fileio.replace_durably(pack_path, self.path)
                 replaced = True
                 out.path = self.path
                 fileio.point("pack.after-replace")
-                s._install_packed(out, copier.index, writer.pos, file_id, report.pack_tid)
+                s.install_packed(out, copier.index, writer.pos, file_id, report.pack_tid)
                 fileio.point("pack.after-index-save")
         finally:
             if not replaced:

@@ -49,6 +49,7 @@ from ZODB.utils import p64, u64, z64
 from . import fileio
 from . import format as fmt
 from .blobs import BlobSupport
+from .core import Pending, Snapshot, State
 from .errors import (
     FilePermissionError,
     MissingFileError,
@@ -59,7 +60,7 @@ from .errors import (
 from .index import OidIndex
 from .indexfile import save_index
 from .iterator import TransactionIterator
-from .log import LogReader, ScanResult, scan
+from .log import ScanResult, scan
 from .pack import PackReport, Progress, pack_storage
 from .recovery import open_log
 from .refs import references_many
@@ -72,59 +73,6 @@ logger = logging.getLogger("refstorage")
 INDEX_SAVE_BYTES = 32 << 20
 # Flush a voting transaction to the file in pieces of about this size.
 WRITE_CHUNK = 1 << 20
-
-
-class _State:
-    """What a read needs, swapped as one object (pack replaces the file)."""
-
-    __slots__ = ("file", "reader", "index")
-
-    def __init__(self, file: fileio.DataFile, index: OidIndex):
-        self.file = file
-        self.reader = LogReader(file)
-        self.index = index
-
-
-class _Pending:
-    """The transaction being committed: buffered records until vote."""
-
-    __slots__ = ("transaction", "tid", "status", "user", "description", "extension",
-                 "records", "_latest", "_latest_n", "tpos", "voted", "size")
-
-    def __init__(self, transaction, tid: bytes, status: bytes, user: bytes,
-                 description: bytes, extension: bytes, tpos: int):
-        self.transaction = transaction
-        self.tid = tid
-        self.status = status
-        self.user = user
-        self.description = description
-        self.extension = extension
-        # (oid, data or None, backpointer, prev) in store order; an oid stored
-        # twice keeps both records (as copies of other storages need).  prev is
-        # the oid's committed record (stable: the commit lock is held until
-        # finish).  References are computed for all records at once, at vote.
-        self.records: list[tuple[bytes, bytes | None, int, int]] = []
-        self._latest: dict[bytes, tuple[bytes | None, int]] = {}
-        self._latest_n = 0  # records[:_latest_n] are in _latest
-        self.tpos = tpos
-        self.voted = False
-        # bytes of data buffered so far (for the quota; exact size at vote)
-        self.size = 0
-
-    @property
-    def latest(self) -> dict[bytes, tuple[bytes | None, int]]:
-        """oid -> (data or None, backpointer) of its latest record here.
-
-        Built on demand (undo and blobs ask; a plain commit never does), from
-        the records appended since the last call."""
-        records, n = self.records, self._latest_n
-        if n != len(records):
-            latest = self._latest
-            for i in range(n, len(records)):
-                oid, data, back, _prev = records[i]
-                latest[oid] = (data, back)
-            self._latest_n = len(records)
-        return self._latest
 
 
 def _identity(data: bytes) -> bytes:
@@ -164,7 +112,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         self._pack_keep_old = pack_keep_old
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
-        self._pending: _Pending | None = None
+        self._pending: Pending | None = None
         self._resolved: list[bytes] = []
         self._untransform = _identity
         self._lock_file = None
@@ -209,7 +157,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         except BaseException:
             file.close()
             raise
-        self._state = _State(file, index)
+        self._state = State(file, index)
         self._end = end  # end of the last finished transaction
         self._ltid = last_tid or z64
         self._ts = TimeStamp(self._ltid)
@@ -297,9 +245,38 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     def tpc_transaction(self):
         return self._transaction
 
+    # -- the storage core's interface (core.StorageCore: for undo, blobs, pack) ------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pack_keep_old(self) -> bool:
+        return self._pack_keep_old
+
+    @property
+    def commit_lock(self) -> threading.Lock:
+        return self._commit_lock
+
+    def read_snapshot(self, copy_index: bool = False) -> Snapshot:
+        """The file, log end, last tid and pack tid, consistent with each other."""
+        with self._lock:
+            state = self._state
+            index = state.index.copy() if copy_index else state.index
+            return Snapshot(state, self._end, self._ltid, self._pack_tid, index)
+
+    def pending_transaction(self, transaction) -> Pending:
+        """The commit buffer of `transaction`, the one being committed."""
+        return self._check_transaction(transaction)
+
+    def untransformed(self, data: bytes) -> bytes:
+        """Record data as the application wrote it (the DB wrapper's untransform)."""
+        return self._untransform(data)
+
     # -- reads ---------------------------------------------------------------------
 
-    def _lookup(self, oid: bytes) -> tuple[_State, int]:
+    def _lookup(self, oid: bytes) -> tuple[State, int]:
         """The file state and the position of oid's newest record (POSKeyError if none)."""
         # The lock orders this read after a finishing commit's callback (ZODB's
         # tid-ordering contract); it is held for the lookup only, not the read.
@@ -310,7 +287,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise POSException.POSKeyError(oid)
         return state, pos
 
-    def _current(self, oid: bytes) -> tuple[_State, fmt.DataRecord]:
+    def _current(self, oid: bytes) -> tuple[State, fmt.DataRecord]:
         state, pos = self._lookup(oid)
         return state, state.reader.read_data_record(pos, oid)
 
@@ -382,14 +359,14 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         state, end = self._snapshot()  # as ZODB expects, later commits are not seen
         return TransactionIterator(state.reader, end, start, stop)
 
-    def _snapshot(self) -> tuple[_State, int]:
+    def _snapshot(self) -> tuple[State, int]:
         """The file and the end of its log, consistent with each other (pack swaps both)."""
         with self._lock:
             return self._state, self._end
 
     # -- two-phase commit ----------------------------------------------------------
 
-    def _check_transaction(self, transaction) -> _Pending:
+    def _check_transaction(self, transaction) -> Pending:
         pending = self._pending
         if pending is None or transaction is not pending.transaction:
             raise POSException.StorageTransactionError(self, transaction)
@@ -427,7 +404,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 if ext is None:
                     ext = TransactionMetaData(extension=getattr(transaction, "extension", None)
                                               or {}).extension_bytes
-                self._pending = _Pending(
+                self._pending = Pending(
                     transaction, tid, status, _as_bytes(transaction.user),
                     _as_bytes(transaction.description), _as_bytes(ext), self._end)
                 self._pending_ts = ts
@@ -437,8 +414,9 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             self._commit_lock.release()
             raise
 
-    def _add_record(self, pending: _Pending, oid: bytes, data: bytes | None, back: int = 0,
-                    prev: int | None = None) -> None:
+    def add_record(self, pending: Pending, oid: bytes, data: bytes | None, back: int = 0,
+                   prev: int | None = None) -> None:
+        """Buffer a record of the transaction being committed (core interface, see core.py)."""
         if prev is None:
             prev = self._state.index.get(oid, 0)
         pending.records.append((oid, data, back, prev))
@@ -470,7 +448,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if serial != committed:
                 data = self.tryToResolveConflict(oid, committed, serial, data)
                 self._resolved.append(oid)
-        # _add_record, inlined for the commit-heavy path
+        # add_record, inlined for the commit-heavy path
         pending.records.append((oid, data, 0, pos or 0))
         if self._quota is not None:
             pending.size += len(data)
@@ -492,7 +470,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             self._write_pending(pending)
         return list(self._resolved) or None
 
-    def _write_pending(self, pending: _Pending) -> None:
+    def _write_pending(self, pending: Pending) -> None:
         """Append the whole transaction, status 'c': header, records, oid table.
 
         The records are written first, in chunks, and the header last, once
@@ -544,7 +522,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     def _check_size(self, tlen: int) -> None:
         self._check_quota(tlen + fmt.TRAILER_SIZE)
 
-    def _truncate_back(self, pending: _Pending) -> None:
+    def _truncate_back(self, pending: Pending) -> None:
         file = self._state.file
         if file.size > pending.tpos or file.physical_size() > pending.tpos:
             try:
@@ -627,9 +605,9 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise POSException.ReadOnlyError()
         pending = self._check_transaction(transaction)
         tid = tid_from_undo_id(transaction_id)
-        state = self._state
-        th = find_txn(state.reader, self._end, self._pack_tid, tid)
-        oids = UndoPlanner(self, state.reader, pending).plan(th)
+        snap = self.read_snapshot()
+        th = find_txn(snap.reader, snap.end, snap.pack_tid, tid)
+        oids = UndoPlanner(self, snap.reader, snap.index, pending).plan(th)
         self._blob_undo(pending, oids)
         return pending.tid, oids
 
@@ -651,7 +629,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             target = self._revision(oid, prev_txn)
             if target is not None and target.data == data:
                 back, data = target.pos, None
-        self._add_record(pending, oid, data, back)
+        self.add_record(pending, oid, data, back)
 
     def _revision(self, oid: bytes, tid: bytes) -> fmt.DataRecord | None:
         """The data record holding oid's data as written by transaction `tid`."""
@@ -675,7 +653,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         _state, rec = self._current(oid)
         if rec.tid != oldserial:
             raise POSException.ConflictError(oid=oid, serials=(rec.tid, oldserial))
-        self._add_record(pending, oid, None, 0)
+        self.add_record(pending, oid, None, 0)
 
     def record_iternext(self, next: bytes | None = None):
         """(oid, tid, data, next_oid) of the first live object at or after `next`.
@@ -730,15 +708,16 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 return _referencesf(untransform(data))
         self.last_pack_report = pack_storage(self, t, referencesf, bool(gc), progress)
 
-    def _install_packed(self, file: fileio.DataFile, index: OidIndex, end: int, file_id: bytes,
+    def install_packed(self, file: fileio.DataFile, index: OidIndex, end: int, file_id: bytes,
                         pack_tid: bytes) -> None:
-        """Make the packed file, already renamed to our name, the storage's file.
+        """Make the packed file, already renamed to our name, the storage's file
+        (core interface, see core.py).
 
         Called by pack with the commit lock held.  The old file is not closed:
         a load or an iterator may still be reading it; it closes itself when
         the last of them lets go of it."""
         with self._lock:
-            self._state = _State(file, index)
+            self._state = State(file, index)
             self._end = end
             self._file_id = file_id
             self._pack_tid = pack_tid
