@@ -202,12 +202,6 @@ class DataFile:
         if pos + done > self.size:
             self.size = pos + done
 
-    def append(self, data: bytes | bytearray | memoryview) -> int:
-        """Write `data` at the logical end of the file; return where it went."""
-        pos = self.size
-        self.write_at(pos, data)
-        return pos
-
     def sync(self) -> None:
         """fsync; on failure the file refuses all later writes."""
         self._check_writable()

@@ -41,8 +41,8 @@ class LogReader:
         """The checked data record at `pos` (optionally asserting its oid)."""
         buf = self.file.read(pos, READ_AHEAD)
         header = fmt.peek_data_header(buf, 0, self.path, pos)
-        if header[7] > len(buf):
-            buf = self.file.read(pos, header[7])
+        if header.length > len(buf):
+            buf = self.file.read(pos, header.length)
         rec = fmt.decode_data_record(buf, 0, self.path, pos, header)
         if oid is not None and rec.oid != oid:
             raise CorruptedDataError(
@@ -112,7 +112,7 @@ class LogReader:
             while pos + off < end:
                 if len(buf) - off < fmt.DATA_HEADER_SIZE:
                     break
-                length = fmt.peek_data_header(buf, off, self.path, pos + off)[7]
+                length = fmt.peek_data_header(buf, off, self.path, pos + off).length
                 if pos + off + length > end:
                     raise CorruptedDataError(self.path, "data record runs past its transaction", pos + off)
                 if off + length > len(buf):
@@ -121,7 +121,7 @@ class LogReader:
                 off += length
             if off == 0:  # a single record larger than the chunk
                 length = fmt.peek_data_header(self.file.read(pos, fmt.DATA_HEADER_SIZE),
-                                              0, self.path, pos)[7]
+                                              0, self.path, pos).length
                 if pos + length > end:
                     raise CorruptedDataError(self.path, "data record runs past its transaction", pos)
                 yield self.read_data_record(pos)
@@ -142,7 +142,7 @@ class LogReader:
             if off < 0 or off + fmt.DATA_HEADER_SIZE > len(buf):
                 last = positions[min(n, bisect_right(positions, pos + SCAN_CHUNK - READ_AHEAD, i)) - 1]
                 buf, bufpos, off = self.file.read(pos, last - pos + READ_AHEAD), pos, 0
-            length = fmt.peek_data_header(buf, off, self.path, pos)[7]
+            length = fmt.peek_data_header(buf, off, self.path, pos).length
             if off + length > len(buf):
                 buf, bufpos, off = self.file.read(pos, max(length, READ_AHEAD)), pos, 0
             yield fmt.decode_data_record(buf, off, self.path, pos)

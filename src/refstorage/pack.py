@@ -91,7 +91,6 @@ logger = logging.getLogger("refstorage.pack")
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total): phase "gc" counts objects, "copy" bytes read."""
 
-Z64 = b"\0" * 8
 READ_CHUNK = 1 << 20  # sequential reads of the old file ...
 WHOLE_TXN = 4 << 20  # ... or a whole transaction up to this size at once
 WRITE_CHUNK = 256 << 10  # writes to the new file
@@ -122,7 +121,7 @@ class PackReport:
         return self.bytes_before - self.bytes_after if self.packed else 0
 
     def __str__(self) -> str:
-        when = TimeStamp(self.pack_tid) if self.pack_tid != Z64 else "?"
+        when = TimeStamp(self.pack_tid) if self.pack_tid != fmt.Z64 else "?"
         if not self.packed:
             return f"{self.path}: not packed to {when} ({self.reason}); {self.seconds:.2f} s"
         ratio = 100.0 * self.bytes_freed / self.bytes_before if self.bytes_before else 0.0
@@ -138,7 +137,7 @@ def pack_tid_for(t: float) -> bytes:
         tid = TimeStamp(*time.gmtime(t)[:5] + (t % 60,)).raw()
     except (TypeError, ValueError, OverflowError) as exc:
         raise PackError(f"invalid pack time {t!r}: {exc}") from None
-    if tid == Z64:
+    if tid == fmt.Z64:
         raise PackError(f"invalid pack time {t!r}")
     return tid
 
@@ -226,7 +225,7 @@ class GC:
             return
         self.keep = _bitmap(self.pack_pos)
         if self.gc:
-            self._mark([Z64])
+            self._mark([fmt.Z64])
         self._scan_after()
         if not self.gc:
             self._keep_all_current()
@@ -274,15 +273,15 @@ class GC:
         pack_tid = self.pack_tid
         while True:
             buf = read(pos, PEEK_SIZE)
-            roid, tid, prev, _tpos, flags, nrefs, _dlen, _length = fmt.peek_data_header(buf, 0, path, pos)
-            if roid != oid:
-                raise CorruptedDataError(path, f"record for oid {roid.hex()} found where oid "
+            h = fmt.peek_data_header(buf, 0, path, pos)
+            if h.oid != oid:
+                raise CorruptedDataError(path, f"record for oid {h.oid.hex()} found where oid "
                                          f"{oid.hex()} was expected", pos)
-            if tid <= pack_tid:
-                return pos, flags, nrefs
-            if not prev:
+            if h.tid <= pack_tid:
+                return pos, h.flags, h.nrefs
+            if not h.prev:
                 return None
-            pos = prev
+            pos = h.prev
 
     def _mark(self, roots: list[bytes]) -> None:
         """Keep the revisions at the pack time of everything reachable from `roots`.
@@ -348,7 +347,8 @@ class GC:
                 near = 0 <= off < 2 * MAX_WINDOW
                 wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
                 wbuf, wpos, off = read(pos, wsize), pos, 0
-            oid, _tid, _prev, _tpos, flags, nrefs, _dlen, length = peek(wbuf, off, path, pos)
+            h = peek(wbuf, off, path, pos)
+            oid, flags, nrefs, length = h.oid, h.flags, h.nrefs, h.length
             if pos >= pack_pos:  # changed after the pack time: find its revision then
                 found = self._at_pack_time(pos, oid)
                 if found is None:
@@ -615,8 +615,8 @@ class _Copier:
                 rec = decode(buf, pos - base, path, pos)
             else:
                 rec = self._record(th, starts, i)
-            _pos, oid, rtid, _prev, rtpos, flags, refs, data, _back, length = rec
-            if length != starts[i + 1] - pos or rtid != tid or rtpos != old_tpos:
+            oid, flags, refs, data = rec.oid, rec.flags, rec.refs, rec.data
+            if rec.length != starts[i + 1] - pos or rec.tid != tid or rec.tpos != old_tpos:
                 raise CorruptedDataError(path, "data record does not match its transaction", pos)
             if flags & bp:
                 data, refs, known, back = self._backpointer(rec, None)

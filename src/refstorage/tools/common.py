@@ -24,7 +24,7 @@ from ..index import OidIndex
 from ..indexfile import load_index
 from ..log import LogReader, ScanResult, scan
 
-Z64 = b"\0" * 8
+Z64 = fmt.Z64  # (re-exported for the cli)
 
 Progress = Callable[[int], None]
 """progress(position): how far into the file a tool has got, in bytes."""
