@@ -205,7 +205,9 @@ def decode_txn_header(buf, offset: int, path: str, pos: int, file_size: int | No
     (the caller reads more when `txn_header_needs` says so).  With `file_size`
     the length is also checked against the end of the file.
     """
-    tid, tlen, status, ulen, dlen, elen, nrec, hcrc = decode_txn_header_fixed(buf, offset, path, pos)
+    if len(buf) - offset < TXN_HEADER_SIZE:
+        decode_txn_header_fixed(buf, offset, path, pos)  # raises: cut short
+    tid, tlen, status, ulen, dlen, elen, nrec, hcrc = _TXN_HEADER.unpack_from(buf, offset)
     hlen = TXN_HEADER_SIZE + ulen + dlen + elen
     if len(buf) - offset < hlen:
         raise CorruptedTransactionError(

@@ -112,12 +112,13 @@ class LogReader:
             while pos + off < end:
                 if len(buf) - off < fmt.DATA_HEADER_SIZE:
                     break
-                length = fmt.peek_data_header(buf, off, self.path, pos + off).length
+                header = fmt.peek_data_header(buf, off, self.path, pos + off)
+                length = header.length
                 if pos + off + length > end:
                     raise CorruptedDataError(self.path, "data record runs past its transaction", pos + off)
                 if off + length > len(buf):
                     break
-                yield fmt.decode_data_record(buf, off, self.path, pos + off)
+                yield fmt.decode_data_record(buf, off, self.path, pos + off, header)
                 off += length
             if off == 0:  # a single record larger than the chunk
                 length = fmt.peek_data_header(self.file.read(pos, fmt.DATA_HEADER_SIZE),
@@ -142,10 +143,10 @@ class LogReader:
             if off < 0 or off + fmt.DATA_HEADER_SIZE > len(buf):
                 last = positions[min(n, bisect_right(positions, pos + SCAN_CHUNK - READ_AHEAD, i)) - 1]
                 buf, bufpos, off = self.file.read(pos, last - pos + READ_AHEAD), pos, 0
-            length = fmt.peek_data_header(buf, off, self.path, pos).length
-            if off + length > len(buf):
-                buf, bufpos, off = self.file.read(pos, max(length, READ_AHEAD)), pos, 0
-            yield fmt.decode_data_record(buf, off, self.path, pos)
+            header = fmt.peek_data_header(buf, off, self.path, pos)
+            if off + header.length > len(buf):
+                buf, bufpos, off = self.file.read(pos, max(header.length, READ_AHEAD)), pos, 0
+            yield fmt.decode_data_record(buf, off, self.path, pos, header)
 
     # -- walking transactions ----------------------------------------------------------
 

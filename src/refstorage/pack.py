@@ -363,7 +363,7 @@ class GC:
             if not nrefs and not flags & simple:
                 continue  # no references: kept, nothing to follow
             if 0 <= off and off + length <= len(wbuf):
-                rec = decode(wbuf, off, path, pos)
+                rec = decode(wbuf, off, path, pos, h)
             else:
                 rec = self.reader.read_data_record(pos, oid)
             if rec.is_backpointer:
