@@ -30,9 +30,9 @@ never leaves a block half-changed: a sparse block is immutable and replaced by
 a new object in one dict assignment; a dense block changes in place only by one
 6-byte slice assignment of the same size (atomic under the GIL); a conversion,
 or `update`, builds new blocks completely before storing them (`update` stores
-them all with one ``dict.update``).  `items`, `__iter__`, `max_oid`, `copy`, `blocks` and
-`indexfile.save_index` must not run concurrently with the writer (the storage calls them
-under its commit lock).
+them all with one ``dict.update``).  `items`, `__iter__`, `max_oid`, `copy`,
+`blocks` and `indexfile.save_index` must not run concurrently with the writer
+(the storage calls them under its commit lock or its readers' lock).
 
 The index file that caches it is read and written by `refstorage.indexfile`
 (its format is in docs/format.md).

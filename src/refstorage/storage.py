@@ -1,11 +1,16 @@
 """refstorage.FileStorage: opening, two-phase commit, loads and MVCC reads.
 
 Locks.  `_commit_lock` is held from tpc_begin to tpc_finish/tpc_abort, so one
-transaction at a time writes.  `_lock` is the readers' lock: lastTransaction
-takes it, and tpc_finish holds it only to call the DB's callback and publish
-the new index entries and tid -- never across I/O.  Loads take no lock at all:
-they use positioned reads and an index that only ever points at durable,
+transaction at a time writes.  `_lock` is the readers' lock, never held across
+I/O: tpc_finish holds it to call the DB's callback and publish the new index
+entries and tid; a load holds it only for its index lookup (so it is ordered
+after a finishing commit's callback, as ZODB requires), then reads without it.
+Reads use positioned reads and an index that only ever points at durable,
 finished records, so they run while a commit writes and syncs.
+
+The modules that work on the storage (undo, blobs, pack) use it only through
+the storage core's interface, `core.StorageCore` (read snapshots, the commit
+lock and buffer, installing a packed file), implemented here.
 
 Commit.  store() buffers records in memory (never in the data file).  tpc_vote
 appends the whole transaction at once with status 'c'; tpc_finish flips the
