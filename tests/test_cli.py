@@ -14,7 +14,8 @@ from click.testing import CliRunner
 import refstorage
 from refstorage import format as fmt
 from refstorage.cli import main
-from refstorage.index import OidIndex, load_index, save_index
+from refstorage.index import OidIndex
+from refstorage.indexfile import load_index, save_index
 from refstorage.tools import common
 from refstorage.tools.info import info
 from refstorage.tools.verify import verify

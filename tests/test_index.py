@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
-from refstorage import index as ix_mod
+from refstorage import indexfile as ix_mod
 from refstorage.errors import IndexFileError
-from refstorage.index import INDEX_MAGIC, MAX_POS, OidIndex, load_index, save_index
+from refstorage.index import MAX_POS, OidIndex
+from refstorage.indexfile import INDEX_MAGIC, load_index, save_index
 
 FILE_ID = bytes(range(16))
 TID = b"\x03\x04" * 4

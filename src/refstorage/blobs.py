@@ -18,7 +18,8 @@ The files a transaction added are removed again by tpc_abort.  Pack removes
 the files of revisions the packed log no longer holds (`pack_blobs`).
 
 Nothing here touches the data file or its index: the log is read through the
-storage's `LogReader`.
+storage core's read snapshot (`core.StorageCore`, which the class mixing
+BlobSupport in implements).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import shutil
 import tempfile
 import threading
 from collections.abc import Iterable
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, Any
 
 import zope.interface
 from ZODB import POSException
@@ -47,10 +48,8 @@ from ZODB.blob import (
 from ZODB.interfaces import IBlobStorage, IBlobStorageRestoreable
 
 from . import fileio
+from .core import Pending, StorageCore
 from .errors import BlobDirectoryError
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .storage import FileStorage
 
 logger = logging.getLogger("refstorage.blobs")
 
@@ -64,7 +63,9 @@ class BlobSupport:
     (`_blob_init`); only then does the instance declare the blob interfaces,
     and without it the blob methods raise `Unsupported`.  The storage calls
     `_blob_tpc_finish` / `_blob_tpc_abort` when a transaction ends and
-    `_blob_undo` after planning an undo.
+    `_blob_undo` after planning an undo.  It uses the storage only through
+    ZODB's storage API and the storage core's interface (`core.StorageCore`:
+    read_snapshot, pending_transaction, untransformed, pack_keep_old).
     """
 
     blob_dir: str | None = None
@@ -110,21 +111,21 @@ class BlobSupport:
         """True if the (possibly transformed) record data is a blob's pickle."""
         if not record:
             return False
-        return bool(is_blob_record(self._untransform(record)))
+        return bool(is_blob_record(self.untransformed(record)))
 
     def storeBlob(self, oid: bytes, oldserial: bytes, data: bytes, blobfilename: str, version: str,
                   transaction) -> None:
         """Store data and move the file `blobfilename` into the blob directory."""
         self._require_blobs()
         self.store(oid, oldserial, data, version, transaction)
-        self._blob_move_in(oid, self._check_transaction(transaction).tid, blobfilename)
+        self._blob_move_in(oid, self.pending_transaction(transaction).tid, blobfilename)
 
     def restoreBlob(self, oid: bytes, serial: bytes, data: bytes, blobfilename: str,
                     prev_txn: bytes | None, transaction) -> None:
         """Restore a blob record as another storage had it (copies, recovery)."""
         self._require_blobs()
         self.restore(oid, serial, data, "", prev_txn, transaction)
-        self._blob_move_in(oid, self._check_transaction(transaction).tid, blobfilename)
+        self._blob_move_in(oid, self.pending_transaction(transaction).tid, blobfilename)
 
     def loadBlob(self, oid: bytes, serial: bytes) -> str:
         """The name of the committed blob file of oid's revision `serial`."""
@@ -216,7 +217,7 @@ class BlobSupport:
             if os.path.exists(filename):
                 remove_committed(filename)
 
-    def _blob_undo(self, pending, oids: Iterable[bytes]) -> None:
+    def _blob_undo(self, pending: Pending, oids: Iterable[bytes]) -> None:
         """After an undo planned its records: give each restored blob revision its file.
 
         An undo record that points back at an older revision of a blob
@@ -224,7 +225,7 @@ class BlobSupport:
         copies it the same way)."""
         if self.blob_dir is None:
             return
-        reader = self._state.reader
+        reader = self.read_snapshot().reader
         for oid in oids:
             data, back = pending.latest[oid]
             if data is not None or not back:
@@ -291,12 +292,12 @@ def copy_blob_to_temporary(source, dest, rec) -> str | None:
 # -- pack ---------------------------------------------------------------------------
 
 
-def _record_tids(storage: FileStorage, oid: bytes) -> set[bytes]:
+def _record_tids(storage: StorageCore, oid: bytes) -> set[bytes]:
     """The tids of every record of oid in the storage's current log."""
-    state = storage._state
-    reader = state.reader
+    snap = storage.read_snapshot()
+    reader = snap.reader
     tids = set()
-    pos = state.index.get(oid)
+    pos = snap.index.get(oid)
     while pos:
         rec = reader.read_data_record(pos, oid)
         tids.add(rec.tid)
@@ -304,7 +305,7 @@ def _record_tids(storage: FileStorage, oid: bytes) -> set[bytes]:
     return tids
 
 
-def _remove_empty_dirs(storage: FileStorage, path: str) -> None:
+def _remove_empty_dirs(storage: BlobSupport, path: str) -> None:
     """Remove `path` and its parents up to the blob directory while they are empty."""
     base = storage.blob_dir
     assert base is not None
@@ -319,12 +320,12 @@ def _remove_empty_dirs(storage: FileStorage, path: str) -> None:
             path = os.path.dirname(path)
 
 
-def pack_blobs(storage: FileStorage, removed: Iterable[tuple[bytes, bytes]] | None = None,
+def pack_blobs(storage: BlobSupport, removed: Iterable[tuple[bytes, bytes]] | None = None,
                keep_old: bool | None = None) -> int:
     """Remove the blob files of revisions a pack dropped; returns how many.
 
-    Call it after the packed log replaced the old one (the storage's
-    `_state` is the packed file), with or without the commit lock.
+    Call it after the packed log replaced the old one (the storage's read
+    snapshot is the packed file), with or without the commit lock.
 
     With `removed=None` it sweeps the blob directory: every blob file whose
     (oid, tid) has no record in the packed log goes.  Files of transactions
@@ -341,7 +342,7 @@ def pack_blobs(storage: FileStorage, removed: Iterable[tuple[bytes, bytes]] | No
     if blob_dir is None:
         return 0
     if keep_old is None:
-        keep_old = bool(storage._pack_keep_old)
+        keep_old = bool(storage.pack_keep_old)
     fshelper = storage.fshelper
     old_dir = blob_dir + ".old"
     if os.path.exists(old_dir):

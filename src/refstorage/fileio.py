@@ -212,12 +212,6 @@ class DataFile:
         if pos + done > self.size:
             self.size = pos + done
 
-    def append(self, data: bytes | bytearray | memoryview) -> int:
-        """Write `data` at the logical end of the file; return where it went."""
-        pos = self.size
-        self.write_at(pos, data)
-        return pos
-
     def mark_broken(self, reason: str) -> None:
         """Refuse every later write and truncate (StorageBrokenError naming `reason`)."""
         if not self.broken:

@@ -111,11 +111,13 @@ STATUS_CHECKPOINT = b"c"  # written at vote, flipped to ' ' at finish
 STATUS_PACKED = b"p"  # copied by a pack from before the pack time
 STATUSES = (STATUS_COMMITTED, STATUS_CHECKPOINT, STATUS_PACKED)
 
+# The transaction header's layout, described once: tid tlen status ulen dlen elen nrec hcrc.
 _TXN_HEADER = struct.Struct(">8sQcIIIII")
 TXN_HEADER_SIZE = _TXN_HEADER.size  # 37
-STATUS_OFFSET = 16
+TLEN_OFFSET = struct.calcsize(">8s")  # 8
+STATUS_OFFSET = struct.calcsize(">8sQ")  # 16
 _TLEN = struct.Struct(">Q")
-TRAILER_SIZE = 8
+TRAILER_SIZE = _TLEN.size  # 8
 MIN_TXN_SIZE = TXN_HEADER_SIZE + TRAILER_SIZE
 
 
@@ -174,15 +176,26 @@ def decode_trailer(buf: bytes, offset: int = 0) -> int:
     return _TLEN.unpack_from(buf, offset)[0]
 
 
-def decode_txn_header_fixed(buf, offset: int, path: str, pos: int):
-    """Decode the fixed part only (no checksum check): the raw tuple + varlen size.
+class TxnHeaderFixed(NamedTuple):
+    """The fixed part of a transaction header, as stored (`decode_txn_header_fixed`)."""
 
-    Returns (tid, tlen, status, ulen, dlen, elen, nrec, hcrc)."""
+    tid: bytes
+    tlen: int
+    status: bytes
+    ulen: int
+    dlen: int
+    elen: int
+    nrec: int
+    hcrc: int
+
+
+def decode_txn_header_fixed(buf, offset: int, path: str, pos: int) -> TxnHeaderFixed:
+    """Decode the fixed part only (no checksum check)."""
     if len(buf) - offset < TXN_HEADER_SIZE:
         raise CorruptedTransactionError(
             path, f"transaction header cut short ({len(buf) - offset} of "
             f"{TXN_HEADER_SIZE} bytes)", pos)
-    return _TXN_HEADER.unpack_from(buf, offset)
+    return tuple.__new__(TxnHeaderFixed, _TXN_HEADER.unpack_from(buf, offset))
 
 
 def decode_txn_header(buf, offset: int, path: str, pos: int, file_size: int | None = None) -> TxnHeader:
@@ -192,7 +205,9 @@ def decode_txn_header(buf, offset: int, path: str, pos: int, file_size: int | No
     (the caller reads more when `txn_header_needs` says so).  With `file_size`
     the length is also checked against the end of the file.
     """
-    tid, tlen, status, ulen, dlen, elen, nrec, hcrc = decode_txn_header_fixed(buf, offset, path, pos)
+    if len(buf) - offset < TXN_HEADER_SIZE:
+        decode_txn_header_fixed(buf, offset, path, pos)  # raises: cut short
+    tid, tlen, status, ulen, dlen, elen, nrec, hcrc = _TXN_HEADER.unpack_from(buf, offset)
     hlen = TXN_HEADER_SIZE + ulen + dlen + elen
     if len(buf) - offset < hlen:
         raise CorruptedTransactionError(
@@ -207,10 +222,12 @@ def decode_txn_header(buf, offset: int, path: str, pos: int, file_size: int | No
         raise CorruptedTransactionError(path, f"invalid transaction status {status!r}", pos + STATUS_OFFSET)
     if tlen < hlen + oid_table_size(nrec):
         raise CorruptedTransactionError(
-            path, f"transaction length {tlen} too short for its header and {nrec} records", pos + 8)
+            path, f"transaction length {tlen} too short for its header and {nrec} records",
+            pos + TLEN_OFFSET)
     if file_size is not None and pos + tlen + TRAILER_SIZE > file_size:
         raise CorruptedTransactionError(
-            path, f"transaction length {tlen} runs past the end of the file ({file_size})", pos + 8)
+            path, f"transaction length {tlen} runs past the end of the file ({file_size})",
+            pos + TLEN_OFFSET)
     user = bytes(buf[var_start: var_start + ulen])
     desc = bytes(buf[var_start + ulen: var_start + ulen + dlen])
     ext = bytes(buf[var_start + ulen + dlen: offset + hlen])
@@ -278,13 +295,23 @@ FLAG_BACKPOINTER = 1  # no data: an 8-byte position follows the refs
 FLAG_REFS_UNKNOWN = 2  # references could not be computed when written
 KNOWN_FLAGS = FLAG_BACKPOINTER | FLAG_REFS_UNKNOWN
 
+# The data record's layout, described once; every encoder and decoder below
+# (the fast paths included, which inline it) derives its offsets from these:
+#   header   _DATA_HEADER: oid tid prev tpos flags nrefs dlen    (DATA_HEADER_SIZE)
+#   refs     nrefs * REF_SIZE
+#   payload  dlen bytes of data, or BACKPOINTER_SIZE bytes (a position) if flags & BACKPOINTER
+#   crc      CRC_SIZE bytes: crc32 of everything before it in the record
+# `record_length` is the whole record's length.
 _DATA_HEADER = struct.Struct(">8s8sQQHII")
 DATA_HEADER_SIZE = _DATA_HEADER.size  # 42
-CRC_SIZE = 4
-_CRC = struct.Struct(">I")
+DATA_FLAGS_OFFSET = struct.calcsize(">8s8sQQ")  # 32
+REF_SIZE = 8
 _Q = struct.Struct(">Q")
+BACKPOINTER_SIZE = _Q.size  # 8
+_CRC = struct.Struct(">I")
+CRC_SIZE = _CRC.size  # 4
 MAX_DATA_LEN = 0xFFFFFFFF
-MAX_POS = (1 << 48) - 1  # the index keeps 48-bit positions
+_FIXED_LENGTH = DATA_HEADER_SIZE + CRC_SIZE  # a record's length without refs and payload
 
 
 class DataRecord(NamedTuple):
@@ -311,9 +338,26 @@ class DataRecord(NamedTuple):
         return split_refs(self.refs)
 
 
+class DataHeader(NamedTuple):
+    """A data record's header fields and the record's whole length (`peek_data_header`)."""
+
+    oid: bytes
+    tid: bytes
+    prev: int
+    tpos: int
+    flags: int
+    nrefs: int
+    dlen: int
+    length: int  # bytes the whole record takes in the file
+
+
+_new_tuple = tuple.__new__  # builds a NamedTuple without the cost of its __new__ (hot paths)
+
+
 def record_length(nrefs: int, flags: int, dlen: int) -> int:
-    payload = 8 if flags & FLAG_BACKPOINTER else dlen
-    return DATA_HEADER_SIZE + 8 * nrefs + payload + CRC_SIZE
+    """The length of a data record with this header (see the layout above)."""
+    payload = BACKPOINTER_SIZE if flags & FLAG_BACKPOINTER else dlen
+    return DATA_HEADER_SIZE + REF_SIZE * nrefs + payload + CRC_SIZE
 
 
 def encode_data_record(oid: bytes, tid: bytes, prev: int, tpos: int, refs: bytes,
@@ -331,7 +375,7 @@ def encode_data_record(oid: bytes, tid: bytes, prev: int, tpos: int, refs: bytes
         dlen = len(data)
         if dlen > MAX_DATA_LEN:
             raise ValueError(f"a record's data is limited to {MAX_DATA_LEN} bytes")
-    body = b"".join((_DATA_HEADER.pack(oid, tid, prev, tpos, flags, len(refs) >> 3, dlen),
+    body = b"".join((_DATA_HEADER.pack(oid, tid, prev, tpos, flags, len(refs) // REF_SIZE, dlen),
                      refs, payload))
     return body + _CRC.pack(crc32(body))
 
@@ -372,27 +416,29 @@ def encode_data_records(tid: bytes, tpos: int, pos: int, records: Sequence[tuple
         dlen = len(data)
         if dlen > MAX_DATA_LEN:
             raise ValueError(f"a record's data is limited to {MAX_DATA_LEN} bytes")
-        header = pack_header(oid, tid, prev, tpos, flags, len(r) >> 3, dlen)
+        header = pack_header(oid, tid, prev, tpos, flags, len(r) // REF_SIZE, dlen)
         extend((header, r, data, pack_crc(crc32(data, crc32(r, crc32(header))))))
         pos += DATA_HEADER_SIZE + len(r) + dlen + CRC_SIZE
     return b"".join(parts), i
 
 
-def peek_data_header(buf, offset: int, path: str, pos: int):
-    """(oid, tid, prev, tpos, flags, nrefs, dlen, length) of the record at buf[offset].
+def peek_data_header(buf, offset: int, path: str, pos: int) -> DataHeader:
+    """The header of the record at buf[offset], and the record's length.
 
     Checks the header's self-consistency, not the checksum (that needs the
-    whole record: see `decode_data_record`)."""
+    whole record: see `decode_data_record`).  The other decoders call it to
+    raise when their inlined checks of the same rules fail."""
     if len(buf) - offset < DATA_HEADER_SIZE:
         raise CorruptedDataError(
             path, f"data record header cut short ({len(buf) - offset} of {DATA_HEADER_SIZE} bytes)", pos)
     oid, tid, prev, tpos, flags, nrefs, dlen = _DATA_HEADER.unpack_from(buf, offset)
     if flags & ~KNOWN_FLAGS:
-        raise CorruptedDataError(path, f"unknown data record flags {flags:#x}", pos + 32)
+        raise CorruptedDataError(path, f"unknown data record flags {flags:#x}", pos + DATA_FLAGS_OFFSET)
     if flags & FLAG_BACKPOINTER and (dlen or nrefs):
-        raise CorruptedDataError(path, "backpointer record with data or references", pos + 32)
-    length = DATA_HEADER_SIZE + 8 * nrefs + (8 if flags & FLAG_BACKPOINTER else dlen) + CRC_SIZE
-    return oid, tid, prev, tpos, flags, nrefs, dlen, length
+        raise CorruptedDataError(path, "backpointer record with data or references",
+                                 pos + DATA_FLAGS_OFFSET)
+    length = _FIXED_LENGTH + REF_SIZE * nrefs + (BACKPOINTER_SIZE if flags & FLAG_BACKPOINTER else dlen)
+    return _new_tuple(DataHeader, (oid, tid, prev, tpos, flags, nrefs, dlen, length))
 
 
 def relocate_data_records(buf, base: int, starts: Sequence[int], chosen: Sequence[int], k: int,
@@ -429,7 +475,7 @@ def relocate_data_records(buf, base: int, starts: Sequence[int], chosen: Sequenc
             break
         if flags & ~KNOWN_FLAGS:
             peek_data_header(buf, off, path, at)  # raises with the reason
-        body_end = off + DATA_HEADER_SIZE + 8 * nrefs + dlen
+        body_end = off + DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen
         if body_end + CRC_SIZE - off != length or rtid != tid or rtpos != old_tpos:
             raise CorruptedDataError(path, "data record does not match its transaction", at)
         if len(buf) < body_end + CRC_SIZE:
@@ -449,18 +495,19 @@ def relocate_data_records(buf, base: int, starts: Sequence[int], chosen: Sequenc
     return k, pos
 
 
-def decode_data_record(buf, offset: int, path: str, pos: int, header: tuple | None = None) -> DataRecord:
+def decode_data_record(buf, offset: int, path: str, pos: int,
+                       header: DataHeader | None = None) -> DataRecord:
     """Decode and checksum the whole data record at buf[offset] (file position `pos`).
 
     `header` may pass in what `peek_data_header` already returned for it."""
-    oid, tid, prev, tpos, flags, nrefs, dlen, length = header or peek_data_header(buf, offset, path, pos)
+    oid, tid, prev, tpos, flags, nrefs, _dlen, length = header or peek_data_header(buf, offset, path, pos)
     end = offset + length
     if len(buf) < end:
         raise CorruptedDataError(path, f"data record cut short ({len(buf) - offset} of {length} bytes)", pos)
     body_end = end - CRC_SIZE
     if crc32(buf[offset:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
         raise CorruptedDataError(path, f"data record checksum mismatch (oid {oid.hex()})", pos)
-    refs_end = offset + DATA_HEADER_SIZE + 8 * nrefs
+    refs_end = offset + DATA_HEADER_SIZE + REF_SIZE * nrefs
     refs = bytes(buf[offset + DATA_HEADER_SIZE: refs_end])
     if flags & FLAG_BACKPOINTER:
         back = _Q.unpack_from(buf, refs_end)[0]
@@ -479,8 +526,8 @@ def decode_data_payload(buf, path: str, pos: int) -> tuple[bytes, bytes, bytes |
     oid, tid, _prev, _tpos, flags, nrefs, dlen = _DATA_HEADER.unpack_from(buf, 0)
     if flags & ~KNOWN_FLAGS or flags & FLAG_BACKPOINTER and (dlen or nrefs):
         peek_data_header(buf, 0, path, pos)  # raises with the reason
-    refs_end = DATA_HEADER_SIZE + 8 * nrefs
-    body_end = refs_end + (8 if flags & FLAG_BACKPOINTER else dlen)
+    refs_end = DATA_HEADER_SIZE + REF_SIZE * nrefs
+    body_end = refs_end + (BACKPOINTER_SIZE if flags & FLAG_BACKPOINTER else dlen)
     if len(buf) < body_end + CRC_SIZE:
         return body_end + CRC_SIZE
     if crc32(buf[:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
@@ -490,14 +537,14 @@ def decode_data_payload(buf, path: str, pos: int) -> tuple[bytes, bytes, bytes |
     return oid, tid, buf[refs_end:body_end], 0
 
 
-def check_data_record_chunks(chunks: Iterable, header: tuple, path: str, pos: int) -> None:
+def check_data_record_chunks(chunks: Iterable, header: DataHeader, path: str, pos: int) -> None:
     """Checksum a long record given as consecutive chunks of its bytes, in bounded memory.
 
     `header` is what `peek_data_header` returned for it; `chunks` yields the
-    record's bytes from its start, `header[7]` in all (fewer: it was cut
+    record's bytes from its start, `header.length` in all (fewer: it was cut
     short).  Readers call this before reading a long record whole, so a
     damaged length costs no allocation of that length."""
-    length = header[7]
+    length = header.length
     body_end = length - CRC_SIZE
     crc = 0
     got = 0
@@ -512,7 +559,7 @@ def check_data_record_chunks(chunks: Iterable, header: tuple, path: str, pos: in
     if got < body_end or len(tail) < CRC_SIZE:
         raise CorruptedDataError(path, f"data record cut short ({got + len(tail)} of {length} bytes)", pos)
     if crc != _CRC.unpack_from(tail, 0)[0]:
-        raise CorruptedDataError(path, f"data record checksum mismatch (oid {header[0].hex()})", pos)
+        raise CorruptedDataError(path, f"data record checksum mismatch (oid {header.oid.hex()})", pos)
 
 
 def check_txn_header_chunks(fixed, chunks: Iterable, path: str, pos: int) -> None:
@@ -522,8 +569,8 @@ def check_txn_header_chunks(fixed, chunks: Iterable, path: str, pos: int) -> Non
     user, description and extension bytes that follow (ulen + dlen + elen
     in all).  Raises what `decode_txn_header` would for a bad checksum or a
     header cut short."""
-    _, _, _, ulen, dlen, elen, _, hcrc = decode_txn_header_fixed(fixed, 0, path, pos)
-    need = ulen + dlen + elen
+    h = decode_txn_header_fixed(fixed, 0, path, pos)
+    need = h.ulen + h.dlen + h.elen
     crc = crc32(fixed[STATUS_OFFSET + 1: TXN_HEADER_SIZE - 4], crc32(fixed[:STATUS_OFFSET]))
     got = 0
     for chunk in chunks:
@@ -534,15 +581,8 @@ def check_txn_header_chunks(fixed, chunks: Iterable, path: str, pos: int) -> Non
         raise CorruptedTransactionError(
             path, f"transaction header cut short ({TXN_HEADER_SIZE + got} of {TXN_HEADER_SIZE + need} bytes)",
             pos)
-    if crc != hcrc:
+    if crc != h.hcrc:
         raise CorruptedTransactionError(path, "transaction header checksum mismatch", pos)
-
-
-def check_data_record(buf, offset: int, length: int, path: str, pos: int) -> None:
-    """Verify only the checksum of a record whose length is known."""
-    body_end = offset + length - CRC_SIZE
-    if crc32(buf[offset:body_end]) != _CRC.unpack_from(buf, body_end)[0]:
-        raise CorruptedDataError(path, "data record checksum mismatch", pos)
 
 
 # -- references ------------------------------------------------------------------
@@ -555,7 +595,7 @@ def pack_refs(oids) -> bytes:
 
 
 def split_refs(refs: bytes) -> list[bytes]:
-    return [refs[i: i + 8] for i in range(0, len(refs), 8)]
+    return [refs[i: i + REF_SIZE] for i in range(0, len(refs), REF_SIZE)]
 
 
 def p64(n: int) -> bytes:

@@ -1,4 +1,4 @@
-"""The in-memory oid -> file position index, and the index file that caches it.
+"""The in-memory oid -> file position index (`OidIndex`).
 
 In memory
 =========
@@ -30,89 +30,35 @@ never leaves a block half-changed: a sparse block is immutable and replaced by
 a new object in one dict assignment; a dense block changes in place only by one
 6-byte slice assignment of the same size (atomic under the GIL); a conversion,
 or `update`, builds new blocks completely before storing them (`update` stores
-them all with one ``dict.update``).  `items`, `__iter__`, `max_oid`, `copy` and
-`save_index` must not run concurrently with the writer (the storage calls them
-under its commit lock).
+them all with one ``dict.update``).  `items`, `__iter__`, `max_oid`, `copy`,
+`blocks` and `indexfile.save_index` must not run concurrently with the writer
+(the storage calls them under its commit lock or its readers' lock).
 
-The index file
-==============
-
-Written by `save_index` in one piece through `fileio.atomic_write` (temp file,
-fsync, rename, directory fsync).  All integers are unsigned big-endian.  The
-blocks are stored as columns so that saving and loading run at C speed, with
-no Python loop per entry or per sparse block.
-
-    offset  size     field
-    0       8        magic b"\x89RFX\r\n\x1a\n" (the data file's is b"\x89RFS\r\n\x1a\n")
-    8       2        index format version: 1
-    10      2        flags: 0 (a reader rejects any other value)
-    12      16       file_id: the data file generation the index belongs to
-    28      8        pos: end of the last transaction the index covers
-    36      8        tid: tid of that transaction (8 zero bytes if none)
-    44      8        count: number of entries (oids)
-    52      4        D: number of dense blocks
-    56      4        P: number of sparse blocks
-    60      8*D      dense block keys (oid >> 8)
-            1536*D   dense block payloads, same order: 256 positions of 6
-                     bytes, suffix s at 6s; 0 means absent
-            8*P      sparse block keys
-            2*P      sparse block entry counts n_i, 1 <= n_i <= 256
-            S        suffixes of the sparse blocks, block after block, each
-                     block's strictly ascending (S = sum of the n_i)
-            6*S      positions of the sparse blocks, same order
-    end-4   4        crc32 (zlib.crc32) of every byte before it
-
-Block keys are < 2**56, in any order, and no key appears twice (in either
-list).  Every block holds at least one entry; no sparse position is 0; every
-position is < pos; count is the number of nonzero dense positions plus S;
-nothing lies between the last column and the crc.  The oid of an entry is
-``key << 8 | suffix`` as 8 bytes.  A block's kind is a representation choice:
-the writer emits sparse blocks of up to 219 entries and dense blocks of at
-least 32, and the reader converts a sparse block of more than 219 entries to
-dense and a dense one of fewer than 128 to sparse.
-
-`load_index` returns None when the file does not exist and raises
-`IndexFileError` (path, message, offset) for any other problem: bad magic,
-other version, truncation, crc mismatch, or any rule above broken.  The
-storage then rebuilds the index from the data file.
+The index file that caches it is read and written by `refstorage.indexfile`
+(its format is in docs/format.md).
 """
 
 from __future__ import annotations
 
-import errno as _errno
-import struct
 import sys
 import threading
-import zlib
 from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
-from itertools import accumulate, chain, compress, islice, repeat
-from operator import add, eq, floordiv, ge, is_, itemgetter, lt, mul, ne, not_, or_, rshift, sub
+from itertools import chain, compress, islice, repeat
+from operator import eq, ge, is_, itemgetter, lt, ne, not_, rshift, sub
 from sys import getsizeof
 
-from . import fileio
-from .errors import IndexFileError, StorageIOError
+__all__ = ["OidIndex", "MAX_POS"]
 
-__all__ = [
-    "OidIndex",
-    "save_index",
-    "load_index",
-    "INDEX_MAGIC",
-    "INDEX_VERSION",
-    "MAX_POS",
-]
-
-INDEX_MAGIC = b"\x89RFX\r\n\x1a\n"
-INDEX_VERSION = 1
-_DATA_MAGIC = b"\x89RFS\r\n\x1a\n"
 MAX_POS = 2**48 - 1
 """The largest position an index entry can hold (6 bytes)."""
 
-_KEY_LIMIT = 1 << 56
-_DENSE_SIZE = 256 * 6                # bytes of a dense block: 256 positions
-_SPARSE_MAX = _DENSE_SIZE // 7       # 219: most entries a sparse block holds
-_DENSE_MIN = 128                     # a delete leaving fewer makes a dense block sparse
+# The block representation (also used by the index-file codec, indexfile.py):
+KEY_LIMIT = 1 << 56                  # block keys (oid >> 8) are below this
+DENSE_SIZE = 256 * 6                 # bytes of a dense block: 256 positions
+SPARSE_MAX = DENSE_SIZE // 7         # 219: most entries a sparse block holds
+DENSE_MIN = 128                      # a delete leaving fewer makes a dense block sparse
 _EARLY_DENSE = 32                    # a sparse block holding suffixes 0..c-1, c >= this,
                                      # turns dense when one is appended (sequential oids)
 _SMALL = 16                          # below this, plain loops beat the C-level tricks
@@ -125,9 +71,6 @@ _LITTLE = sys.byteorder == "little"
 _fb = int.from_bytes
 _join = b"".join
 
-_HEADER = struct.Struct(">8sHH16sQ8sQII")
-_HEADER_SIZE = _HEADER.size  # 60
-
 if array("Q").itemsize != 8 or array("H").itemsize != 2:  # pragma: no cover
     raise ImportError("refstorage.index needs 8-byte array('Q') and 2-byte array('H')")
 
@@ -135,7 +78,7 @@ if array("Q").itemsize != 8 or array("H").itemsize != 2:  # pragma: no cover
 # -- packing helpers (C-speed: a fixed number of Python steps per call) --------------
 
 
-def _pack6(values: Iterable[int]) -> bytearray:
+def pack6(values: Iterable[int]) -> bytearray:
     """The values (each < 2**48, not checked) as 6-byte big-endian."""
     a = array("Q", values)
     if _LITTLE:
@@ -148,7 +91,7 @@ def _pack6(values: Iterable[int]) -> bytearray:
     return out
 
 
-def _unpack6(buf: bytes | bytearray) -> array:
+def unpack6(buf: bytes | bytearray) -> array:
     """6-byte big-endian values (len(buf) must be a multiple of 6) as array('Q')."""
     n6 = len(buf)
     raw = bytearray(n6 // 6 * 8)
@@ -160,7 +103,13 @@ def _unpack6(buf: bytes | bytearray) -> array:
     return a
 
 
-def _single_blocks(sufs: bytes, packed: bytes | bytearray) -> Iterator[bytes]:
+
+
+
+
+
+
+def single_blocks(sufs: bytes, packed: bytes | bytearray) -> Iterator[bytes]:
     """One-entry sparse blocks (7 bytes each) from m suffixes and m packed 6-byte positions."""
     m = len(sufs)
     buf = bytearray(7 * m)
@@ -171,52 +120,38 @@ def _single_blocks(sufs: bytes, packed: bytes | bytearray) -> Iterator[bytes]:
     return map(raw.__getitem__, map(slice, range(0, 7 * m, 7), range(7, 7 * m + 7, 7)))
 
 
-def _be_array(code: str, raw: bytes) -> array:
-    a = array(code, raw)
-    if _LITTLE:
-        a.byteswap()
-    return a
-
-
-def _be_bytes(code: str, values: Iterable[int]) -> bytes:
-    a = array(code, values)
-    if _LITTLE:
-        a.byteswap()
-    return a.tobytes()
-
-
-def _dense_block(m: Mapping[int, int]) -> bytearray:
+def dense_block(m: Mapping[int, int]) -> bytearray:
     """A dense block holding suffix -> position map `m` (1 <= len(m) <= 256)."""
-    return _pack6(map(m.get, _R256, _ZEROS256))
+    return pack6(map(m.get, _R256, _ZEROS256))
 
 
-def _sparse_block(m: Mapping[int, int]) -> bytes:
+def sparse_block(m: Mapping[int, int]) -> bytes:
     """A sparse block holding suffix -> position map `m` (1 <= len(m) <= 219)."""
     sufs = sorted(m)
     if len(sufs) < _SMALL:
         return bytes(sufs) + b"".join([m[s].to_bytes(6, "big") for s in sufs])
-    return bytes(sufs) + _pack6(map(m.__getitem__, sufs))
+    return bytes(sufs) + pack6(map(m.__getitem__, sufs))
 
 
 def _make_block(m: Mapping[int, int]) -> bytes | bytearray:
-    return _dense_block(m) if len(m) > _SPARSE_MAX else _sparse_block(m)
+    return dense_block(m) if len(m) > SPARSE_MAX else sparse_block(m)
 
 
-def _block_map(block: bytes) -> dict[int, int]:
+def block_map(block: bytes) -> dict[int, int]:
     """The suffix -> position map a sparse block holds."""
     c = len(block) // 7
     if c < _SMALL:
         return {block[j]: _fb(block[c + 6 * j:c + 6 * j + 6], "big") for j in range(c)}
-    return dict(zip(block[:c], _unpack6(block[c:]), strict=True))
+    return dict(zip(block[:c], unpack6(block[c:]), strict=True))
 
 
 def _merge(old: bytes | bytearray, gs: bytes, gp: list[int]) -> tuple[bytes | bytearray, int]:
     """A new block: `old` with suffixes `gs` set to positions `gp`; and how many entries it gained."""
-    if len(old) == _DENSE_SIZE:
-        old_arr = _unpack6(old)
+    if len(old) == DENSE_SIZE:
+        old_arr = unpack6(old)
         full = array("Q", map(dict(zip(gs, gp, strict=True)).get, _R256, old_arr))
-        return _pack6(full), old_arr.count(0) - full.count(0)
-    m = _block_map(old)
+        return pack6(full), old_arr.count(0) - full.count(0)
+    m = block_map(old)
     before = len(m)
     m.update(zip(gs, gp, strict=True))
     return _make_block(m), len(m) - before
@@ -230,8 +165,8 @@ def _first_from(b: bytes | bytearray | None, low: int) -> int:
     """The smallest suffix >= `low` present in block `b`, or -1."""
     if b is None:
         return -1
-    if len(b) == _DENSE_SIZE:
-        for s, p in enumerate(_unpack6(b)[low:], low):
+    if len(b) == DENSE_SIZE:
+        for s, p in enumerate(unpack6(b)[low:], low):
             if p:
                 return s
         return -1
@@ -274,7 +209,7 @@ class OidIndex:
         b = self._blocks.get(n >> 8)
         if b is None:
             return default
-        if len(b) == _DENSE_SIZE:
+        if len(b) == DENSE_SIZE:
             i = (n & 255) * 6
             p = _fb(b[i:i + 6], "big")
             return p if p else default
@@ -291,7 +226,7 @@ class OidIndex:
             n = _fb(oid, "big")
             b = self._blocks.get(n >> 8)
             if b is not None:
-                if len(b) == _DENSE_SIZE:
+                if len(b) == DENSE_SIZE:
                     i = (n & 255) * 6
                     p = _fb(b[i:i + 6], "big")
                     if p:
@@ -340,7 +275,7 @@ class OidIndex:
                 self._maxkey = key
             self._note_new_keys((key,))
             return
-        if len(b) == _DENSE_SIZE:
+        if len(b) == DENSE_SIZE:
             i = s * 6
             added = b.startswith(_Z6, i)
             b[i:i + 6] = pb
@@ -353,10 +288,10 @@ class OidIndex:
         if j < c and b[j] == s:
             blocks[key] = _join((b[:i], pb, b[i + 6:]))
             return
-        if c >= _SPARSE_MAX or (c >= _EARLY_DENSE and j == c and b[c - 1] == c - 1):
-            m = _block_map(b)
+        if c >= SPARSE_MAX or (c >= _EARLY_DENSE and j == c and b[c - 1] == c - 1):
+            m = block_map(b)
             m[s] = pos
-            blocks[key] = _dense_block(m)
+            blocks[key] = dense_block(m)
         else:
             blocks[key] = _join((b[:j], _BYTE[s], b[j:i], pb, b[i:]))
         self._len += 1
@@ -372,14 +307,14 @@ class OidIndex:
         b = blocks.get(key)
         if b is None:
             raise KeyError(oid)
-        if len(b) == _DENSE_SIZE:
+        if len(b) == DENSE_SIZE:
             i = s * 6
             if b[i:i + 6] == _Z6:
                 raise KeyError(oid)
-            arr = _unpack6(b)
-            if 255 - arr.count(0) < _DENSE_MIN:
+            arr = unpack6(b)
+            if 255 - arr.count(0) < DENSE_MIN:
                 arr[s] = 0
-                blocks[key] = _sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
+                blocks[key] = sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
             else:
                 b[i:i + 6] = _Z6
         else:
@@ -471,7 +406,7 @@ class OidIndex:
         sufs = joined[7::8]
         if not ascending and not all(map(lt, oids, islice(oids, 1, None))):
             # The sparse case: no two oids share a block, so each makes a block alone.
-            singles = dict(zip(keys, _single_blocks(sufs, _pack6(poss)), strict=True))
+            singles = dict(zip(keys, single_blocks(sufs, pack6(poss)), strict=True))
             if len(singles) == total:
                 self._add_blocks(singles, total)
                 return
@@ -487,8 +422,8 @@ class OidIndex:
         single = list(map(eq, map(sub, ends, starts), repeat(1)))
         single_at = list(compress(starts, single))
         new = dict(zip(compress(gkeys, single),
-                       _single_blocks(bytes(map(sufs.__getitem__, single_at)),
-                                      _pack6(map(poss.__getitem__, single_at))),
+                       single_blocks(bytes(map(sufs.__getitem__, single_at)),
+                                      pack6(map(poss.__getitem__, single_at))),
                        strict=True))
         added = len(new)
         blocks = self._blocks
@@ -499,15 +434,15 @@ class OidIndex:
             if k in blocks:
                 new[k], delta = _merge(blocks[k], gs, gp)
                 added += delta
-            elif c <= _SPARSE_MAX:
-                new[k] = gs + (_pack6(gp) if c >= _SMALL else _join(map(int.to_bytes, gp, repeat(6),
+            elif c <= SPARSE_MAX:
+                new[k] = gs + (pack6(gp) if c >= _SMALL else _join(map(int.to_bytes, gp, repeat(6),
                                                                        repeat("big"))))
                 added += c
             elif c == 256:
-                new[k] = _pack6(gp)
+                new[k] = pack6(gp)
                 added += c
             else:
-                new[k] = _dense_block(dict(zip(gs, gp, strict=True)))
+                new[k] = dense_block(dict(zip(gs, gp, strict=True)))
                 added += c
         self._add_blocks(new, added)
 
@@ -585,8 +520,8 @@ class OidIndex:
         """(oid, pos) pairs in ascending oid order."""
         for key, b in self._sorted_blocks():
             base = key << 8
-            if len(b) == _DENSE_SIZE:
-                arr = _unpack6(b)
+            if len(b) == DENSE_SIZE:
+                arr = unpack6(b)
                 for s, p in zip(compress(_R256, arr), compress(arr, arr), strict=True):
                     yield (base | s).to_bytes(8, "big"), p
             else:
@@ -594,15 +529,15 @@ class OidIndex:
                 if c == 1:
                     yield (base | b[0]).to_bytes(8, "big"), _fb(b[1:], "big")
                 else:
-                    for s, p in zip(b[:c], _unpack6(b[c:]), strict=True):
+                    for s, p in zip(b[:c], unpack6(b[c:]), strict=True):
                         yield (base | s).to_bytes(8, "big"), p
 
     def __iter__(self) -> Iterator[bytes]:
         """The oids in ascending order."""
         for key, b in self._sorted_blocks():
             base = key << 8
-            if len(b) == _DENSE_SIZE:
-                sufs: Iterable[int] = compress(_R256, _unpack6(b))
+            if len(b) == DENSE_SIZE:
+                sufs: Iterable[int] = compress(_R256, unpack6(b))
             else:
                 sufs = b[:len(b) // 7]
             for s in sufs:
@@ -621,8 +556,8 @@ class OidIndex:
         if mk < 0:
             return None
         b = blocks[mk]
-        if len(b) == _DENSE_SIZE:
-            s = max(compress(_R256, _unpack6(b)))
+        if len(b) == DENSE_SIZE:
+            s = max(compress(_R256, unpack6(b)))
         else:
             s = b[len(b) // 7 - 1]
         return ((mk << 8) | s).to_bytes(8, "big")
@@ -673,24 +608,24 @@ class OidIndex:
 
         total = 0
         for key, b in self._blocks.items():
-            if type(key) is not int or not 0 <= key < _KEY_LIMIT:
+            if type(key) is not int or not 0 <= key < KEY_LIMIT:
                 fail(f"bad block key {key!r}")
             if type(b) is bytearray:
-                if len(b) != _DENSE_SIZE:
-                    fail(f"dense block {key:#x} has {len(b)} bytes, not {_DENSE_SIZE}")
-                count = 256 - _unpack6(b).count(0)
+                if len(b) != DENSE_SIZE:
+                    fail(f"dense block {key:#x} has {len(b)} bytes, not {DENSE_SIZE}")
+                count = 256 - unpack6(b).count(0)
                 if count < _EARLY_DENSE:
                     fail(f"dense block {key:#x} holds {count} < {_EARLY_DENSE} entries")
             elif type(b) is bytes:
                 if len(b) % 7:
                     fail(f"sparse block {key:#x} has {len(b)} bytes, not a multiple of 7")
                 count = len(b) // 7
-                if not 1 <= count <= _SPARSE_MAX:
-                    fail(f"sparse block {key:#x} holds {count} entries, not 1..{_SPARSE_MAX}")
+                if not 1 <= count <= SPARSE_MAX:
+                    fail(f"sparse block {key:#x} holds {count} entries, not 1..{SPARSE_MAX}")
                 sufs = b[:count]
                 if any(map(ge, sufs, sufs[1:])):
                     fail(f"sparse block {key:#x} suffixes not strictly ascending: {sufs.hex()}")
-                if 0 in _unpack6(b[count:]):
+                if 0 in unpack6(b[count:]):
                     fail(f"sparse block {key:#x} stores a zero position")
             else:
                 fail(f"block {key:#x} is a {type(b).__name__}")
@@ -707,187 +642,21 @@ class OidIndex:
             if missing:
                 fail(f"blocks {sorted(missing)[:5]} are missing from the sorted block keys")
 
+    # -- the block representation, for the index-file codec (indexfile.py) ---------------
+
+    def blocks(self) -> dict[int, bytes | bytearray]:
+        """The blocks themselves, key -> dense or sparse block (see the module docstring).
+
+        Read-only: for a reader that must not run concurrently with the writer
+        (`indexfile.save_index`)."""
+        return self._blocks
+
     @classmethod
-    def _from_blocks(cls, blocks: dict[int, bytes | bytearray], count: int) -> OidIndex:
+    def from_blocks(cls, blocks: dict[int, bytes | bytearray], count: int) -> OidIndex:
+        """An index made of `blocks` (well formed, holding `count` entries in all), not copied."""
         new = cls()
         new._blocks = blocks
         new._len = count
         new._maxkey = None
         new._skeys = None
         return new
-
-
-# -- the index file ---------------------------------------------------------------------
-
-
-def save_index(path: str, index: OidIndex, *, file_id: bytes, pos: int, tid: bytes) -> None:
-    """Write `index` to `path` atomically (see the module docstring for the format).
-
-    `pos` is the end of the last transaction the index covers and `tid` its tid.
-    The index must not change meanwhile.  ValueError if an argument is malformed
-    or an entry's position is not below `pos` (a caller bug: the file would be
-    refused on load).
-    """
-    if type(file_id) is not bytes or len(file_id) != 16:
-        raise ValueError(f"file_id is 16 bytes, not {file_id!r}")
-    if type(tid) is not bytes or len(tid) != 8:
-        raise ValueError(f"tid is 8 bytes, not {tid!r}")
-    if not isinstance(pos, int) or not 0 <= pos < 1 << 64:
-        raise ValueError(f"pos {pos!r} is not a u64")
-    blocks = index._blocks
-    keys = list(blocks)
-    bl = list(blocks.values())
-    isdense = list(map(is_, map(type, bl), repeat(bytearray)))
-    if any(isdense):
-        isparse = list(map(not_, isdense))
-        dkeys = list(compress(keys, isdense))
-        dpay = _join(compress(bl, isdense))
-        skeys = list(compress(keys, isparse))
-        sparse = list(compress(bl, isparse))
-    else:
-        dkeys, dpay, skeys, sparse = [], b"", keys, bl
-    del keys, bl, isdense
-    scounts = list(map(floordiv, map(len, sparse), repeat(7)))
-    if len(sparse) * 7 == sum(map(len, sparse)):
-        # One entry per sparse block: split the 7-byte blocks into the two columns.
-        raw = _join(sparse)
-        ssufs = raw[0::7]
-        out = bytearray(6 * len(ssufs))
-        for k in range(6):
-            out[k::6] = raw[k + 1::7]
-        spos: bytes | bytearray = out
-    else:
-        ssufs = _join(map(bytes.__getitem__, sparse, map(slice, scounts)))
-        spos = _join(map(bytes.__getitem__, sparse, map(slice, scounts, repeat(None))))
-    darr = _unpack6(dpay)
-    count = len(darr) - darr.count(0) + len(ssufs)
-    top = max(max(darr, default=0), max(_unpack6(spos), default=0))
-    if count and top >= pos:
-        raise ValueError(f"the index holds position {top}, not below its end position {pos}")
-    header = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, file_id, pos, tid, count, len(dkeys), len(skeys))
-    chunks = [header, _be_bytes("Q", dkeys), dpay, _be_bytes("Q", skeys), _be_bytes("H", scounts),
-              ssufs, spos]
-    crc = 0
-    for chunk in chunks:
-        crc = zlib.crc32(chunk, crc)
-    chunks.append(crc.to_bytes(4, "big"))
-    fileio.atomic_write(path, chunks, point_prefix="index.save")
-
-
-def load_index(path: str) -> tuple[OidIndex, bytes, int, bytes] | None:
-    """Read an index file: (index, file_id, pos, tid), or None if it does not exist.
-
-    Any other problem (unreadable, damaged, another format or version) raises
-    IndexFileError; the caller then rebuilds the index from the data file.
-    """
-    path = str(path)
-    try:
-        data = fileio.read_whole(path)
-    except StorageIOError as exc:
-        if exc.errno == _errno.ENOENT:
-            return None
-        raise IndexFileError(path, f"cannot read the index file: {exc.detail}", exc.offset) from exc
-    try:
-        return _decode(path, data)
-    except IndexFileError:
-        raise
-    except (ArithmeticError, LookupError, ValueError, TypeError, struct.error, AssertionError) as exc:
-        # Every check above should have caught the problem; never let a raw error escape.
-        raise IndexFileError(path, f"undecodable index file ({exc!r})") from exc
-
-
-def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
-    def bad(message: str, offset: int | None = None) -> IndexFileError:
-        return IndexFileError(path, message, offset)
-
-    size = len(data)
-    if data[:8] != INDEX_MAGIC[:size]:
-        if data.startswith(_DATA_MAGIC):
-            raise bad("is a refstorage data file, not an index file", 0)
-        raise bad("not a refstorage index file (bad magic)", 0)
-    if size < _HEADER_SIZE + 4:
-        raise bad(f"truncated: {size} bytes, shorter than the {_HEADER_SIZE + 4}-byte minimum", size)
-    magic, version, flags, file_id, pos, tid, count, nd, ns = _HEADER.unpack_from(data)
-    if version != INDEX_VERSION:
-        raise bad(f"index format version {version}, this code reads {INDEX_VERSION}", 8)
-    end = size - 4
-    if zlib.crc32(memoryview(data)[:end]) != _fb(data[end:], "big"):
-        raise bad("checksum mismatch (the file is truncated or damaged)", end)
-    if flags:
-        raise bad(f"unknown flags {flags:#x}", 10)
-
-    off = _HEADER_SIZE
-
-    def take(n: int, what: str) -> bytes:
-        nonlocal off
-        if n > end - off:
-            raise bad(f"{what}: {n} bytes needed, {end - off} left before the checksum", off)
-        start = off
-        off += n
-        return data[start:off]
-
-    dkeys = _be_array("Q", take(8 * nd, "dense block keys"))
-    dpay_at = off
-    dpay = take(_DENSE_SIZE * nd, "dense block payloads")
-    skeys_at = off
-    skeys = _be_array("Q", take(8 * ns, "sparse block keys"))
-    scounts_at = off
-    scounts = _be_array("H", take(2 * ns, "sparse block counts"))
-    if scounts and not (min(scounts) >= 1 and max(scounts) <= 256):
-        raise bad("a sparse block count is not in 1..256", scounts_at)
-    nsp = sum(scounts)
-    ssufs_at = off
-    ssufs = take(nsp, "sparse suffixes")
-    spos_at = off
-    spos = take(6 * nsp, "sparse positions")
-    if off != end:
-        raise bad(f"{end - off} unexpected bytes before the checksum", off)
-    if max(dkeys, default=0) >= _KEY_LIMIT:
-        raise bad("a dense block key is not below 2**56", _HEADER_SIZE)
-    if max(skeys, default=0) >= _KEY_LIMIT:
-        raise bad("a sparse block key is not below 2**56", skeys_at)
-
-    # Dense blocks: per-block entry counts, none empty.
-    darr = _unpack6(dpay)
-    dcounts = [256 - darr[i:i + 256].count(0) for i in range(0, 256 * nd, 256)]
-    if dcounts and min(dcounts) == 0:
-        raise bad("an empty dense block", dpay_at + _DENSE_SIZE * dcounts.index(0))
-
-    sarr = _unpack6(spos)
-    if 0 in sarr:
-        raise bad("a sparse entry has position 0", spos_at + 6 * sarr.index(0))
-    total = sum(dcounts) + nsp
-    if total != count:
-        raise bad(f"the header counts {count} entries but the blocks hold {total}", 44)
-    top = max(max(darr, default=0), max(sarr, default=0))
-    if total and top >= pos:
-        raise bad(f"position {top} is not below the index's end position {pos}", 28)
-
-    if nsp == ns:
-        # Every sparse block holds one entry (the common sparse case).
-        sparse: Iterable[bytes] = _single_blocks(ssufs, spos)
-    else:
-        # Within each block the suffixes strictly ascend: every entry but a block's
-        # first is above the one before it.
-        firsts = chain.from_iterable(map(chain, repeat((True,)), map(repeat, repeat(False),
-                                                                     map(sub, scounts, repeat(1)))))
-        if not all(map(or_, islice(firsts, 1, None), map(lt, ssufs, islice(ssufs, 1, None)))):
-            raise bad("sparse block suffixes are not strictly ascending", ssufs_at)
-        ends = list(accumulate(scounts))
-        starts = [0, *islice(ends, len(ends) - 1)]
-        pslices = map(slice, map(mul, starts, repeat(6)), map(mul, ends, repeat(6)))
-        sparse = map(add, map(ssufs.__getitem__, map(slice, starts, ends)), map(spos.__getitem__, pslices))
-    blocks: dict[int, bytes | bytearray] = dict(zip(skeys.tolist(), sparse, strict=True))
-    if scounts and max(scounts) > _SPARSE_MAX:
-        for key, c in zip(skeys.tolist(), scounts, strict=True):
-            if c > _SPARSE_MAX:
-                blocks[key] = _dense_block(_block_map(blocks[key]))
-    for i, (key, c) in enumerate(zip(dkeys.tolist(), dcounts, strict=True)):
-        if c < _DENSE_MIN:
-            arr = darr[256 * i:256 * (i + 1)]
-            blocks[key] = _sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
-        else:
-            blocks[key] = bytearray(dpay[_DENSE_SIZE * i:_DENSE_SIZE * (i + 1)])
-    if len(blocks) != nd + ns:
-        raise bad("a block key appears twice", _HEADER_SIZE)
-    return OidIndex._from_blocks(blocks, total), file_id, pos, tid

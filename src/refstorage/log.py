@@ -59,7 +59,7 @@ class LogReader:
         hold it); see `_read_long_record`."""
         buf = self.file.read(pos, READ_AHEAD)
         header = fmt.peek_data_header(buf, 0, self.path, pos)
-        if header[7] > len(buf):
+        if header.length > len(buf):
             buf = self._read_long_record(pos, header, limit)
         rec = fmt.decode_data_record(buf, 0, self.path, pos, header)
         if oid is not None and rec.oid != oid:
@@ -195,16 +195,17 @@ class LogReader:
             while pos + off < end:
                 if len(buf) - off < fmt.DATA_HEADER_SIZE:
                     break
-                length = fmt.peek_data_header(buf, off, self.path, pos + off)[7]
+                header = fmt.peek_data_header(buf, off, self.path, pos + off)
+                length = header.length
                 if pos + off + length > end:
                     raise CorruptedDataError(self.path, "data record runs past its transaction", pos + off)
                 if off + length > len(buf):
                     break
-                yield fmt.decode_data_record(buf, off, self.path, pos + off)
+                yield fmt.decode_data_record(buf, off, self.path, pos + off, header)
                 off += length
             if off == 0:  # a single record larger than the chunk
                 length = fmt.peek_data_header(self.file.read(pos, fmt.DATA_HEADER_SIZE),
-                                              0, self.path, pos)[7]
+                                              0, self.path, pos).length
                 if pos + length > end:
                     raise CorruptedDataError(self.path, "data record runs past its transaction", pos)
                 yield self.read_data_record(pos, limit=end)
@@ -225,12 +226,12 @@ class LogReader:
             if off < 0 or off + fmt.DATA_HEADER_SIZE > len(buf):
                 last = positions[min(n, bisect_right(positions, pos + SCAN_CHUNK - READ_AHEAD, i)) - 1]
                 buf, bufpos, off = self.file.read(pos, last - pos + READ_AHEAD), pos, 0
-            length = fmt.peek_data_header(buf, off, self.path, pos)[7]
-            if off + length > len(buf):
+            header = fmt.peek_data_header(buf, off, self.path, pos)
+            if off + header.length > len(buf):
                 buf = b""  # a long record: read alone, bounded by its transaction
                 yield self.read_data_record(pos)
                 continue
-            yield fmt.decode_data_record(buf, off, self.path, pos)
+            yield fmt.decode_data_record(buf, off, self.path, pos, header)
 
     # -- walking transactions ----------------------------------------------------------
 

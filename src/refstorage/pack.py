@@ -79,13 +79,8 @@ from persistent.TimeStamp import TimeStamp
 
 from . import fileio
 from . import format as fmt
-from .errors import (
-    CorruptedDataError,
-    CorruptedTransactionError,
-    PackError,
-    StorageBrokenError,
-    StorageIOError,
-)
+from .core import StorageCore
+from .errors import CorruptedDataError, CorruptedTransactionError, PackError, StorageIOError
 from .index import OidIndex
 from .log import LogReader
 
@@ -96,7 +91,6 @@ logger = logging.getLogger("refstorage.pack")
 Progress = Callable[[str, int, int], None]
 """progress(phase, done, total): phase "gc" counts objects, "copy" bytes read."""
 
-Z64 = b"\0" * 8
 READ_CHUNK = 1 << 20  # sequential reads of the old file ...
 WHOLE_TXN = 4 << 20  # ... or a whole transaction up to this size at once
 WRITE_CHUNK = 256 << 10  # writes to the new file
@@ -132,7 +126,7 @@ class PackReport:
         return self.bytes_before - self.bytes_after if self.packed else 0
 
     def __str__(self) -> str:
-        when = TimeStamp(self.pack_tid) if self.pack_tid != Z64 else "?"
+        when = TimeStamp(self.pack_tid) if self.pack_tid != fmt.Z64 else "?"
         note = f"; garbage collection skipped: {self.gc_skipped}" if self.gc_skipped else ""
         if not self.packed:
             return f"{self.path}: not packed to {when} ({self.reason}){note}; {self.seconds:.2f} s"
@@ -149,7 +143,7 @@ def pack_tid_for(t: float) -> bytes:
         tid = TimeStamp(*time.gmtime(t)[:5] + (t % 60,)).raw()
     except (TypeError, ValueError, OverflowError) as exc:
         raise PackError(f"invalid pack time {t!r}: {exc}") from None
-    if tid == Z64:
+    if tid == fmt.Z64:
         raise PackError(f"invalid pack time {t!r}")
     return tid
 
@@ -237,7 +231,7 @@ class GC:
             return
         self.keep = _bitmap(self.pack_pos)
         if self.gc:
-            self._mark([Z64])
+            self._mark([fmt.Z64])
         self._scan_after()
         if not self.gc:
             self._keep_all_current()
@@ -285,15 +279,15 @@ class GC:
         pack_tid = self.pack_tid
         while True:
             buf = read(pos, PEEK_SIZE)
-            roid, tid, prev, _tpos, flags, nrefs, _dlen, _length = fmt.peek_data_header(buf, 0, path, pos)
-            if roid != oid:
-                raise CorruptedDataError(path, f"record for oid {roid.hex()} found where oid "
+            h = fmt.peek_data_header(buf, 0, path, pos)
+            if h.oid != oid:
+                raise CorruptedDataError(path, f"record for oid {h.oid.hex()} found where oid "
                                          f"{oid.hex()} was expected", pos)
-            if tid <= pack_tid:
-                return pos, flags, nrefs
-            if not prev:
+            if h.tid <= pack_tid:
+                return pos, h.flags, h.nrefs
+            if not h.prev:
                 return None
-            pos = prev
+            pos = h.prev
 
     def _mark(self, roots: list[bytes]) -> None:
         """Keep the revisions at the pack time of everything reachable from `roots`.
@@ -359,7 +353,8 @@ class GC:
                 near = 0 <= off < 2 * MAX_WINDOW
                 wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
                 wbuf, wpos, off = read(pos, wsize), pos, 0
-            oid, _tid, _prev, _tpos, flags, nrefs, _dlen, length = peek(wbuf, off, path, pos)
+            h = peek(wbuf, off, path, pos)
+            oid, flags, nrefs, length = h.oid, h.flags, h.nrefs, h.length
             if pos >= pack_pos:  # changed after the pack time: find its revision then
                 found = self._at_pack_time(pos, oid)
                 if found is None:
@@ -374,7 +369,7 @@ class GC:
             if not nrefs and not flags & simple:
                 continue  # no references: kept, nothing to follow
             if 0 <= off and off + length <= len(wbuf):
-                rec = decode(wbuf, off, path, pos)
+                rec = decode(wbuf, off, path, pos, h)
             else:
                 rec = self.reader.read_data_record(pos, oid)
             if rec.is_backpointer:
@@ -626,8 +621,8 @@ class _Copier:
                 rec = decode(buf, pos - base, path, pos)
             else:
                 rec = self._record(th, starts, i)
-            _pos, oid, rtid, _prev, rtpos, flags, refs, data, _back, length = rec
-            if length != starts[i + 1] - pos or rtid != tid or rtpos != old_tpos:
+            oid, flags, refs, data = rec.oid, rec.flags, rec.refs, rec.data
+            if rec.length != starts[i + 1] - pos or rec.tid != tid or rec.tpos != old_tpos:
                 raise CorruptedDataError(path, "data record does not match its transaction", pos)
             if flags & bp:
                 data, refs, known, back = self._backpointer(rec, None)
@@ -847,7 +842,7 @@ def _keep_old(path: str, old_path: str, file: fileio.DataFile) -> None:
         fileio.atomic_write(old_path, _chunks(file, file.size))
 
 
-def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
+def pack_storage(storage: StorageCore, t: float, referencesf: Callable, gc: bool,
                  progress: Progress | None = None) -> PackReport:
     """Pack a refstorage FileStorage to time `t` (see the module docstring)."""
     started = time.perf_counter()
@@ -873,29 +868,25 @@ def pack_storage(storage, t: float, referencesf: Callable, gc: bool,
 
 
 class _Pack:
-    def __init__(self, storage, pack_tid: bytes, refs_of: _RefsReader, gc: bool,
+    def __init__(self, storage: StorageCore, pack_tid: bytes, refs_of: _RefsReader, gc: bool,
                  progress: Progress | None):
         self.storage = storage
         self.pack_tid = pack_tid
         self.refs_of = refs_of
         self.gc = gc
         self.progress = progress
-        self.path = storage._file_name
+        self.path = storage.getName()
 
     def run(self) -> PackReport:
         s = self.storage
-        with s._lock:
-            if s._closed:
-                raise PackError(f"{self.path}: the storage is closed")
-            if s._broken:
-                raise StorageBrokenError(self.path, s._broken)
-            reader = s._state.reader
-            end = s._end
-            # gc only looks oids up, which is safe while commits go on; without
-            # gc every oid is visited: that needs a snapshot
-            index = s._state.index if self.gc else s._state.index.copy()
-            last_tid = s._ltid
-            old_pack_tid = s._pack_tid
+        if s.closed:
+            raise PackError(f"{self.path}: the storage is closed")
+        # gc only looks oids up, which is safe while commits go on; without
+        # gc every oid is visited: that needs a copy of the index
+        snap = s.read_snapshot(copy_index=not self.gc)
+        reader, end, index = snap.reader, snap.end, snap.index
+        last_tid, old_pack_tid = snap.last_tid, snap.pack_tid
+        del snap
         report = PackReport(self.path, self.pack_tid, bytes_before=end, bytes_after=end)
         if end <= fmt.HEADER_SIZE:
             report.reason = "the storage is empty"
@@ -932,16 +923,16 @@ class _Pack:
                 report.reason = "nothing to remove"
                 return report
             copier.copy_after(gc.pack_pos, end)
-            with s._commit_lock:
-                if s._closed:
+            with s.commit_lock:
+                if s.closed:
                     raise PackError(f"{self.path}: the storage was closed during the pack")
-                if s._broken:
-                    raise StorageBrokenError(self.path, s._broken)
-                if s._state.file is not reader.file:
+                now = s.read_snapshot()  # stable while the commit lock is held
+                if now.file is not reader.file:
                     raise PackError(f"{self.path}: the storage's file changed during the pack")
-                final_end = s._end
-                objects_before = len(s._state.index)
-                report.transactions_during_pack = copier.copy_after(end, final_end, s._state.index)
+                final_end = now.end
+                objects_before = len(now.index)
+                report.transactions_during_pack = copier.copy_after(end, final_end, now.index)
+                del now
                 if self.gc:
                     self.refs_of.check()  # one committed meanwhile: nothing changed yet
                 writer.flush()
@@ -951,14 +942,14 @@ class _Pack:
                 fileio.point("pack.after-fsync")
                 old_path = self.path + ".old"
                 fileio.remove_if_exists(old_path)
-                if s._pack_keep_old:
+                if s.pack_keep_old:
                     _keep_old(self.path, old_path, reader.file)
                     fileio.point("pack.after-link-old")
                 fileio.replace_durably(pack_path, self.path)
                 replaced = True
                 out.path = self.path
                 fileio.point("pack.after-replace")
-                s._install_packed(out, copier.index, writer.pos, file_id, report.pack_tid)
+                s.install_packed(out, copier.index, writer.pos, file_id, report.pack_tid)
                 fileio.point("pack.after-index-save")
         finally:
             if not replaced:

@@ -28,7 +28,8 @@ from ZODB.utils import z64
 from . import fileio
 from . import format as fmt
 from .errors import CorruptedError, IndexFileError
-from .index import OidIndex, load_index
+from .index import OidIndex
+from .indexfile import load_index
 from .log import LogReader, ScanResult, scan
 
 logger = logging.getLogger("refstorage")

@@ -1,11 +1,16 @@
 """refstorage.FileStorage: opening, two-phase commit, loads and MVCC reads.
 
 Locks.  `_commit_lock` is held from tpc_begin to tpc_finish/tpc_abort, so one
-transaction at a time writes.  `_lock` is the readers' lock: lastTransaction
-takes it, and tpc_finish holds it only to call the DB's callback and publish
-the new index entries and tid -- never across I/O.  Loads take no lock at all:
-they use positioned reads and an index that only ever points at durable,
+transaction at a time writes.  `_lock` is the readers' lock, never held across
+I/O: tpc_finish holds it to call the DB's callback and publish the new index
+entries and tid; a load holds it only for its index lookup (so it is ordered
+after a finishing commit's callback, as ZODB requires), then reads without it.
+Reads use positioned reads and an index that only ever points at durable,
 finished records, so they run while a commit writes and syncs.
+
+The modules that work on the storage (undo, blobs, pack) use it only through
+the storage core's interface, `core.StorageCore` (read snapshots, the commit
+lock and buffer, installing a packed file), implemented here.
 
 Commit.  store() buffers records in memory (never in the data file).  tpc_vote
 appends the whole transaction at once with status 'c'; tpc_finish flips the
@@ -51,6 +56,7 @@ from ZODB.utils import p64, u64, z64
 from . import fileio
 from . import format as fmt
 from .blobs import BlobSupport
+from .core import Pending, Snapshot, State
 from .errors import (
     FilePermissionError,
     FileSizeLimitError,
@@ -60,9 +66,10 @@ from .errors import (
     StorageBrokenError,
     StorageLockedError,
 )
-from .index import MAX_POS, OidIndex, save_index
+from .index import MAX_POS, OidIndex
+from .indexfile import save_index
 from .iterator import TransactionIterator
-from .log import LogReader
+from .log import ScanResult, scan
 from .pack import PackReport, Progress, pack_storage
 from .recovery import open_log
 from .refs import references_many
@@ -77,59 +84,6 @@ INDEX_SAVE_BYTES = 32 << 20
 WRITE_CHUNK = 1 << 20
 # How long close() waits for a commit in progress before leaving the closing to it.
 CLOSE_WAIT = 5.0
-
-
-class _State:
-    """What a read needs, swapped as one object (pack replaces the file)."""
-
-    __slots__ = ("file", "reader", "index")
-
-    def __init__(self, file: fileio.DataFile, index: OidIndex):
-        self.file = file
-        self.reader = LogReader(file)
-        self.index = index
-
-
-class _Pending:
-    """The transaction being committed: buffered records until vote."""
-
-    __slots__ = ("transaction", "tid", "status", "user", "description", "extension",
-                 "records", "_latest", "_latest_n", "tpos", "voted", "size")
-
-    def __init__(self, transaction, tid: bytes, status: bytes, user: bytes,
-                 description: bytes, extension: bytes, tpos: int):
-        self.transaction = transaction
-        self.tid = tid
-        self.status = status
-        self.user = user
-        self.description = description
-        self.extension = extension
-        # (oid, data or None, backpointer, prev) in store order; an oid stored
-        # twice keeps both records (as copies of other storages need).  prev is
-        # the oid's committed record (stable: the commit lock is held until
-        # finish).  References are computed for all records at once, at vote.
-        self.records: list[tuple[bytes, bytes | None, int, int]] = []
-        self._latest: dict[bytes, tuple[bytes | None, int]] = {}
-        self._latest_n = 0  # records[:_latest_n] are in _latest
-        self.tpos = tpos
-        self.voted = False
-        # bytes of data buffered so far (for the quota; exact size at vote)
-        self.size = 0
-
-    @property
-    def latest(self) -> dict[bytes, tuple[bytes | None, int]]:
-        """oid -> (data or None, backpointer) of its latest record here.
-
-        Built on demand (undo and blobs ask; a plain commit never does), from
-        the records appended since the last call."""
-        records, n = self.records, self._latest_n
-        if n != len(records):
-            latest = self._latest
-            for i in range(n, len(records)):
-                oid, data, back, _prev = records[i]
-                latest[oid] = (data, back)
-            self._latest_n = len(records)
-        return self._latest
 
 
 _MAX_OID = b"\xff" * 8
@@ -181,7 +135,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         self._pack_keep_old = pack_keep_old
         self._lock = threading.RLock()
         self._commit_lock = threading.Lock()
-        self._pending: _Pending | None = None
+        self._pending: Pending | None = None
         self._resolved: list[bytes] = []
         self._untransform = _identity
         self._lock_file = None
@@ -232,7 +186,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         except BaseException:
             file.close()
             raise
-        self._state = _State(file, index)
+        self._state = State(file, index)
         self._end = end  # end of the last finished transaction
         self._ltid = last_tid or z64
         self._ts = TimeStamp(self._ltid)
@@ -320,9 +274,42 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
     def tpc_transaction(self):
         return self._transaction
 
+    # -- the storage core's interface (core.StorageCore: for undo, blobs, pack) ------
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def pack_keep_old(self) -> bool:
+        return self._pack_keep_old
+
+    @property
+    def commit_lock(self) -> threading.Lock:
+        return self._commit_lock
+
+    def read_snapshot(self, copy_index: bool = False) -> Snapshot:
+        """The file, log end, last tid and pack tid, consistent with each other.
+
+        StorageBrokenError once the storage broke (see `_break`)."""
+        with self._lock:
+            if self._broken:
+                raise StorageBrokenError(self._file_name, self._broken)
+            state = self._state
+            index = state.index.copy() if copy_index else state.index
+            return Snapshot(state, self._end, self._ltid, self._pack_tid, index)
+
+    def pending_transaction(self, transaction) -> Pending:
+        """The commit buffer of `transaction`, the one being committed."""
+        return self._check_transaction(transaction)
+
+    def untransformed(self, data: bytes) -> bytes:
+        """Record data as the application wrote it (the DB wrapper's untransform)."""
+        return self._untransform(data)
+
     # -- reads ---------------------------------------------------------------------
 
-    def _lookup(self, oid: bytes) -> tuple[_State, int]:
+    def _lookup(self, oid: bytes) -> tuple[State, int]:
         """The file state and the position of oid's newest record (POSKeyError if none)."""
         # The lock orders this read after a finishing commit's callback (ZODB's
         # tid-ordering contract); it is held for the lookup only, not the read.
@@ -335,7 +322,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise POSException.POSKeyError(oid)
         return state, pos
 
-    def _current(self, oid: bytes) -> tuple[_State, fmt.DataRecord]:
+    def _current(self, oid: bytes) -> tuple[State, fmt.DataRecord]:
         state, pos = self._lookup(oid)
         return state, state.reader.read_data_record(pos, oid)
 
@@ -347,7 +334,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         return found
 
     @staticmethod
-    def _read_current(state: _State, pos: int, oid: bytes) -> tuple[bytes, bytes] | None:
+    def _read_current(state: State, pos: int, oid: bytes) -> tuple[bytes, bytes] | None:
         """(data, tid) of oid's record at `pos`, or None if it records a deletion."""
         reader = state.reader
         tid, data, back = reader.read_data(pos, oid)
@@ -414,7 +401,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         state, end = self._snapshot()  # as ZODB expects, later commits are not seen
         return TransactionIterator(state.reader, end, start, stop)
 
-    def _snapshot(self) -> tuple[_State, int]:
+    def _snapshot(self) -> tuple[State, int]:
         """The file and the end of its log, consistent with each other (pack swaps both)."""
         with self._lock:
             if self._broken:
@@ -423,7 +410,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
     # -- two-phase commit ----------------------------------------------------------
 
-    def _check_transaction(self, transaction) -> _Pending:
+    def _check_transaction(self, transaction) -> Pending:
         pending = self._pending
         if pending is None or transaction is not pending.transaction:
             raise POSException.StorageTransactionError(self, transaction)
@@ -465,7 +452,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 if ext is None:
                     ext = TransactionMetaData(extension=getattr(transaction, "extension", None)
                                               or {}).extension_bytes
-                self._pending = _Pending(
+                self._pending = Pending(
                     transaction, tid, status, _as_bytes(transaction.user),
                     _as_bytes(transaction.description), _as_bytes(ext), self._end)
                 self._pending_ts = ts
@@ -475,8 +462,9 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             self._commit_lock.release()
             raise
 
-    def _add_record(self, pending: _Pending, oid: bytes, data: bytes | None, back: int = 0,
-                    prev: int | None = None) -> None:
+    def add_record(self, pending: Pending, oid: bytes, data: bytes | None, back: int = 0,
+                   prev: int | None = None) -> None:
+        """Buffer a record of the transaction being committed (core interface, see core.py)."""
         if prev is None:
             prev = self._state.index.get(oid, 0)
         pending.records.append((oid, data, back, prev))
@@ -508,7 +496,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if serial != committed:
                 data = self.tryToResolveConflict(oid, committed, serial, data)
                 self._resolved.append(oid)
-        # _add_record, inlined for the commit-heavy path
+        # add_record, inlined for the commit-heavy path
         pending.records.append((oid, data, 0, pos or 0))
         if self._quota is not None:
             pending.size += len(data)
@@ -531,7 +519,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 self._write_pending(pending)
         return list(self._resolved) or None
 
-    def _write_pending(self, pending: _Pending) -> None:
+    def _write_pending(self, pending: Pending) -> None:
         """Append the whole transaction, status 'c': header, records, oid table.
 
         The records are written first, in chunks, and the header last, once
@@ -588,7 +576,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise FileSizeLimitError(self._file_name, f"the transaction would take the file past "
                                      f"the format's limit of {MAX_POS} bytes", tpos)
 
-    def _truncate_back(self, pending: _Pending) -> None:
+    def _truncate_back(self, pending: Pending) -> None:
         file = self._state.file
         if file.size > pending.tpos or file.physical_size() > pending.tpos:
             try:
@@ -612,7 +600,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if self._close_requested:
                 self.close()
 
-    def _finish(self, pending: _Pending, f) -> bytes:
+    def _finish(self, pending: Pending, f) -> bytes:
         try:
             if not pending.voted:
                 self._write_pending(pending)
@@ -649,7 +637,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             self._clear_pending()
             self._commit_lock.release()
 
-    def _publish(self, pending: _Pending) -> None:
+    def _publish(self, pending: Pending) -> None:
         """Make the durable transaction `pending` visible; called with `_lock` held.
 
         The end of the log moves first: nothing may ever be written over a
@@ -683,7 +671,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if self._close_requested:
                 self.close()
 
-    def _abort_pending(self, pending: _Pending) -> None:
+    def _abort_pending(self, pending: Pending) -> None:
         """Drop `pending` (truncate what its vote wrote) and release the commit lock."""
         with self._commit_io(pending):
             try:
@@ -695,7 +683,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 self._commit_lock.release()
 
     @contextlib.contextmanager
-    def _commit_io(self, pending: _Pending) -> Iterator[None]:
+    def _commit_io(self, pending: Pending) -> Iterator[None]:
         """Marks a thread inside vote, finish or abort of `pending` (close() must not cut it)."""
         with self._lock:
             if self._pending is not pending:
@@ -742,9 +730,9 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             raise POSException.ReadOnlyError()
         pending = self._check_transaction(transaction)
         tid = tid_from_undo_id(transaction_id)
-        state = self._state
-        th = find_txn(state.reader, self._end, self._pack_tid, tid)
-        oids = UndoPlanner(self, state.reader, pending).plan(th)
+        snap = self.read_snapshot()
+        th = find_txn(snap.reader, snap.end, snap.pack_tid, tid)
+        oids = UndoPlanner(self, snap.reader, snap.index, pending).plan(th)
         self._blob_undo(pending, oids)
         return pending.tid, oids
 
@@ -766,7 +754,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             target = self._revision(oid, prev_txn)
             if target is not None and target.data == data:
                 back, data = target.pos, None
-        self._add_record(pending, oid, data, back)
+        self.add_record(pending, oid, data, back)
 
     def _revision(self, oid: bytes, tid: bytes) -> fmt.DataRecord | None:
         """The data record holding oid's data as written by transaction `tid`."""
@@ -790,7 +778,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         _state, rec = self._current(oid)
         if rec.tid != oldserial:
             raise POSException.ConflictError(oid=oid, serials=(rec.tid, oldserial))
-        self._add_record(pending, oid, None, 0)
+        self.add_record(pending, oid, None, 0)
 
     def record_iternext(self, next: bytes | None = None):
         """(oid, tid, data, next_oid) of the first live object at or after `next`.
@@ -813,7 +801,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 self._iternext_ahead = (state, *ahead)
         return oid, tid, data, following
 
-    def _live_from(self, state: _State, oid: bytes) -> tuple[bytes, int, bytes, bytes] | None:
+    def _live_from(self, state: State, oid: bytes) -> tuple[bytes, int, bytes, bytes] | None:
         """(oid, pos, data, tid) of the first live object at or after `oid`, or None."""
         index = state.index
         while True:
@@ -866,15 +854,16 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 return _referencesf(untransform(data))
         self.last_pack_report = pack_storage(self, t, referencesf, bool(gc), progress)
 
-    def _install_packed(self, file: fileio.DataFile, index: OidIndex, end: int, file_id: bytes,
+    def install_packed(self, file: fileio.DataFile, index: OidIndex, end: int, file_id: bytes,
                         pack_tid: bytes) -> None:
-        """Make the packed file, already renamed to our name, the storage's file.
+        """Make the packed file, already renamed to our name, the storage's file
+        (core interface, see core.py).
 
         Called by pack with the commit lock held.  The old file is not closed:
         a load or an iterator may still be reading it; it closes itself when
         the last of them lets go of it."""
         with self._lock:
-            self._state = _State(file, index)
+            self._state = State(file, index)
             self._end = end
             self._file_id = file_id
             self._pack_tid = pack_tid
@@ -903,6 +892,54 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if len(result) >= count:
                 break
         result.reverse()
+        return result
+
+    # -- invariants ------------------------------------------------------------------
+
+    def _check(self, idle: bool = True) -> ScanResult:
+        """Verify the storage's internal invariants against a fresh verifying scan of its file.
+
+        - the in-memory index is well formed (`OidIndex._check`);
+        - a full verifying scan (every record decoded and checksummed) from the
+          file header up to the committed end finds no damage and ends exactly
+          there, at the storage's last transaction;
+        - the index equals what that scan builds, and every position in it
+          holds a record of that oid (backpointers resolve);
+        - no oid in the index is above the one new_oid last handed out;
+        - with `idle` (no transaction in progress), nothing lies past the
+          committed end.
+
+        AssertionError names the first violation (like `OidIndex._check`, a
+        tool for tests, not a runtime check); returns the scan's result.
+        """
+
+        def fail(msg: str) -> None:
+            raise AssertionError(msg)
+
+        state, end = self._snapshot()
+        reader = state.reader
+        state.index._check()
+        fresh = OidIndex()
+        result = scan(reader, fmt.HEADER_SIZE, end, fresh, verify=True)
+        if result.bad_pos is not None:
+            fail(f"verifying scan found damage: {result.error}")
+        if result.end != end:
+            fail(f"verifying scan ends at {result.end}, the committed end is {end}")
+        if (result.last_tid or z64) != self.lastTransaction():
+            fail(f"the scan's last tid {(result.last_tid or z64).hex()} is not "
+                 f"lastTransaction() {self.lastTransaction().hex()}")
+        got = dict(state.index.items())
+        if got != dict(fresh.items()):
+            fail("the index differs from a fresh scan of the file")
+        for oid, pos in got.items():
+            rec = reader.read_data_record(pos, oid)
+            if rec.pos != pos or rec.oid != oid:
+                fail(f"index entry of oid {oid.hex()} at {pos} reads oid {rec.oid.hex()} at {rec.pos}")
+            reader.resolve(rec)
+        if got and max(got) > self._oid:
+            fail("new_oid could hand out an oid already in use")
+        if idle and not self._is_read_only and state.file.physical_size() != end:
+            fail(f"{state.file.physical_size() - end} bytes past the committed end {end}")
         return result
 
     # -- closing ---------------------------------------------------------------------
@@ -947,7 +984,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         finally:
             self._commit_lock.release()
 
-    def _abort_idle(self, pending: _Pending) -> bool:
+    def _abort_idle(self, pending: Pending) -> bool:
         """Abort `pending`, begun but idle, for close(); its commit lock passes to the caller.
 
         Nothing of it is durable.  It is detached first, so its owner's next

@@ -19,17 +19,15 @@ from __future__ import annotations
 import base64
 import binascii
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
 
 from persistent.TimeStamp import TimeStamp
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, UndoError
 
 from . import format as fmt
+from .core import Pending, StorageCore
+from .index import OidIndex
 from .log import LogReader
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .storage import _Pending
 
 
 def undo_id(tid: bytes) -> bytes:
@@ -103,9 +101,10 @@ def find_txn(reader: LogReader, end: int, pack_tid: bytes, tid: bytes) -> fmt.Tx
 class UndoPlanner:
     """Decides the records an undo writes into the pending transaction."""
 
-    def __init__(self, storage, reader: LogReader, pending: _Pending):
+    def __init__(self, storage: StorageCore, reader: LogReader, index: OidIndex, pending: Pending):
         self.storage = storage
         self.reader = reader
+        self.index = index  # the storage's live index (the commit lock is held)
         self.pending = pending
 
     def _current(self, oid: bytes):
@@ -116,7 +115,7 @@ class UndoPlanner:
             if data is not None:
                 return self.pending.tid, None, data
             return self.pending.tid, back, self._data_at(back)
-        pos = self.storage._state.index.get(oid)
+        pos = self.index.get(oid)
         if pos is None:
             raise UndoError("the object no longer exists", oid)
         rec = self.reader.read_data_record(pos, oid)
@@ -141,7 +140,7 @@ class UndoPlanner:
             except UndoError as exc:
                 failures[rec.oid] = exc
                 continue
-            self.storage._add_record(self.pending, rec.oid, data, back)
+            self.storage.add_record(self.pending, rec.oid, data, back)
             oids.append(rec.oid)
         if failures:
             raise next(iter(failures.values()))
@@ -152,7 +151,7 @@ class UndoPlanner:
         oid = rec.oid
         undone = self.reader.resolve(rec)
         undone_pos = undone.pos if undone is not None else 0
-        if oid in self.pending.latest or self.storage._state.index.get(oid) != rec.pos:
+        if oid in self.pending.latest or self.index.get(oid) != rec.pos:
             ctid, cpos, cdata = self._current(oid)
             if cpos != undone_pos or cpos is None:
                 undone_data = undone.data if undone is not None else None

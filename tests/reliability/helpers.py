@@ -21,8 +21,7 @@ import refstorage
 from refstorage import fileio
 from refstorage import format as fmt
 from refstorage.errors import RefStorageError
-from refstorage.index import OidIndex
-from refstorage.log import ScanResult, scan
+from refstorage.log import ScanResult
 
 LONG_ENV = "REFSTORAGE_TEST_LONG"  # set by tests/conftest.py under --long
 LONG = os.environ.get(LONG_ENV) == "1"
@@ -177,37 +176,8 @@ def check_model(st, model: TxnModel, n: int | None = None, oids=None, history: b
 # -- invariant checks of a storage ---------------------------------------------------------
 
 def check_storage(st, idle: bool = True) -> ScanResult:
-    """The storage's internal invariants, against a fresh verifying scan of its file.
-
-    - the in-memory index is well formed (`OidIndex._check`);
-    - a full verifying scan (every record decoded and checksummed) from the file
-      header up to the committed end finds no damage and ends exactly there, at
-      the storage's last transaction;
-    - the index equals what that scan builds, and every position in it holds a
-      record of that oid (backpointers resolve);
-    - with `idle` (no transaction in progress), nothing lies past the committed end.
-    """
-    state = st._state
-    reader = state.reader
-    end = st._end
-    state.index._check()
-    fresh = OidIndex()
-    result = scan(reader, fmt.HEADER_SIZE, end, fresh, verify=True)
-    assert result.bad_pos is None, f"verifying scan found damage: {result.error}"
-    assert result.end == end, (result.end, end)
-    assert (result.last_tid or z64) == st.lastTransaction()
-    got = dict(state.index.items())
-    assert got == dict(fresh.items()), "the index differs from a fresh scan of the file"
-    for oid, pos in got.items():
-        rec = reader.read_data_record(pos, oid)
-        assert rec.pos == pos and rec.oid == oid
-        reader.resolve(rec)
-    if got:
-        assert max(got) <= st._oid, "new_oid could hand out an oid already in use"
-    if idle and not st.isReadOnly():
-        assert state.file.physical_size() == end, (
-            f"{state.file.physical_size() - end} bytes past the committed end {end}")
-    return result
+    """The storage's internal invariants (`FileStorage._check`)."""
+    return st._check(idle=idle)
 
 
 # -- small utilities ----------------------------------------------------------------------------

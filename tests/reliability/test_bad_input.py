@@ -40,7 +40,8 @@ from ZODB.utils import p64, u64
 import refstorage
 from refstorage import errors, log
 from refstorage import format as fmt
-from refstorage.index import OidIndex, save_index
+from refstorage.index import OidIndex
+from refstorage.indexfile import save_index
 
 try:
     from refstorage.tools import dump as dump_tool

@@ -52,7 +52,6 @@ FORMAT = "refstorage-backup"
 VERSION = 1
 CHUNK = 8 << 20
 TAIL_CHECK = 64 << 10  # bytes compared at the end of the last backup
-Z64 = b"\0" * 8
 
 
 # -- the manifest ---------------------------------------------------------------------------

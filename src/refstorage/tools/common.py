@@ -23,7 +23,7 @@ from ..index import OidIndex
 from ..log import LogReader, ScanResult, scan
 from ..recovery import check_saved_index
 
-Z64 = b"\0" * 8
+Z64 = fmt.Z64  # (re-exported for the cli)
 
 Progress = Callable[[int], None]
 """progress(position): how far into the file a tool has got, in bytes.

@@ -1,0 +1,246 @@
+"""The index file: the saved `OidIndex` that spares a reopen the scan of the data file.
+
+`save_index` writes it in one piece through `fileio.atomic_write` (temp file,
+fsync, rename, directory fsync); `load_index` reads it back.  Its layout and
+the rules a reader checks are specified in docs/format.md ("The index file"):
+a header (magic, version, flags, the data file's file_id, the position and tid
+the index covers, counts), then the blocks as columns -- dense block keys and
+payloads, sparse block keys, entry counts, suffixes, positions -- so that
+saving and loading run at C speed, with no Python loop per entry or per sparse
+block; a crc32 of everything ends it.  The block forms are `OidIndex`'s own
+(see refstorage.index); a block's kind is a representation choice: the writer
+emits sparse blocks of up to 219 entries and dense blocks of at least 32, and
+the reader converts a sparse block of more than 219 entries to dense and a
+dense one of fewer than 128 to sparse.
+
+`load_index` returns None when the file does not exist and raises
+`IndexFileError` (path, message, offset) for any other problem: bad magic,
+other version, truncation, crc mismatch, or any rule of the format broken.
+The storage then rebuilds the index from the data file.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+import struct
+import sys
+import zlib
+from array import array
+from collections.abc import Iterable
+from itertools import accumulate, chain, compress, islice, repeat
+from operator import add, floordiv, is_, lt, mul, not_, or_, sub
+
+from . import fileio
+from .errors import IndexFileError, StorageIOError
+from .format import MAGIC as _DATA_MAGIC
+from .index import (
+    DENSE_MIN,
+    DENSE_SIZE,
+    KEY_LIMIT,
+    SPARSE_MAX,
+    OidIndex,
+    block_map,
+    dense_block,
+    single_blocks,
+    sparse_block,
+    unpack6,
+)
+
+__all__ = ["save_index", "load_index", "INDEX_MAGIC", "INDEX_VERSION"]
+
+INDEX_MAGIC = b"\x89RFX\r\n\x1a\n"
+INDEX_VERSION = 1
+
+_HEADER = struct.Struct(">8sHH16sQ8sQII")
+_HEADER_SIZE = _HEADER.size  # 60
+_R256 = range(256)
+_LITTLE = sys.byteorder == "little"
+_fb = int.from_bytes
+_join = b"".join
+
+
+def _be_array(code: str, raw: bytes) -> array:
+    a = array(code, raw)
+    if _LITTLE:
+        a.byteswap()
+    return a
+
+
+def _be_bytes(code: str, values: Iterable[int]) -> bytes:
+    a = array(code, values)
+    if _LITTLE:
+        a.byteswap()
+    return a.tobytes()
+
+
+def save_index(path: str, index: OidIndex, *, file_id: bytes, pos: int, tid: bytes) -> None:
+    """Write `index` to `path` atomically (the format is in docs/format.md).
+
+    `pos` is the end of the last transaction the index covers and `tid` its tid.
+    The index must not change meanwhile.  ValueError if an argument is malformed
+    or an entry's position is not below `pos` (a caller bug: the file would be
+    refused on load).
+    """
+    if type(file_id) is not bytes or len(file_id) != 16:
+        raise ValueError(f"file_id is 16 bytes, not {file_id!r}")
+    if type(tid) is not bytes or len(tid) != 8:
+        raise ValueError(f"tid is 8 bytes, not {tid!r}")
+    if not isinstance(pos, int) or not 0 <= pos < 1 << 64:
+        raise ValueError(f"pos {pos!r} is not a u64")
+    blocks = index.blocks()
+    keys = list(blocks)
+    bl = list(blocks.values())
+    isdense = list(map(is_, map(type, bl), repeat(bytearray)))
+    if any(isdense):
+        isparse = list(map(not_, isdense))
+        dkeys = list(compress(keys, isdense))
+        dpay = _join(compress(bl, isdense))
+        skeys = list(compress(keys, isparse))
+        sparse = list(compress(bl, isparse))
+    else:
+        dkeys, dpay, skeys, sparse = [], b"", keys, bl
+    del keys, bl, isdense
+    scounts = list(map(floordiv, map(len, sparse), repeat(7)))
+    if len(sparse) * 7 == sum(map(len, sparse)):
+        # One entry per sparse block: split the 7-byte blocks into the two columns.
+        raw = _join(sparse)
+        ssufs = raw[0::7]
+        out = bytearray(6 * len(ssufs))
+        for k in range(6):
+            out[k::6] = raw[k + 1::7]
+        spos: bytes | bytearray = out
+    else:
+        ssufs = _join(map(bytes.__getitem__, sparse, map(slice, scounts)))
+        spos = _join(map(bytes.__getitem__, sparse, map(slice, scounts, repeat(None))))
+    darr = unpack6(dpay)
+    count = len(darr) - darr.count(0) + len(ssufs)
+    top = max(max(darr, default=0), max(unpack6(spos), default=0))
+    if count and top >= pos:
+        raise ValueError(f"the index holds position {top}, not below its end position {pos}")
+    header = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, file_id, pos, tid, count, len(dkeys), len(skeys))
+    chunks = [header, _be_bytes("Q", dkeys), dpay, _be_bytes("Q", skeys), _be_bytes("H", scounts),
+              ssufs, spos]
+    crc = 0
+    for chunk in chunks:
+        crc = zlib.crc32(chunk, crc)
+    chunks.append(crc.to_bytes(4, "big"))
+    fileio.atomic_write(path, chunks, point_prefix="index.save")
+
+
+def load_index(path: str) -> tuple[OidIndex, bytes, int, bytes] | None:
+    """Read an index file: (index, file_id, pos, tid), or None if it does not exist.
+
+    Any other problem (unreadable, damaged, another format or version) raises
+    IndexFileError; the caller then rebuilds the index from the data file.
+    """
+    path = str(path)
+    try:
+        data = fileio.read_whole(path)
+    except StorageIOError as exc:
+        if exc.errno == _errno.ENOENT:
+            return None
+        raise IndexFileError(path, f"cannot read the index file: {exc.detail}", exc.offset) from exc
+    try:
+        return _decode(path, data)
+    except IndexFileError:
+        raise
+    except (ArithmeticError, LookupError, ValueError, TypeError, struct.error, AssertionError) as exc:
+        # Every check above should have caught the problem; never let a raw error escape.
+        raise IndexFileError(path, f"undecodable index file ({exc!r})") from exc
+
+
+def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
+    def bad(message: str, offset: int | None = None) -> IndexFileError:
+        return IndexFileError(path, message, offset)
+
+    size = len(data)
+    if data[:8] != INDEX_MAGIC[:size]:
+        if data.startswith(_DATA_MAGIC):
+            raise bad("is a refstorage data file, not an index file", 0)
+        raise bad("not a refstorage index file (bad magic)", 0)
+    if size < _HEADER_SIZE + 4:
+        raise bad(f"truncated: {size} bytes, shorter than the {_HEADER_SIZE + 4}-byte minimum", size)
+    magic, version, flags, file_id, pos, tid, count, nd, ns = _HEADER.unpack_from(data)
+    if version != INDEX_VERSION:
+        raise bad(f"index format version {version}, this code reads {INDEX_VERSION}", 8)
+    end = size - 4
+    if zlib.crc32(memoryview(data)[:end]) != _fb(data[end:], "big"):
+        raise bad("checksum mismatch (the file is truncated or damaged)", end)
+    if flags:
+        raise bad(f"unknown flags {flags:#x}", 10)
+
+    off = _HEADER_SIZE
+
+    def take(n: int, what: str) -> bytes:
+        nonlocal off
+        if n > end - off:
+            raise bad(f"{what}: {n} bytes needed, {end - off} left before the checksum", off)
+        start = off
+        off += n
+        return data[start:off]
+
+    dkeys = _be_array("Q", take(8 * nd, "dense block keys"))
+    dpay_at = off
+    dpay = take(DENSE_SIZE * nd, "dense block payloads")
+    skeys_at = off
+    skeys = _be_array("Q", take(8 * ns, "sparse block keys"))
+    scounts_at = off
+    scounts = _be_array("H", take(2 * ns, "sparse block counts"))
+    if scounts and not (min(scounts) >= 1 and max(scounts) <= 256):
+        raise bad("a sparse block count is not in 1..256", scounts_at)
+    nsp = sum(scounts)
+    ssufs_at = off
+    ssufs = take(nsp, "sparse suffixes")
+    spos_at = off
+    spos = take(6 * nsp, "sparse positions")
+    if off != end:
+        raise bad(f"{end - off} unexpected bytes before the checksum", off)
+    if max(dkeys, default=0) >= KEY_LIMIT:
+        raise bad("a dense block key is not below 2**56", _HEADER_SIZE)
+    if max(skeys, default=0) >= KEY_LIMIT:
+        raise bad("a sparse block key is not below 2**56", skeys_at)
+
+    # Dense blocks: per-block entry counts, none empty.
+    darr = unpack6(dpay)
+    dcounts = [256 - darr[i:i + 256].count(0) for i in range(0, 256 * nd, 256)]
+    if dcounts and min(dcounts) == 0:
+        raise bad("an empty dense block", dpay_at + DENSE_SIZE * dcounts.index(0))
+
+    sarr = unpack6(spos)
+    if 0 in sarr:
+        raise bad("a sparse entry has position 0", spos_at + 6 * sarr.index(0))
+    total = sum(dcounts) + nsp
+    if total != count:
+        raise bad(f"the header counts {count} entries but the blocks hold {total}", 44)
+    top = max(max(darr, default=0), max(sarr, default=0))
+    if total and top >= pos:
+        raise bad(f"position {top} is not below the index's end position {pos}", 28)
+
+    if nsp == ns:
+        # Every sparse block holds one entry (the common sparse case).
+        sparse: Iterable[bytes] = single_blocks(ssufs, spos)
+    else:
+        # Within each block the suffixes strictly ascend: every entry but a block's
+        # first is above the one before it.
+        firsts = chain.from_iterable(map(chain, repeat((True,)), map(repeat, repeat(False),
+                                                                     map(sub, scounts, repeat(1)))))
+        if not all(map(or_, islice(firsts, 1, None), map(lt, ssufs, islice(ssufs, 1, None)))):
+            raise bad("sparse block suffixes are not strictly ascending", ssufs_at)
+        ends = list(accumulate(scounts))
+        starts = [0, *islice(ends, len(ends) - 1)]
+        pslices = map(slice, map(mul, starts, repeat(6)), map(mul, ends, repeat(6)))
+        sparse = map(add, map(ssufs.__getitem__, map(slice, starts, ends)), map(spos.__getitem__, pslices))
+    blocks: dict[int, bytes | bytearray] = dict(zip(skeys.tolist(), sparse, strict=True))
+    if scounts and max(scounts) > SPARSE_MAX:
+        for key, c in zip(skeys.tolist(), scounts, strict=True):
+            if c > SPARSE_MAX:
+                blocks[key] = dense_block(block_map(blocks[key]))
+    for i, (key, c) in enumerate(zip(dkeys.tolist(), dcounts, strict=True)):
+        if c < DENSE_MIN:
+            arr = darr[256 * i:256 * (i + 1)]
+            blocks[key] = sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
+        else:
+            blocks[key] = bytearray(dpay[DENSE_SIZE * i:DENSE_SIZE * (i + 1)])
+    if len(blocks) != nd + ns:
+        raise bad("a block key appears twice", _HEADER_SIZE)
+    return OidIndex.from_blocks(blocks, total), file_id, pos, tid
