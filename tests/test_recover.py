@@ -12,7 +12,7 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
 import refstorage
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.cli import main
 from refstorage.tools.recover import recover
 from tools_db import GOLDEN, cut, flip_bit, layout, loads, make_db, truncate, txns

@@ -33,7 +33,7 @@ import pytest
 
 import refstorage
 from refstorage import errors
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.fileio import DataFile
 from refstorage.log import LogReader, valid_txn_at
 from refstorage.tools.verify import verify

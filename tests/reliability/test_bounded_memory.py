@@ -27,7 +27,7 @@ import pytest
 from ZODB.utils import p64
 
 import refstorage
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 
 from .helpers import child_env, commit, no_fsync, report, temp_dir
 

@@ -25,8 +25,8 @@ from ZODB.POSException import POSKeyError
 from ZODB.utils import p64
 
 import refstorage
+from refstorage import fileformat as fmt
 from refstorage import fileio, log
-from refstorage import format as fmt
 from refstorage.errors import CorruptedDataError, CorruptedError, CorruptedTransactionError
 from refstorage.tools import walk
 from refstorage.tools.verify import verify

@@ -40,7 +40,7 @@ import pytest
 from ZODB.blob import remove_committed_dir
 from ZODB.utils import p64, u64
 
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.tools.verify import verify
 
 from . import crash_child

@@ -75,7 +75,7 @@ def _moment_from_time(t: float, text: str) -> Moment:
 
 def parse_when(text: str) -> Moment:
     """A tid (16 hex digits, or 0x...) or an ISO 8601 time (UTC unless a zone is given)."""
-    from ..format import p64
+    from ..fileformat import p64
     from ..tools import common
     s = text.strip()
     hexdigits = s[2:] if s[:2].lower() == "0x" else s
@@ -305,7 +305,7 @@ def open_storage(spec: str, read_only: bool, create: bool = False, timeout: floa
 
 
 def is_refstorage_path(path: str, create: bool = False) -> bool:
-    from ..format import MAGIC
+    from ..fileformat import MAGIC
     if os.path.exists(path) and os.path.getsize(path) > 0 and not create:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC

@@ -8,7 +8,7 @@ import time
 import click
 from ZODB.utils import p64, u64, z64
 
-from ..copy import copy_transactions
+from ..copying import copy_transactions
 from . import main
 from .common import (
     DEFAULT_TIMEOUT,
@@ -36,12 +36,12 @@ def _check_source(src: str) -> int | None:
     check_existing_file(src)
     if is_config(src):
         return None
-    from ..format import MAGIC
+    from ..fileformat import MAGIC
     with open(src, "rb") as f:
         head = f.read(max(len(MAGIC), 4))
     if head.startswith(MAGIC) or not head:
         check_database(src)
-        from .. import format as fmt
+        from .. import fileformat as fmt
         from ..log import scan
         from ..tools.common import Log
         with failing_cleanly(src), Log(src) as log:  # headers and oid tables only: fast
@@ -61,7 +61,7 @@ def _check_dest(dst: str) -> bool:
     check_new_file(dst)
     if not os.path.exists(dst):
         return False
-    from ..format import MAGIC
+    from ..fileformat import MAGIC
     with open(dst, "rb") as f:
         head = f.read(max(len(MAGIC), 4))
     if head.startswith(MAGIC) or not head:
@@ -150,7 +150,7 @@ def convert(src: str, dst: str, incremental: bool, blob_dir: str | None, dest_bl
 
 def _count(source, start: bytes | None, bar):
     """What copy_transactions would copy, without a destination."""
-    from ..copy import CopyReport
+    from ..copying import CopyReport
     report = CopyReport()
     it = source.iterator(start) if start is not None else source.iterator()
     try:

@@ -41,8 +41,8 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import fileformat as fmt
 from .. import fileio
-from .. import format as fmt
 from ..errors import CorruptedError, RefStorageError, StorageIOError
 from ..log import LogReader, scan
 from .common import Log, Progress, ToolError, phase, tid_repr

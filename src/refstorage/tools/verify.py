@@ -31,8 +31,8 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+from .. import fileformat as fmt
 from .. import fileio
-from .. import format as fmt
 from ..errors import CorruptedError
 from ..index import OidIndex
 from ..recovery import check_saved_index
