@@ -33,7 +33,7 @@ from ZODB.utils import z64
 
 import refstorage
 from refstorage.blobs import pack_blobs
-from refstorage.copy import copy_transactions
+from refstorage.copying import copy_transactions
 from refstorage.errors import BlobDirectoryError, RefStorageError
 
 # -- ZODB's generic suites -------------------------------------------------------------

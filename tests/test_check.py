@@ -5,7 +5,7 @@ from ZODB.Connection import TransactionMetaData
 from ZODB.utils import p64, z64
 
 import refstorage
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 
 
 def _commit(st, oid_data):

@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 import refstorage
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.cli import main
 from refstorage.index import OidIndex
 from refstorage.indexfile import load_index, save_index

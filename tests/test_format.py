@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from refstorage import errors
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 
 DATA = pathlib.Path(__file__).parent / "data"
 GOLDEN = DATA / "golden-v1.rfs"

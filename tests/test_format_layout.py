@@ -1,4 +1,4 @@
-"""format.py describes each record layout once; the decoders' named results and
+"""fileformat.py describes each record layout once; the decoders' named results and
 offsets derive from that description."""
 
 import struct
@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from refstorage import errors
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 
 OID, TID = b"\0" * 7 + b"\x05", b"\x03" * 8
 

@@ -104,8 +104,8 @@ def violations(src: Path, layers: dict[str, int]) -> list[str]:
 def test_readme_lists_the_layers():
     layers = readme_layers((ROOT / "README.md").read_text())
     assert layers["errors.py"] == 0
-    assert layers["fileio.py"] < layers["format.py"] < layers["log.py"] < layers["storage.py"]
-    assert layers["iterator.py"] == layers["undo.py"] == layers["copy.py"]
+    assert layers["fileio.py"] < layers["fileformat.py"] < layers["log.py"] < layers["storage.py"]
+    assert layers["iterator.py"] == layers["undo.py"] == layers["copying.py"]
 
 
 def test_every_import_points_down_the_readme_layer_list():
@@ -149,3 +149,13 @@ def test_the_check_catches_unlisted_and_missing_modules(tmp_path):
     assert violations(src, LAYERS) == ["extra.py: not named in the README's layer list"]
     (src / "side.py").unlink()
     assert violations(src, LAYERS)[-1] == "the README's layer list names side.py, which does not exist"
+
+
+def test_no_module_shadows_a_builtin_or_a_standard_module():
+    import builtins
+    import sys
+
+    taken = set(sys.stdlib_module_names) | set(dir(builtins))
+    names = {p.stem for p in SRC.rglob("*.py") if p.stem != "__init__"} | {
+        p.name for p in SRC.iterdir() if p.is_dir() and (p / "__init__.py").exists()}
+    assert sorted(names & taken) == []

@@ -36,8 +36,8 @@ from ZODB.serialize import referencesf
 from ZODB.utils import p64, u64, z64
 
 import refstorage
+from refstorage import fileformat as fmt
 from refstorage import fileio
-from refstorage import format as fmt
 from refstorage.errors import PackError
 from refstorage.log import LogReader, scan
 from refstorage.pack import PackReport, pack_tid_for

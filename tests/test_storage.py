@@ -19,7 +19,7 @@ from ZODB.utils import p64, u64, z64
 
 import refstorage
 from refstorage import errors, fileio, recovery, storage
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.log import LogReader, scan
 
 

@@ -11,7 +11,7 @@ from BTrees.OOBTree import OOBTree
 from persistent.mapping import PersistentMapping
 
 import refstorage
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.tools.dump import dump
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden-v1.rfs"

@@ -209,7 +209,7 @@ class BlobSupport:
             self._blob_link_in(oid, pending.tid, source)
 
 
-# -- copying (copy.py) --------------------------------------------------------------
+# -- copying (copying.py) --------------------------------------------------------------
 
 
 def copies_blobs(source, dest) -> bool:

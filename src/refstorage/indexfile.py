@@ -32,7 +32,7 @@ from operator import add, floordiv, is_, lt, mul, not_, or_, sub
 
 from . import fileio
 from .errors import IndexFileError, StorageIOError
-from .format import MAGIC as _DATA_MAGIC
+from .fileformat import MAGIC as _DATA_MAGIC
 from .index import (
     DENSE_MIN,
     DENSE_SIZE,

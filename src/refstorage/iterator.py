@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 from ZODB.BaseStorage import DataRecord, TransactionRecord
 
-from . import format as fmt
+from . import fileformat as fmt
 from .log import LogReader
 
 

@@ -18,7 +18,7 @@ from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
-from . import format as fmt
+from . import fileformat as fmt
 from .errors import CorruptedDataError, CorruptedError, CorruptedTransactionError
 from .fileio import DataFile
 

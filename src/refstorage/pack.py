@@ -77,8 +77,8 @@ from operator import and_, floordiv, itemgetter, lt, rshift
 
 from persistent.TimeStamp import TimeStamp
 
+from . import fileformat as fmt
 from . import fileio
-from . import format as fmt
 from .core import StorageCore
 from .errors import CorruptedDataError, CorruptedTransactionError, PackError, StorageIOError
 from .index import OidIndex

@@ -23,8 +23,8 @@ from typing import NamedTuple
 
 from ZODB.utils import z64
 
+from . import fileformat as fmt
 from . import fileio
-from . import format as fmt
 from .errors import CorruptedError, IndexFileError
 from .index import OidIndex
 from .indexfile import load_index

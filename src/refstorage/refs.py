@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 
 from zodbpickle.pickle import Unpickler
 
-from .format import pack_refs
+from .fileformat import pack_refs
 
 logger = logging.getLogger(__name__)
 

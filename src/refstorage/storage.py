@@ -51,8 +51,8 @@ from ZODB.interfaces import (
 from ZODB.serialize import referencesf as _referencesf
 from ZODB.utils import p64, u64, z64
 
+from . import fileformat as fmt
 from . import fileio
-from . import format as fmt
 from .blobs import BlobSupport
 from .core import Pending, Snapshot, State
 from .errors import (
@@ -686,7 +686,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 oid = p64(u64(oid) + 1)
 
     def copyTransactionsFrom(self, other, verbose: bool = False) -> None:
-        from .copy import copy_transactions
+        from .copying import copy_transactions
         copy_transactions(other, self)
 
     # -- pack ------------------------------------------------------------------------

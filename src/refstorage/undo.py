@@ -24,7 +24,7 @@ from persistent.TimeStamp import TimeStamp
 from ZODB.Connection import TransactionMetaData
 from ZODB.POSException import ConflictError, UndoError
 
-from . import format as fmt
+from . import fileformat as fmt
 from .core import Pending, StorageCore
 from .index import OidIndex
 from .log import LogReader

@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "src"))
 
-from refstorage import format as fmt  # noqa: E402
+from refstorage import fileformat as fmt  # noqa: E402
 
 TIDS = [bytes.fromhex("03e5a0d4d5555555"), bytes.fromhex("03e5a0d4d6666666"),
         bytes.fromhex("03e5a0d4d7777777")]

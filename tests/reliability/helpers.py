@@ -18,8 +18,8 @@ from ZODB.tests.StorageTestBase import zodb_pickle
 from ZODB.utils import p64, u64, z64
 
 import refstorage
+from refstorage import fileformat as fmt
 from refstorage import fileio
-from refstorage import format as fmt
 from refstorage.errors import RefStorageError
 from refstorage.log import ScanResult
 

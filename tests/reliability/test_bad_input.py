@@ -39,7 +39,7 @@ from ZODB.utils import p64, u64
 
 import refstorage
 from refstorage import errors, log
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.index import OidIndex
 from refstorage.indexfile import save_index
 

@@ -33,7 +33,7 @@ from ZODB.utils import p64, u64, z64
 
 import refstorage
 from refstorage import errors
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 from refstorage.log import scan
 
 try:

@@ -38,7 +38,7 @@ from collections import Counter
 import pytest
 from ZODB.utils import p64
 
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 
 from . import crash_child
 from .helpers import (

@@ -25,7 +25,7 @@ import pytest
 
 import refstorage
 from refstorage import errors
-from refstorage import format as fmt
+from refstorage import fileformat as fmt
 
 from .helpers import (
     build_small_db,

@@ -31,7 +31,7 @@ def open_storage(spec: str, read_only: bool, create: bool = False):
 
 
 def is_refstorage_path(path: str, create: bool = False) -> bool:
-    from ..format import MAGIC
+    from ..fileformat import MAGIC
     if os.path.exists(path) and os.path.getsize(path) > 0 and not create:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC

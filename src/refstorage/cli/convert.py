@@ -7,7 +7,7 @@ import time
 import click
 from ZODB.utils import p64, u64, z64
 
-from ..copy import copy_transactions
+from ..copying import copy_transactions
 from . import main
 from .common import emit_json, failing_cleanly, open_storage, progress_bar
 

@@ -7,7 +7,7 @@
   (also restore): one module per tool, each returning plain data that the
   command-line layer (`refstorage.cli.tools`) prints as text or JSON.
 
-Everything is read through `refstorage.log`/`refstorage.format` and every
+Everything is read through `refstorage.log`/`refstorage.fileformat` and every
 file is touched through `refstorage.fileio`; nothing here parses bytes or
 loads a pickle.
 """

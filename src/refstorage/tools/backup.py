@@ -37,8 +37,8 @@ import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from .. import fileformat as fmt
 from .. import fileio
-from .. import format as fmt
 from ..errors import CorruptedError, StorageIOError
 from ..log import LogReader, scan
 from .common import Log, Progress, ToolError, tid_repr

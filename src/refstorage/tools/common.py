@@ -11,8 +11,8 @@ from typing import NamedTuple
 
 from persistent.TimeStamp import TimeStamp
 
+from .. import fileformat as fmt
 from .. import fileio
-from .. import format as fmt
 from ..errors import (
     CorruptedError,
     CorruptedHeaderError,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from .. import format as fmt
+from .. import fileformat as fmt
 from ..errors import CorruptedError
 from .common import ClassNames, Log, Progress, oid_repr, text, tid_time, time_repr
 from .walk import Damage, walk

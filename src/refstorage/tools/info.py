@@ -17,7 +17,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass, field
 
-from .. import format as fmt
+from .. import fileformat as fmt
 from .. import pack as packmod
 from ..errors import CorruptedError
 from ..refs import references_one

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 
 from ZODB.Connection import TransactionMetaData
 
+from .. import fileformat as fmt
 from .. import fileio
-from .. import format as fmt
 from ..errors import CorruptedDataError, CorruptedError
 from .common import Log, Progress, ToolError, oid_repr
 from .verify import VerifyReport, verify

@@ -25,8 +25,8 @@ import time
 from array import array
 from dataclasses import dataclass, field
 
+from .. import fileformat as fmt
 from .. import fileio
-from .. import format as fmt
 from ..errors import CorruptedError, IndexFileError
 from ..index import OidIndex
 from ..indexfile import load_index

@@ -15,7 +15,7 @@ import re
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
-from .. import format as fmt
+from .. import fileformat as fmt
 from ..errors import CorruptedError, CorruptedTransactionError
 from ..log import LogReader, read_checked_txn, read_moved_txn
 from .common import Progress
