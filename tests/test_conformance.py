@@ -123,10 +123,11 @@ class RefStorageTests(
         # invalidations: that is a storage server (ZEO, NEO, RelStorage).  A
         # second FileStorage on the same file is not one (read-only, it
         # neither commits nor sees later commits), so, like ZODB's own
-        # FileStorage tests, we don't run them here.
-        # test_race_loadopen_vs_local_invalidate needs no second client and
-        # does run.
-        self.skipTest("needs several clients of one storage server (e.g. ZEO); "
+        # FileStorage tests, we don't run them here: tests/test_zeo_suite.py
+        # runs them (plain and through HexStorage) against a real ZEO server
+        # over refstorage.  test_race_loadopen_vs_local_invalidate needs no
+        # second client and does run.
+        self.skipTest("needs several clients of one storage server (run through ZEO in test_zeo_suite.py); "
                       "refstorage.FileStorage is an embedded, single-process storage")
 
 

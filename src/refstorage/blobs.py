@@ -98,7 +98,9 @@ class BlobSupport:
             raise BlobDirectoryError(path, str(exc)) from exc
         self.blob_dir = path
         self.fshelper = fshelper
-        zope.interface.alsoProvides(self, IBlobStorage, IBlobStorageRestoreable)
+        # only IBlobStorageRestoreable (it extends IBlobStorage), as ZODB's FileStorage:
+        # ZEO reports providedBy's order to clients
+        zope.interface.alsoProvides(self, IBlobStorageRestoreable)
 
     def _require_blobs(self) -> None:
         if self.blob_dir is None:

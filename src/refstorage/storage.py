@@ -102,8 +102,10 @@ def _as_bytes(value: Any) -> bytes:
     return bytes(value)
 
 
-@zope.interface.implementer(IStorage, IStorageIteration, IStorageUndoable, IStorageRestoreable,
-                            IStorageCurrentRecordIteration, IExternalGC)
+# The order of ZODB's FileStorage: ZEO servers report providedBy's order to
+# their clients, and ZEO's tests (checkInterfaceFromRemoteStorage) compare it.
+@zope.interface.implementer(IStorageRestoreable, IStorageIteration, IStorageUndoable,
+                            IStorageCurrentRecordIteration, IExternalGC, IStorage)
 class FileStorage(BlobSupport, ConflictResolvingStorage):
     """A file-based, append-only, transactional ZODB storage.
 

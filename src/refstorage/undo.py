@@ -8,7 +8,7 @@ back the object's state from before T:
   common case, which copies no data;
 - otherwise the result of conflict resolution (`_p_resolveConflict`) between
   the current state, T's state and the state before T;
-- otherwise `UndoError`.
+- otherwise an `UndoError` (all of them together as `MultipleUndoErrors`).
 
 Undo never goes past a packed transaction (status 'p') or the file's pack
 time: what a pack dropped cannot be restored.
@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator
 
 from persistent.TimeStamp import TimeStamp
 from ZODB.Connection import TransactionMetaData
-from ZODB.POSException import ConflictError, UndoError
+from ZODB.POSException import ConflictError, MultipleUndoErrors, UndoError
 
 from . import fileformat as fmt
 from .core import Pending, StorageCore
@@ -143,7 +143,10 @@ class UndoPlanner:
             self.storage.add_record(self.pending, rec.oid, data, back)
             oids.append(rec.oid)
         if failures:
-            raise next(iter(failures.values()))
+            # As ZODB's FileStorage does: ZEO's client rebuilds MultipleUndoErrors
+            # (an UndoError) from its `_errs`, while any other exception class
+            # would reach ZEO clients as ZEO.Exceptions.ServerException.
+            raise MultipleUndoErrors([(oid, exc._reason) for oid, exc in failures.items()])
         return oids
 
     def _undo_record(self, rec: fmt.DataRecord) -> tuple[bytes | None, int]:

@@ -15,6 +15,11 @@ a hand-written runzeo configuration would be::
 so everything runzeo does (signal handling: SIGTERM/SIGINT stop it cleanly,
 closing the storage; logging to stderr) applies.  Clients connect with
 ``ZEO.client(("127.0.0.1", 8100), blob_dir=...)`` or ``ZEO.DB(...)``.
+
+With --tls-cert/--tls-key the server speaks only TLS (`server_ssl_context`);
+with --tls-client-ca too, it accepts only clients presenting a certificate
+signed by that CA (or listed in that directory), as runzeo's ``<ssl>`` section
+with ``authenticate`` does.  Clients pass ``ssl=ssl.SSLContext`` to ZEO.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import ssl
 import tempfile
 
 import click
@@ -60,11 +66,31 @@ def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
     return "\n".join(lines) + "\n"
 
 
-def run_server(config_text: str, ready=None) -> None:
+def server_ssl_context(cert: str, key: str | None = None, client_ca: str | None = None) -> ssl.SSLContext:
+    """The server's TLS context: its certificate and key, and, given a CA file
+    or a directory of (hashed) CA/client certificates, required client
+    certificates verified against it (what runzeo's ``<ssl>`` section builds).
+    Without client_ca any client may connect, over TLS only."""
+    cafile = capath = None
+    if client_ca is not None:
+        if os.path.isdir(client_ca):
+            capath = client_ca
+        else:
+            cafile = client_ca
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=cafile, capath=capath)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED if client_ca is not None else ssl.CERT_NONE
+    return context
+
+
+def run_server(config_text: str, ready=None, ssl_context: ssl.SSLContext | None = None) -> None:
     """Run ZEO's server with this configuration until SIGTERM/SIGINT.
 
     `ready(address)` is called once the server listens (address is the bound
-    (host, port), useful with port 0)."""
+    (host, port), useful with port 0); `ssl_context`, if given, makes it
+    serve over TLS only."""
     from ZEO.runzeo import ZEOOptions, ZEOServer
 
     class _Server(ZEOServer):
@@ -81,6 +107,8 @@ def run_server(config_text: str, ready=None) -> None:
         options.realize(["-C", conf_path])
     finally:
         os.unlink(conf_path)
+    if ssl_context is not None:
+        options.ssl = ssl_context
     _Server(options).main()
 
 
@@ -109,7 +137,7 @@ Examples:
   refstorage serve New.rfs --create --port 0 --json  # a new database, on a free port""")
 @click.argument("path", type=click.Path(dir_okay=True))
 @click.option("--host", default="127.0.0.1", show_default=True,
-              help="Address to listen on (use 0.0.0.0 only on a trusted network: ZEO has no authentication).")
+              help="Address to listen on (beyond a trusted network, only with --tls-client-ca).")
 @click.option("--port", type=click.IntRange(0, 65535), default=DEFAULT_PORT, show_default=True,
               help="TCP port; 0 picks a free one (the address is printed).")
 @click.option("--blob-dir", type=click.Path(file_okay=False), default=None,
@@ -121,8 +149,16 @@ Examples:
 @click.option("--json", "as_json", is_flag=True,
               help="Print the address as one JSON line once listening: {\"path\", \"storage\", \"host\", "
                    "\"port\"}.")
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Serve over TLS only, with this certificate (PEM; may hold the key too).")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The private key of --tls-cert (PEM).")
+@click.option("--tls-client-ca", type=click.Path(exists=True), default=None,
+              help="Accept only clients with a certificate signed by this CA file "
+                   "(or found in this directory of hashed certificates); needs --tls-cert.")
 def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str,
-          create: bool, as_json: bool) -> None:
+          create: bool, as_json: bool, tls_cert: str | None = None, tls_key: str | None = None,
+          tls_client_ca: str | None = None) -> None:
     """Serve the refstorage database PATH over ZEO until interrupted.
 
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
@@ -142,6 +178,15 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
             check_new_file(path)
         _check_host(host, port)
         config_text = server_config(path, host, port, blob_dir, read_only, name)
+        ssl_context = None
+        if tls_cert is None and (tls_key or tls_client_ca):
+            raise click.ClickException("--tls-key and --tls-client-ca need --tls-cert")
+        if tls_cert is not None:
+            try:
+                ssl_context = server_ssl_context(tls_cert, tls_key, tls_client_ca)
+            except (ssl.SSLError, OSError) as exc:
+                raise click.ClickException(
+                    f"cannot use the TLS certificate, key or client CA: {exc}") from exc
         # runzeo logs to stderr itself; keep one handler
         root = logging.getLogger()
         for handler in list(root.handlers):
@@ -156,4 +201,4 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
                 click.echo(f"serving {os.path.abspath(path)} as storage {name!r} on {host_}:{port_}")
             click.get_text_stream("stdout").flush()
 
-        run_server(config_text, ready)
+        run_server(config_text, ready, ssl_context)
