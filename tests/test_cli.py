@@ -424,3 +424,21 @@ def test_info_pack_forecast_with_unreadable_references_equals_the_pack(tmp_path)
     assert (forecast.bytes_freed, forecast.revisions_removed, forecast.objects_removed) == (
         report.bytes_freed, report.revisions_removed, report.objects_removed)
     assert report.objects_removed == 0 and report.revisions_removed == 2
+
+
+@pytest.mark.parametrize("kind", ["refstorage", "file", "zconfig"])
+def test_convert_never_creates_a_mistyped_source(tmp_path, kind):
+    """Found by an outside review: a mistyped source URI or ZConfig path made convert
+    create an empty database there (and an empty destination) and exit 0."""
+    if kind == "refstorage":
+        spec = f"refstorage://{tmp_path}/typo.rfs"
+    elif kind == "file":
+        spec = f"file://{tmp_path}/typo.fs"
+    else:
+        spec = str(tmp_path / "source.conf")
+        with open(spec, "w") as f:
+            f.write(f"<filestorage>\n  path {tmp_path}/typo.fs\n</filestorage>\n")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run("convert", spec, tmp_path / "out.rfs")
+    assert r.exit_code == 1 and "typo" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

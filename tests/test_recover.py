@@ -63,6 +63,30 @@ def test_a_clean_file_is_copied_whole(src, template, tmp_path):
     assert loads(dst) == template[3]
 
 
+def test_an_interrupted_recover_leaves_no_partial_file(src, template, tmp_path, monkeypatch):
+    """Found by an outside review: Ctrl-C during recover left the first transactions
+    under DST's name, a file that verified clean.  Now DST appears only when complete."""
+    import refstorage.tools.recover as recover_mod
+
+    real_walk = recover_mod.walk
+
+    def interrupted(*args, **kwargs):
+        for n, item in enumerate(real_walk(*args, **kwargs)):
+            if n == 2:
+                raise KeyboardInterrupt
+            yield item
+
+    monkeypatch.setattr(recover_mod, "walk", interrupted)
+    dst = tmp_path / "New.rfs"
+    with pytest.raises(KeyboardInterrupt):
+        recover(str(src), str(dst))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Data.rfs"], "a partial or temporary file stayed"
+    monkeypatch.setattr(recover_mod, "walk", real_walk)
+    report = recover(str(src), str(dst))
+    assert report.verify.ok and txns(dst) == template[2]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["Data.rfs", "New.rfs", "New.rfs.index"]
+
+
 def test_flipped_bit_in_a_record_loses_only_that_record(src, template, tmp_path):
     lay = template[1]
     bad = lay[4]

@@ -142,9 +142,10 @@ def pack_tid_for(t: float) -> bytes:
     try:
         tid = TimeStamp(*time.gmtime(t)[:5] + (t % 60,)).raw()
     except (TypeError, ValueError, OverflowError) as exc:
-        raise PackError(f"invalid pack time {t!r}: {exc}") from None
+        raise PackError(f"invalid pack time {t!r} (seconds since 1970): {exc}") from None
     if tid == fmt.Z64:
-        raise PackError(f"invalid pack time {t!r}")
+        raise PackError(f"invalid pack time {t!r} (seconds since 1970): "
+                        "not after the first time a tid can hold (1900-01-01)")
     return tid
 
 

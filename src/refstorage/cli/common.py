@@ -282,6 +282,9 @@ def open_storage(spec: str, read_only: bool, create: bool = False, timeout: floa
             if spec.startswith("zeo:") and timeout is not None and "wait_timeout" not in spec:
                 seconds = max(1, math.ceil(timeout))
                 uri += ("&" if "?" in spec else "?") + f"wait_timeout={seconds}"
+            if read_only and spec.startswith(("file:", "refstorage:")) and "read_only" not in spec:
+                # a source: never create a database at a mistyped path
+                uri += ("&" if "?" in spec else "?") + "read_only=1"
             try:
                 factory, _dbkw = zodburi.resolve_uri(uri)
             except (KeyError, ValueError) as exc:
@@ -294,9 +297,14 @@ def open_storage(spec: str, read_only: bool, create: bool = False, timeout: floa
                 raise
         if is_config(spec):
             check_existing_file(spec)
+            import ZConfig
             import ZODB.config
             with open(spec) as f:
-                return ZODB.config.storageFromFile(f)
+                config, _handler = ZConfig.loadConfigFile(ZODB.config.getStorageSchema(), f)
+            section = getattr(config.storage, "config", None)
+            if read_only and section is not None and hasattr(section, "read_only"):
+                section.read_only = True  # a source: never create a database at a mistyped path
+            return config.storage.open()
         if is_refstorage_path(spec, create):
             from ..storage import FileStorage
             return FileStorage(spec, read_only=read_only, create=create, blob_dir=blob_dir)

@@ -129,7 +129,14 @@ def convert(src: str, dst: str, incremental: bool, blob_dir: str | None, dest_bl
                     if dry_run:
                         report = _count(source, start, bar)
                     else:
-                        report = copy_transactions(source, dest, start, lambda r: bar.update(1))
+                        try:
+                            report = copy_transactions(source, dest, start, lambda r: bar.update(1))
+                        except KeyboardInterrupt:
+                            done = dest.lastTransaction()
+                            raise CliError(
+                                f"interrupted: {dst} holds only the transactions copied so far (up to "
+                                f"{done.hex()}); run the same command with --incremental to go on, "
+                                "or remove it") from None
                 seconds = time.perf_counter() - t0
         finally:
             if dest is not None:

@@ -177,10 +177,15 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
             raise ToolError(f"{dst} is the damaged file itself; recover writes a new file")
     report = RecoverReport(src, dst)
     newest: dict[bytes, bytes] = {}  # oid -> tid of its newest revision written to dst
+    # Written under a temporary name and renamed when complete: an interrupted
+    # recover never leaves a partial file under DST's name (it would verify clean).
+    tmp = dst + ".recovering"
+    _remove_storage_files(tmp)
     with Log(src, allow_bad_header=True) as log:
         if log.header_error is not None:
             report.header_error = str(log.header_error)
-        storage = FileStorage(dst, create=True)
+        storage = FileStorage(tmp, create=True)
+        done = False
         try:
             copier = _Copier(storage, log.reader, report, newest)
             for item in walk(log.reader, fmt.HEADER_SIZE, log.size, True, progress):
@@ -193,8 +198,17 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
                 th = item.header
                 copier.copy(th.tid, th.status, TransactionMetaData(th.user, th.description, th.extension),
                             item.records)
+            done = True
         finally:
             storage.close()
+            if not done:
+                _remove_storage_files(tmp)
+    fileio.replace_durably(tmp, dst)
+    if fileio.exists(tmp + ".index"):
+        fileio.replace_durably(tmp + ".index", dst + ".index")
+    else:
+        fileio.remove_if_exists(dst + ".index")
+    fileio.remove_if_exists(tmp + ".lock")
     for lost in report.lost:
         if lost.oid is not None and lost.tid is not None:
             lost.newest = newest.get(lost.oid, b"") < lost.tid
@@ -203,6 +217,11 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
     report.dangling = [(p.referrer, p.oid, p.oid in lost_oids) for p in report.verify.problems
                        if p.kind == "dangling" and p.referrer is not None and p.oid is not None]
     return report
+
+
+def _remove_storage_files(path: str) -> None:
+    for suffix in ("", ".index", ".lock", ".tmp"):
+        fileio.remove_if_exists(path + suffix)
 
 
 class _Copier:
