@@ -62,6 +62,20 @@ CLIENT = textwrap.dedent('''
         finally:
             tm.abort()
 
+    def op_wait_init(timeout):
+        # the other client's init arrives as an invalidation, asynchronously
+        deadline = time.monotonic() + timeout
+        while True:
+            tm.begin()
+            try:
+                if "shared" in conn.root():
+                    return True
+            finally:
+                tm.abort()
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.02)
+
     def op_wait(key, value, timeout):
         # no explicit sync: the change arrives as an invalidation
         deadline = time.monotonic() + timeout
@@ -238,6 +252,8 @@ def clients(server):
             cache = server["tmp"] / f"cache-{name}"
             made.append(Client(server["script"], server["port"], str(cache)))
         made[0]("init")
+        for client in made[1:]:
+            assert client("wait_init", timeout=TIMEOUT)
         yield made
     finally:
         for client in made:

@@ -226,7 +226,7 @@ def test_tls_options_are_checked(tmp_path):
     data = str(tmp_path / "Data.rfs")
     result = runner.invoke(main, ["serve", data, "--port", "0", "--tls-key", _cert("server_key.pem")])
     assert result.exit_code == 1 and "need --tls-cert" in result.output
-    result = runner.invoke(main, ["serve", data, "--port", "0", "--tls-cert", _cert("ca.pem")])
+    result = runner.invoke(main, ["serve", data, "--create", "--port", "0", "--tls-cert", _cert("ca.pem")])
     assert result.exit_code == 1 and "cannot use the TLS certificate" in result.output
     assert not os.path.exists(data)
     result = runner.invoke(main, ["serve", data, "--tls-cert", str(tmp_path / "missing.pem")])

@@ -164,6 +164,8 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
     URI zeo://HOST:PORT?blob_dir=LOCAL_CACHE_DIR.  Stop with Ctrl-C or SIGTERM.
     """
+    if tls_cert is None and (tls_key or tls_client_ca):
+        raise click.ClickException("--tls-key and --tls-client-ca need --tls-cert")
     with failing_cleanly(path, locked_hint="or serve it beside that process with --read-only"):
         for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
             if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
@@ -179,8 +181,6 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
         _check_host(host, port)
         config_text = server_config(path, host, port, blob_dir, read_only, name)
         ssl_context = None
-        if tls_cert is None and (tls_key or tls_client_ca):
-            raise click.ClickException("--tls-key and --tls-client-ca need --tls-cert")
         if tls_cert is not None:
             try:
                 ssl_context = server_ssl_context(tls_cert, tls_key, tls_client_ca)
