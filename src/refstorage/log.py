@@ -298,9 +298,13 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
             off = pos - bufpos
             need = fmt.txn_header_needs(buf, off) if off < len(buf) else fmt.TXN_HEADER_SIZE
             if off + need > len(buf):
-                buf = reader.file.read(pos, max(READ_AHEAD, need))
+                buf = reader.file.read(pos, READ_AHEAD)
                 bufpos, off = pos, 0
                 need = fmt.txn_header_needs(buf, 0)
+                if need > len(buf):
+                    # long metadata: its lengths (not yet checksummed) must fit in
+                    # the transaction and the file before it is read
+                    buf = reader._read_long_txn_header(pos, buf, need, file_size)
                 if need > len(buf):
                     raise CorruptedTransactionError(path, "transaction header cut short", pos)
             th = fmt.decode_txn_header(buf, off, path, pos, file_size)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -73,8 +74,15 @@ def _build(d: str) -> dict:
         commit(st, {p64(4): b"last"})
         pos = _positions(st)
         st.close()
+        # the second transaction header's user length, +2 GiB: found by an outside
+        # review (open read the rest of the file before the checksum could refuse)
+        meta = os.path.join(d, "meta.rfs")
+        shutil.copyfile(many, meta)
+        meta_damage = _txn_positions(meta)[1]
+        _flip(meta, meta_damage + 17, 4, 31)
         _flip(many, pos[(0, p64(2))] + 38, 4, 31)  # dlen of a small record
         _flip(many, pos[(0, p64(1))] + 34, 4, 28)  # nrefs of oid 1's older revision
+
 
         bigtxn = os.path.join(d, "bigtxn.rfs")
         st = refstorage.FileStorage(bigtxn, create=True)
@@ -90,12 +98,28 @@ def _build(d: str) -> dict:
         commit(st, {p64(1): b"one"})
         commit(st, {p64(60): b"C" * (160 * MB)})
         st.close()
-        for p in (many, bigtxn, bigtail):
+        for p in (many, meta, bigtxn, bigtail):
             if os.path.exists(p + ".index"):
                 os.remove(p + ".index")
     size = os.path.getsize(bigtail)
-    return {"many": many, "bigtxn": bigtxn, "bigtail": bigtail, "tail_cut": size - 40 * MB,
+    return {"many": many, "meta": meta, "meta_damage": meta_damage, "bigtxn": bigtxn,
+            "bigtail": bigtail, "tail_cut": size - 40 * MB,
             "tail_pos": pos_of_last(bigtail)}
+
+
+def _txn_positions(path: str) -> list[int]:
+    """Where each transaction starts (read through the good header of the first)."""
+    from refstorage.fileio import DataFile
+    from refstorage.log import LogReader
+    f = DataFile(path, read_only=True)
+    try:
+        reader, out, pos = LogReader(f), [], fmt.HEADER_SIZE
+        while pos < f.size and len(out) < 2:
+            out.append(pos)
+            pos = reader.read_txn_header(pos).next_pos
+        return out
+    finally:
+        f.close()
 
 
 def pos_of_last(path: str) -> int:
@@ -120,6 +144,9 @@ def test_reads_of_damaged_large_files_stay_within_a_memory_budget():
             "many: iterate": ["iterate", many],
             "many: verify": ["verify", many],
             "many: recover": ["recover", many, os.path.join(d, "recovered.rfs")],
+            "meta: open read-only": ["open", files["meta"], True],
+            "meta: open read-write": ["open", files["meta"], False],
+            "meta: verify": ["verify", files["meta"]],
             "bigtxn: open read-only": ["open", bigtxn, True],
             "bigtxn: load damaged dlen": ["load", bigtxn, 50],
             "bigtxn: iterate": ["iterate", bigtxn],
@@ -142,6 +169,10 @@ def test_reads_of_damaged_large_files_stay_within_a_memory_budget():
         assert got["many: iterate"].startswith("CorruptedDataError@")
         assert got["many: verify"] == "ok damage", got
         assert got["many: recover"].startswith("ok")
+        second = files["meta_damage"]
+        assert got["meta: open read-only"] == f"CorruptedTransactionError@{second}", got
+        assert got["meta: open read-write"] == f"CorruptedTransactionError@{second}", got
+        assert got["meta: verify"] == "ok damage", got
         assert got["bigtxn: open read-only"] == "ok"
         assert got["bigtxn: load damaged dlen"].startswith("CorruptedDataError@")
         assert got["bigtxn: iterate"].startswith("CorruptedDataError@")
