@@ -1,0 +1,380 @@
+"""Replication through ZEO: a replica is a ZEO client of the primary.
+
+A `Replicator` copies the transactions of any ZEO-served storage (refstorage,
+ZODB's FileStorage, another replica) into a refstorage replica, keeping each
+transaction's tid, status, user, description and extension, each record's
+data and backpointer (``data_txn``) and each blob file.  It uses nothing but
+ZEO's public client API and the storages' public API:
+
+* reading: ``ClientStorage.iterator(start)`` (ZEO's remote iterator), and
+  ``ClientStorage.loadBlob(oid, tid)`` for blob files;
+* writing: ``tpc_begin(txn, tid, status)``, ``restore``/``restoreBlob``,
+  ``tpc_vote``, ``tpc_finish`` on the replica, one source transaction per
+  replica transaction, so the replica's ``lastTransaction()`` is always the
+  last source transaction copied whole;
+* waking: the source's invalidations (the replicator registers itself as the
+  ClientStorage's database), with a bounded poll as a fallback.
+
+Resuming is therefore exact after a restart, a lost connection or a kill -9
+of either side: the replica's torn tail (if any) is dropped when it is
+reopened, and copying starts again after its last transaction.  Before
+copying, the replicator checks that the replica's last transaction is in the
+source with the same metadata (and, after each (re)connection, the same
+records); otherwise the histories diverge and it raises
+`HistoryDivergedError`, naming the first tid that differs.
+
+Pack: a pack on the source keeps every transaction after the pack time and
+may drop records (and emptied transactions) before it; the check tolerates a
+transaction whose packed copy lost records (records present on both sides
+must be equal).  The replica packs on its own schedule.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl, urlsplit
+
+from ZODB.blob import is_blob_record
+from ZODB.Connection import TransactionMetaData
+from ZODB.interfaces import IBlobStorage
+from ZODB.POSException import POSKeyError
+from ZODB.TimeStamp import TimeStamp
+from ZODB.utils import p64, u64, z64
+
+from .errors import HistoryDivergedError, ReplicationError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Replicator", "ReplicationStats", "parse_source", "open_source"]
+
+DEFAULT_STORAGE = "1"
+
+
+def parse_source(spec: str) -> tuple[tuple[str, int], dict[str, str]]:
+    """((host, port), options) of a source: ``host:port`` or ``zeo://host:port?storage=NAME``.
+
+    Options kept: ``storage`` (the ZEO storage name, default "1") and
+    ``wait_timeout`` (seconds)."""
+    options: dict[str, str] = {}
+    netloc = spec
+    if "://" in spec:
+        parts = urlsplit(spec)
+        if parts.scheme != "zeo":
+            raise ReplicationError(f"{spec!r}: a replication source is a ZEO address "
+                                   "(host:port or zeo://host:port)")
+        netloc = parts.netloc
+        for name, value in parse_qsl(parts.query):
+            if name in ("storage", "wait_timeout"):
+                options[name] = value
+    host, sep, port = netloc.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ReplicationError(f"{spec!r}: expected HOST:PORT or zeo://HOST:PORT[?storage=NAME]")
+    return (host.strip("[]"), int(port)), options
+
+
+def open_source(spec: str, blob_cache: str | None = None, wait_timeout: float = 30.0,
+                storage: str | None = None):
+    """A read-only ZEO ClientStorage connected to the source `spec`."""
+    from ZEO.ClientStorage import ClientStorage
+    from ZEO.Exceptions import ClientDisconnected
+
+    addr, options = parse_source(spec)
+    name = storage or options.get("storage", DEFAULT_STORAGE)
+    if "wait_timeout" in options:
+        wait_timeout = float(options["wait_timeout"])
+    try:
+        return ClientStorage(addr, storage=name, read_only=True, blob_dir=blob_cache,
+                             shared_blob_dir=False, wait_timeout=wait_timeout,
+                             cache_size=1 << 20)
+    except ClientDisconnected as exc:
+        raise ReplicationError(f"cannot reach the ZEO server at {addr[0]}:{addr[1]} "
+                               f"within {wait_timeout:g} s ({exc})") from exc
+
+
+@dataclass
+class ReplicationStats:
+    """What a replicator did; `lags` holds the last lags measured while following."""
+    transactions: int = 0
+    records: int = 0
+    blobs: int = 0
+    bytes: int = 0
+    last_tid: bytes = z64
+    reconnects: int = 0
+    lags: deque = field(default_factory=lambda: deque(maxlen=100_000))
+
+    def lag_summary(self) -> dict[str, float | int]:
+        """count, p50, p99 and max of the measured lags, in seconds."""
+        values = sorted(self.lags)
+        if not values:
+            return {"count": 0}
+
+        def pct(q: float) -> float:
+            return round(values[min(len(values) - 1, int(q * len(values)))], 4)
+
+        return {"count": len(values), "p50": pct(0.50), "p99": pct(0.99), "max": round(values[-1], 4)}
+
+
+class _Listener:
+    """Stands in for a DB on the source ClientStorage: turns invalidations into wake-ups."""
+
+    def __init__(self, wake: threading.Event):
+        self._wake = wake
+        self.connections = 0
+
+    def invalidate(self, tid, oids, version: str = "") -> None:
+        self._wake.set()
+
+    def invalidateCache(self) -> None:  # called on every (re)connection
+        self.connections += 1
+        self._wake.set()
+
+    def transform_record_data(self, data: bytes) -> bytes:
+        return data
+
+    untransform_record_data = transform_record_data
+
+    def references(self, record, oids=None):  # pragma: no cover - not used by ClientStorage
+        from ZODB.serialize import referencesf
+        return referencesf(record, oids)
+
+
+def tid_time(tid: bytes) -> float:
+    return TimeStamp(tid).timeTime()
+
+
+def _next_tid(tid: bytes) -> bytes:
+    return p64(u64(tid) + 1)
+
+
+def _extension(txn) -> dict:
+    ext = getattr(txn, "extension", None)
+    if isinstance(ext, dict):
+        return ext
+    return TransactionMetaData(extension=ext or b"").extension
+
+
+def _metadata(txn) -> tuple:
+    def as_bytes(v):
+        return v.encode("utf-8") if isinstance(v, str) else bytes(v or b"")
+    return (txn.tid, as_bytes(txn.user), as_bytes(txn.description), _extension(txn))
+
+
+class Replicator:
+    """Copies the source's new transactions into `replica` (a writable refstorage).
+
+    `source` is a ZEO ClientStorage (see `open_source`); `on_commit(tid, oids)`
+    is called after each copied transaction (a read-only server over the
+    replica uses it to send ZEO invalidations); `on_progress(stats)` after
+    each transaction too.  `run()` catches up, then follows until `stop()`.
+    """
+
+    def __init__(self, source, replica, *, replica_name: str | None = None,
+                 on_commit: Callable[[bytes, list[bytes]], None] | None = None,
+                 on_progress: Callable[[ReplicationStats], None] | None = None,
+                 poll_interval: float = 5.0, retry_interval: float = 0.5):
+        self.source = source
+        self.replica = replica
+        self.replica_name = replica_name or str(getattr(replica, "getName", lambda: "replica")())
+        self.on_commit = on_commit
+        self.on_progress = on_progress
+        self.poll_interval = poll_interval
+        self.retry_interval = retry_interval
+        self.stats = ReplicationStats(last_tid=replica.lastTransaction())
+        self.following = False  # lags are measured once the first catch-up is done
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._listener = _Listener(self._wake)
+        self._checked_connection = -1
+        source.registerDB(self._listener)
+        self._blobs = IBlobStorage.providedBy(source)
+        if self._blobs and not IBlobStorage.providedBy(replica):
+            raise ReplicationError(
+                f"the source serves blobs but the replica {self.replica_name} has no blob "
+                "directory: give it one (--blob-dir)")
+
+    # -- control -------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Ask run()/catch_up() to return after the transaction being copied."""
+        self._stop.set()
+        self._wake.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._stop.is_set()
+
+    def run(self, follow: bool = True, deadline: float | None = None) -> ReplicationStats:
+        """Catch up; with `follow`, keep copying new commits until stop() (or time.monotonic() > deadline).
+
+        A lost connection is retried (ZEO's client reconnects by itself);
+        without `follow`, a connection lost for longer than the source's
+        wait timeout ends the run with ReplicationError."""
+        from ZEO.Exceptions import ClientDisconnected
+
+        lost_since: float | None = None
+        while not self.stopped:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            self._wake.clear()
+            try:
+                self.catch_up()
+                lost_since = None
+            except ClientDisconnected as exc:
+                now = time.monotonic()
+                if lost_since is None:
+                    lost_since = now
+                    self.stats.reconnects += 1
+                    logger.warning("lost the source (%s); retrying", exc)
+                if not follow and now - lost_since > 30.0:
+                    raise ReplicationError(f"the source stayed unreachable for 30 s ({exc})") from exc
+                self._stop.wait(self.retry_interval)
+                continue
+            if not follow:
+                break
+            self.following = True
+            wait = self.poll_interval
+            if deadline is not None:
+                wait = max(0.0, min(wait, deadline - time.monotonic()))
+            self._wake.wait(wait)
+        return self.stats
+
+    # -- copying -------------------------------------------------------------------
+
+    def catch_up(self) -> int:
+        """Copy every source transaction after the replica's last one; the count copied."""
+        last = self.replica.lastTransaction()
+        deep = self._listener.connections != self._checked_connection
+        connection = self._listener.connections
+        copied = 0
+        it = self.source.iterator(last if last != z64 else None)
+        try:
+            txns: Iterator = iter(it)
+            if last != z64:
+                first = next(txns, None)
+                self._check_same(last, first, deep)
+                self._checked_connection = connection
+            for txn in txns:
+                if self.stopped:
+                    break
+                self._copy(txn)
+                copied += 1
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        return copied
+
+    def _copy(self, txn) -> None:
+        replica = self.replica
+        tid = txn.tid
+        last = replica.lastTransaction()
+        if tid <= last:
+            raise HistoryDivergedError(self.replica_name, tid, f"the source sent transaction {tid.hex()}, "
+                                       f"not after the replica's last one {last.hex()}")
+        meta = TransactionMetaData(txn.user, txn.description, _extension(txn))
+        replica.tpc_begin(meta, tid, txn.status)
+        oids: list[bytes] = []
+        nbytes = records = blobs = 0
+        try:
+            for rec in txn:
+                blob = self._fetch_blob(rec) if self._blobs else None
+                if blob is not None:
+                    replica.restoreBlob(rec.oid, tid, rec.data, blob, rec.data_txn, meta)
+                    blobs += 1
+                else:
+                    replica.restore(rec.oid, tid, rec.data, "", rec.data_txn, meta)
+                oids.append(rec.oid)
+                records += 1
+                nbytes += len(rec.data or b"")
+            replica.tpc_vote(meta)
+            replica.tpc_finish(meta)
+        except BaseException:
+            replica.tpc_abort(meta)
+            raise
+        stats = self.stats
+        stats.transactions += 1
+        stats.records += records
+        stats.blobs += blobs
+        stats.bytes += nbytes
+        stats.last_tid = tid
+        if self.following:
+            stats.lags.append(max(0.0, time.time() - tid_time(tid)))
+        if self.on_commit is not None:
+            try:
+                self.on_commit(tid, oids)
+            except Exception:
+                logger.exception("on_commit failed for transaction %s", tid.hex())
+        if self.on_progress is not None:
+            self.on_progress(stats)
+
+    def _fetch_blob(self, rec) -> str | None:
+        """A copy of rec's blob file in the replica's temporary directory, or None."""
+        if not rec.data or not is_blob_record(rec.data):
+            return None
+        try:
+            cached = self.source.loadBlob(rec.oid, rec.tid)
+        except POSKeyError:
+            logger.warning("the source has no blob file for oid %s tid %s; copying the record only",
+                           rec.oid.hex(), rec.tid.hex())
+            return None
+        fd, tmp = tempfile.mkstemp(prefix="replica-", suffix=".tmp",
+                                   dir=self.replica.temporaryDirectory())
+        try:
+            with os.fdopen(fd, "wb") as out, open(cached, "rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        try:  # the client's blob cache is only a transit area here
+            os.unlink(cached)
+        except OSError:
+            pass
+        return tmp
+
+    # -- history check -----------------------------------------------------------------
+
+    def _check_same(self, last: bytes, theirs, deep: bool) -> None:
+        """The source's transaction `theirs` (the first at or after `last`) must be ours."""
+        mine = next(iter(self.replica.iterator(last, last)), None)
+        if theirs is None or theirs.tid != last or mine is None:
+            where = (f"the source has no transaction {last.hex()}" if theirs is None or theirs.tid != last
+                     else f"the replica cannot read its last transaction {last.hex()}")
+            raise HistoryDivergedError(self.replica_name, self._first_difference(last), where)
+        if _metadata(mine) != _metadata(theirs):
+            raise HistoryDivergedError(self.replica_name, self._first_difference(last),
+                                       f"transaction {last.hex()} has other metadata in the source")
+        if not deep:
+            return
+        ours = {rec.oid: rec.data for rec in mine}
+        for rec in theirs:
+            if rec.oid in ours and ours[rec.oid] != rec.data:
+                raise HistoryDivergedError(
+                    self.replica_name, self._first_difference(last),
+                    f"transaction {last.hex()} has other data for oid {u64(rec.oid)} in the source")
+
+    def _first_difference(self, last: bytes) -> bytes:
+        """The first tid (up to `last`) where the two histories differ, walking both in step.
+
+        Transactions a pack removed on one side count as differences; when
+        no earlier difference shows, `last` itself is named."""
+        src = iter(self.source.iterator(None, last))
+        mine = iter(self.replica.iterator(None, last))
+        while True:
+            a = next(src, None)
+            b = next(mine, None)
+            if a is None and b is None:
+                return last
+            if a is None or b is None:
+                return (a or b).tid
+            if a.tid != b.tid:
+                return min(a.tid, b.tid)
+            if _metadata(a) != _metadata(b):
+                return a.tid

@@ -1,0 +1,294 @@
+"""Replication through ZEO (refstorage.replicate, `refstorage replicate`).
+
+The primaries here are real ZEO servers on 127.0.0.1 (ZEO.server, in a
+thread of this process, over refstorage or ZODB's FileStorage); clients
+commit through ZEO.DB.  At the end of each test the replica's history is
+compared with the primary's file read directly: tids, status, metadata,
+records (data and backpointers) and blob contents.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+
+import pytest
+import transaction
+import ZEO
+from click.testing import CliRunner
+from persistent.mapping import PersistentMapping
+from ZODB.blob import Blob
+from ZODB.utils import z64
+
+import refstorage
+from refstorage.cli import main
+from refstorage.errors import HistoryDivergedError, ReplicationError
+from refstorage.replicate import Replicator, open_source, parse_source
+
+TIMEOUT = 30.0
+
+
+def refstorage_conf(path, blobs) -> str:
+    return f"%import refstorage\n<refstorage>\n  path {path}\n  blob-dir {blobs}\n</refstorage>\n"
+
+
+@pytest.fixture(params=["refstorage", "filestorage"])
+def primary(request, tmp_path):
+    """A ZEO server over a refstorage or a FileStorage primary (with blobs)."""
+    blobs = str(tmp_path / "primary-blobs")
+    if request.param == "refstorage":
+        path = str(tmp_path / "primary.rfs")
+        addr, stop = ZEO.server(storage_conf=refstorage_conf(path, blobs), port=0)
+    else:
+        path = str(tmp_path / "primary.fs")
+        addr, stop = ZEO.server(path=path, blob_dir=blobs, port=0)
+    db = ZEO.DB(addr, blob_dir=str(tmp_path / "client-cache"), wait_timeout=TIMEOUT)
+    info = {"kind": request.param, "path": path, "blobs": blobs, "addr": addr, "db": db,
+            "source": f"{addr[0]}:{addr[1]}", "tmp": tmp_path}
+    try:
+        yield info
+    finally:
+        db.close()
+        stop()
+
+
+def commit_work(db, start: int, count: int) -> None:
+    """`count` transactions: metadata, new objects, blobs, changes; then an undo."""
+    for i in range(start, start + count):
+        tm = transaction.TransactionManager()
+        conn = db.open(transaction_manager=tm)
+        try:
+            txn = tm.begin()
+            txn.note(f"step {i}")
+            txn.setUser(f"user{i % 3}")
+            txn.setExtendedInfo("step", i)
+            root = conn.root()
+            root.setdefault("items", PersistentMapping())
+            root["items"][i] = PersistentMapping(value=i)
+            if i % 3 == 0:
+                root[f"blob{i}"] = Blob(b"blob %d " % i * 100)
+            tm.commit()
+        finally:
+            conn.close()
+    # an undo: its records become backpointers on both sides
+    with db.transaction() as conn:
+        conn.root()["items"][start].value = "changed"
+    last = db.undoLog(0, 1)[0]
+    db.undo(last["id"])
+    transaction.commit()
+
+
+def history(storage) -> list:
+    """Everything a replica must reproduce, in a comparable form."""
+    out = []
+    for txn in storage.iterator():
+        ext = txn.extension if isinstance(txn.extension, dict) else {}
+        records = []
+        for rec in txn:
+            records.append((rec.oid, rec.data, rec.data_txn))
+        out.append((txn.tid, txn.status, bytes(txn.user), bytes(txn.description), ext, records))
+    return out
+
+
+def blob_contents(storage) -> dict:
+    """{(oid, tid): bytes} of every blob record that has a file."""
+    from ZODB.blob import is_blob_record
+    found = {}
+    for txn in storage.iterator():
+        for rec in txn:
+            if rec.data and is_blob_record(rec.data):
+                try:
+                    with open(storage.loadBlob(rec.oid, rec.tid), "rb") as f:
+                        found[(rec.oid, rec.tid)] = f.read()
+                except Exception:
+                    pass
+    return found
+
+
+def open_primary_file(primary):
+    if primary["kind"] == "refstorage":
+        return refstorage.FileStorage(primary["path"], read_only=True, blob_dir=primary["blobs"])
+    from ZODB.blob import BlobStorage
+    from ZODB.FileStorage import FileStorage as ZFS
+    return BlobStorage(primary["blobs"], ZFS(primary["path"], read_only=True))
+
+
+def assert_same(primary, replica_path, replica_blobs) -> int:
+    src = open_primary_file(primary)
+    rep = refstorage.FileStorage(replica_path, read_only=True, blob_dir=replica_blobs)
+    try:
+        expected = history(src)
+        got = history(rep)
+        assert [t[0] for t in got] == [t[0] for t in expected]
+        assert got == expected
+        blobs = blob_contents(src)
+        assert blobs and blob_contents(rep) == blobs
+        assert any(rec[2] for t in expected for rec in t[5]), "no backpointer was exercised"
+        return len(expected)
+    finally:
+        src.close()
+        rep.close()
+
+
+def run_cli(*args):
+    return CliRunner().invoke(main, ["replicate", *args], catch_exceptions=False)
+
+
+def test_parse_source():
+    assert parse_source("127.0.0.1:8100") == (("127.0.0.1", 8100), {})
+    assert parse_source("zeo://localhost:9?storage=main&x=1") == (("localhost", 9), {"storage": "main"})
+    for bad in ("8100", "127.0.0.1:", "file:///x.fs", "host:99999"):
+        with pytest.raises(ReplicationError):
+            parse_source(bad)
+
+
+def test_once_copies_and_resumes_without_gap_or_duplicate(primary):
+    db = primary["db"]
+    commit_work(db, 0, 7)
+    replica = str(primary["tmp"] / "replica.rfs")
+    blobs = str(primary["tmp"] / "replica-blobs")
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    first = json.loads(result.output)
+    assert first["transactions"] == assert_same(primary, replica, blobs)
+    assert first["blobs"] >= 3
+    # more commits, then resume: only the new transactions are copied
+    commit_work(db, 7, 4)
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    second = json.loads(result.output)
+    total = assert_same(primary, replica, blobs)
+    assert first["transactions"] + second["transactions"] == total
+    assert second["transactions"] == 6  # 4 commits, a change and its undo
+    # nothing new: nothing copied
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "--json", "-q")
+    assert json.loads(result.output)["transactions"] == 0
+
+
+def test_zeo_uri_source_and_storage_name(primary):
+    commit_work(primary["db"], 0, 2)
+    replica = str(primary["tmp"] / "replica.rfs")
+    blobs = str(primary["tmp"] / "replica-blobs")
+    host, port = primary["addr"]
+    result = run_cli(f"zeo://{host}:{port}?storage=1", replica, "--blob-dir", blobs, "--once")
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("copied ")
+    assert_same(primary, replica, blobs)
+
+
+def test_refuses_a_diverging_replica_naming_the_first_tid(primary, tmp_path):
+    commit_work(primary["db"], 0, 3)
+    replica = str(tmp_path / "replica.rfs")
+    blobs = str(tmp_path / "replica-blobs")
+    assert run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "-q").exit_code == 0
+    # a commit made on the replica itself: the replica is ahead on another branch
+    rep = refstorage.FileStorage(replica, blob_dir=blobs)
+    common = rep.lastTransaction()
+    import ZODB
+    rdb = ZODB.DB(rep)
+    with rdb.transaction() as conn:
+        conn.root()["local"] = 1
+    own = rep.lastTransaction()
+    rdb.close()
+    commit_work(primary["db"], 3, 2)
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "-q")
+    assert result.exit_code == 1
+    assert f"diverges from the source at transaction {own.hex()}" in result.output
+    assert replica in result.output
+    # nothing was written
+    rep = refstorage.FileStorage(replica, read_only=True)
+    assert rep.lastTransaction() == own
+    assert [t.tid for t in rep.iterator()][-2] == common
+    rep.close()
+
+
+def test_refuses_an_unrelated_replica(primary, tmp_path):
+    commit_work(primary["db"], 0, 2)
+    replica = str(tmp_path / "other.rfs")
+    import ZODB
+    other = ZODB.DB(refstorage.FileStorage(replica, create=True))
+    other.close()
+    other_first = next(iter(refstorage.FileStorage(replica, read_only=True).iterator())).tid
+    src = open_primary_file(primary)
+    source_first = next(iter(src.iterator())).tid
+    src.close()
+    result = run_cli(primary["source"], replica, "--blob-dir", str(tmp_path / "b"), "--once", "-q")
+    assert result.exit_code == 1
+    assert f"at transaction {min(other_first, source_first).hex()}" in result.output
+
+
+def test_a_source_with_blobs_needs_a_replica_blob_dir(primary, tmp_path):
+    commit_work(primary["db"], 0, 1)
+    result = run_cli(primary["source"], str(tmp_path / "r.rfs"), "--once", "-q")
+    assert result.exit_code == 1
+    assert "--blob-dir" in result.output
+
+
+def test_unreachable_source(tmp_path):
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    t0 = time.monotonic()
+    result = run_cli(f"127.0.0.1:{port}", str(tmp_path / "r.rfs"), "--once", "--wait-timeout", "1", "-q")
+    assert result.exit_code == 1
+    assert "cannot reach the ZEO server" in result.output
+    assert time.monotonic() - t0 < 20
+
+
+def test_follow_is_woken_by_invalidations(primary, tmp_path):
+    """With a 60 s poll, only invalidations can bring the commits over in time."""
+    db = primary["db"]
+    commit_work(db, 0, 1)
+    rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True, blob_dir=str(tmp_path / "rb"))
+    src = open_source(primary["source"], blob_cache=str(tmp_path / "rcache"))
+    committed = []
+    replicator = Replicator(src, rep, poll_interval=60.0,
+                            on_commit=lambda tid, oids: committed.append((tid, len(oids))))
+    thread = threading.Thread(target=replicator.run, kwargs={"deadline": time.monotonic() + TIMEOUT})
+    thread.start()
+    try:
+        for i in range(5):
+            with db.transaction() as conn:
+                conn.root()["n"] = i
+            tid = db.lastTransaction()
+            deadline = time.monotonic() + 10
+            while rep.lastTransaction() < tid and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert rep.lastTransaction() == tid
+    finally:
+        replicator.stop()
+        thread.join(TIMEOUT)
+        src.close()
+        rep.close()
+    assert not thread.is_alive()
+    assert committed[-1] == (tid, 1)
+    lag = replicator.stats.lag_summary()
+    assert lag["count"] == 5 and lag["max"] < 5.0
+
+
+def test_stats_and_empty_source(tmp_path):
+    addr, stop = ZEO.server(path=str(tmp_path / "p.fs"), port=0)
+    try:
+        rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True)
+        src = open_source(f"{addr[0]}:{addr[1]}")
+        try:
+            stats = Replicator(src, rep).run(follow=False)
+            assert stats.transactions == 0 and stats.last_tid == z64
+            assert rep.lastTransaction() == z64
+        finally:
+            src.close()
+            rep.close()
+    finally:
+        stop()
+
+
+def test_diverged_error_pickles():
+    import pickle
+    err = HistoryDivergedError("/x/r.rfs", b"\x01" * 8, "why")
+    back = pickle.loads(pickle.dumps(err))
+    assert back.tid == err.tid and str(back) == str(err)
+    assert "/x/r.rfs" in str(err) and "0101010101010101" in str(err)
+    assert os.path.basename(back.path) == "r.rfs"
