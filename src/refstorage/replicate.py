@@ -81,8 +81,8 @@ def parse_source(spec: str) -> tuple[tuple[str, int], dict[str, str]]:
 
 
 def open_source(spec: str, blob_cache: str | None = None, wait_timeout: float = 30.0,
-                storage: str | None = None):
-    """A read-only ZEO ClientStorage connected to the source `spec`."""
+                storage: str | None = None, wait: bool = True):
+    """A read-only ZEO ClientStorage of the source `spec` (connected, with `wait`)."""
     from ZEO.ClientStorage import ClientStorage
     from ZEO.Exceptions import ClientDisconnected
 
@@ -92,7 +92,7 @@ def open_source(spec: str, blob_cache: str | None = None, wait_timeout: float = 
         wait_timeout = float(options["wait_timeout"])
     try:
         return ClientStorage(addr, storage=name, read_only=True, blob_dir=blob_cache,
-                             shared_blob_dir=False, wait_timeout=wait_timeout,
+                             shared_blob_dir=False, wait=wait, wait_timeout=wait_timeout,
                              cache_size=1 << 20)
     except ClientDisconnected as exc:
         raise ReplicationError(f"cannot reach the ZEO server at {addr[0]}:{addr[1]} "
@@ -193,9 +193,15 @@ class Replicator:
         self._stop = threading.Event()
         self._listener = _Listener(self._wake)
         self._checked_connection = -1
+        self._blobs = False
         source.registerDB(self._listener)
-        self._blobs = IBlobStorage.providedBy(source)
-        if self._blobs and not IBlobStorage.providedBy(replica):
+        if source.is_connected():
+            self._check_blobs()
+
+    def _check_blobs(self) -> None:
+        """The source's interfaces are known once it is connected."""
+        self._blobs = IBlobStorage.providedBy(self.source)
+        if self._blobs and not IBlobStorage.providedBy(self.replica):
             raise ReplicationError(
                 f"the source serves blobs but the replica {self.replica_name} has no blob "
                 "directory: give it one (--blob-dir)")
@@ -253,6 +259,8 @@ class Replicator:
         last = self.replica.lastTransaction()
         deep = self._listener.connections != self._checked_connection
         connection = self._listener.connections
+        if deep:
+            self._check_blobs()
         copied = 0
         it = self.source.iterator(last if last != z64 else None)
         try:
@@ -295,7 +303,9 @@ class Replicator:
                 records += 1
                 nbytes += len(rec.data or b"")
             replica.tpc_vote(meta)
-            replica.tpc_finish(meta)
+            # as ZEO's server does for its own commits, invalidations go out
+            # from tpc_finish's callback, before readers can see the transaction
+            replica.tpc_finish(meta, lambda tid: self._announce(tid, oids))
         except BaseException:
             replica.tpc_abort(meta)
             raise
@@ -307,13 +317,15 @@ class Replicator:
         stats.last_tid = tid
         if self.following:
             stats.lags.append(max(0.0, time.time() - tid_time(tid)))
+        if self.on_progress is not None:
+            self.on_progress(stats)
+
+    def _announce(self, tid: bytes, oids: list[bytes]) -> None:
         if self.on_commit is not None:
             try:
                 self.on_commit(tid, oids)
             except Exception:
                 logger.exception("on_commit failed for transaction %s", tid.hex())
-        if self.on_progress is not None:
-            self.on_progress(stats)
 
     def _fetch_blob(self, rec) -> str | None:
         """A copy of rec's blob file in the replica's temporary directory, or None."""
@@ -378,3 +390,65 @@ class Replicator:
                 return min(a.tid, b.tid)
             if _metadata(a) != _metadata(b):
                 return a.tid
+
+
+class Follower:
+    """A Replicator running in a thread, feeding a ZEO server that serves the replica.
+
+    `zeo_server` is the ZEO StorageServer serving `replica` as `storage_name`
+    (read-only for clients); each copied transaction is announced to its
+    clients as ZEO invalidations.  `on_failure(exc)` is called if the
+    replicator stops on an error (a diverged history, say).  `promote()`
+    stops following and lets the server accept commits.
+    """
+
+    def __init__(self, source_spec: str, replica, zeo_server, storage_name: str, *,
+                 source_storage: str | None = None, poll_interval: float = 5.0,
+                 wait_timeout: float = 30.0,
+                 on_failure: Callable[[BaseException], None] | None = None):
+        from ZEO.StorageServer import StorageServerDB
+
+        self.source_spec = source_spec
+        self.replica = replica
+        self.zeo_server = zeo_server
+        self.on_failure = on_failure
+        self.promoted = False
+        self._cache = tempfile.mkdtemp(prefix="refstorage-replica-") \
+            if IBlobStorage.providedBy(replica) else None
+        # the replica serves even while its source is unreachable
+        self._source = open_source(source_spec, blob_cache=self._cache, wait_timeout=wait_timeout,
+                                   storage=source_storage, wait=False)
+        server_db = StorageServerDB(zeo_server, storage_name)
+        self.replicator = Replicator(self._source, replica, on_commit=server_db.invalidate,
+                                     poll_interval=poll_interval)
+        self._thread = threading.Thread(target=self._run, name="refstorage replicator", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.replicator.run(follow=True)
+        except BaseException as exc:
+            logger.critical("replication from %s stopped: %s", self.source_spec, exc, exc_info=True)
+            if self.on_failure is not None and not self.replicator.stopped:
+                self.on_failure(exc)
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop following (the transaction being copied completes or is aborted)."""
+        self.replicator.stop()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        try:
+            self._source.close()
+        finally:
+            if self._cache:
+                shutil.rmtree(self._cache, ignore_errors=True)
+
+    def promote(self) -> None:
+        """Stop following and serve read-write: new connections may commit."""
+        self.stop()
+        self.zeo_server.read_only = False
+        self.promoted = True
+        logger.warning("promoted: replication from %s stopped at %s; now serving read-write",
+                       self.source_spec, self.replica.lastTransaction().hex())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import tempfile
 
 import click
@@ -39,8 +40,12 @@ def _zconfig_value(value: str) -> str:
 
 
 def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
-                  read_only: bool = False, name: str = "1", invalidation_queue_size: int = 1000) -> str:
-    """The runzeo (ZConfig) configuration that serves `path` as storage `name`."""
+                  read_only: bool = False, name: str = "1", invalidation_queue_size: int = 1000,
+                  storage_writable: bool = False) -> str:
+    """The runzeo (ZConfig) configuration that serves `path` as storage `name`.
+
+    `storage_writable` opens the storage read-write even when the server is
+    read-only for its clients (a replica: its replicator writes to it)."""
     lines = [
         "%import refstorage",
         "<zeo>",
@@ -53,24 +58,39 @@ def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
     ]
     if blob_dir:
         lines.append(f"  blob-dir {_zconfig_value(os.path.abspath(blob_dir))}")
-    if read_only:
+    if read_only and not storage_writable:
         lines.append("  read-only true")
     lines.append("</refstorage>")
     return "\n".join(lines) + "\n"
 
 
-def run_server(config_text: str, ready=None) -> None:
+def run_server(config_text: str, ready=None, started=None) -> None:
     """Run ZEO's server with this configuration until SIGTERM/SIGINT.
 
     `ready(address)` is called once the server listens (address is the bound
-    (host, port), useful with port 0)."""
+    (host, port), useful with port 0).  `started(zeo_server, storages)`, if
+    given, is called then too and may return an object with `stop()` (called
+    before the storages close) and `promote()` (called on SIGUSR1)."""
     from ZEO.runzeo import ZEOOptions, ZEOServer
 
     class _Server(ZEOServer):
+        extra = None
+
         def create_server(self) -> None:
             super().create_server()
+            if started is not None:
+                self.extra = started(self.server, self.storages)
             if ready is not None:
                 ready(self.server.acceptor.addr)
+
+        def close_server(self) -> None:
+            if self.extra is not None:
+                self.extra.stop()
+            super().close_server()
+
+        def handle_sigusr1(self) -> None:
+            if self.extra is not None and hasattr(self.extra, "promote"):
+                self.extra.promote()
 
     fd, conf_path = tempfile.mkstemp(prefix="refstorage-zeo-", suffix=".conf")
     try:
@@ -93,19 +113,35 @@ def run_server(config_text: str, ready=None) -> None:
               help="Blob directory (enables blobs; created if missing).")
 @click.option("--read-only", is_flag=True, help="Serve without accepting commits.")
 @click.option("--name", default="1", show_default=True, help="Storage name clients ask for.")
-def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str) -> None:
+@click.option("--replicate", "source", default=None, metavar="SOURCE",
+              help="With --read-only: keep PATH a replica of the ZEO server SOURCE (HOST:PORT or "
+                   "zeo://HOST:PORT?storage=NAME) while serving it; SIGUSR1 promotes it "
+                   "(stop following, accept commits).")
+@click.option("--poll", type=click.FloatRange(0.05, 3600), default=5.0, show_default=True,
+              help="With --replicate: look for new commits at least this often (seconds).")
+def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str,
+          source: str | None, poll: float) -> None:
     """Serve the refstorage database PATH over ZEO until interrupted.
 
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
     URI zeo://HOST:PORT?blob_dir=LOCAL_CACHE_DIR.  Stop with Ctrl-C or SIGTERM.
+    With --read-only --replicate SOURCE, PATH follows SOURCE (see `refstorage
+    replicate`) and its clients see each copied commit as usual, through ZEO's
+    invalidations; `kill -USR1` promotes it to a read-write server.
     """
+    if source is not None and not read_only:
+        raise click.UsageError("--replicate serves a replica, which is --read-only until promoted")
     with failing_cleanly():
         for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
             if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
                 raise click.ClickException(f"{what}: the directory that should hold {value} does not exist")
-        if read_only and not os.path.exists(path):
+        if read_only and source is None and not os.path.exists(path):
             raise click.ClickException(f"{path} does not exist (a read-only server does not create it)")
-        config_text = server_config(path, host, port, blob_dir, read_only, name)
+        if source is not None and not os.path.exists(path):
+            from ..storage import FileStorage
+            FileStorage(path, create=True).close()
+        config_text = server_config(path, host, port, blob_dir, read_only, name,
+                                    storage_writable=source is not None)
         # runzeo logs to stderr itself; keep one handler
         root = logging.getLogger()
         for handler in list(root.handlers):
@@ -116,4 +152,18 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
             click.echo(f"serving {os.path.abspath(path)} as storage {name!r} on {host_}:{port_}", err=False)
             click.get_text_stream("stdout").flush()
 
-        run_server(config_text, ready)
+        started = None
+        if source is not None:
+            def started(zeo_server, storages):
+                from ..replicate import Follower
+
+                def failed(exc: BaseException) -> None:
+                    # a replica that silently stopped following would be worse than none
+                    os.kill(os.getpid(), signal.SIGHUP)  # runzeo exits with status 1
+
+                follower = Follower(source, storages[name], zeo_server, name, poll_interval=poll,
+                                    on_failure=failed)
+                follower.start()
+                return follower
+
+        run_server(config_text, ready, started)
