@@ -31,6 +31,7 @@ must be equal).  The replica packs on its own schedule.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import shutil
@@ -267,7 +268,10 @@ class Replicator:
             txns: Iterator = iter(it)
             if last != z64:
                 first = next(txns, None)
-                self._check_same(last, first, deep)
+                if first is not None and first.tid > last and self._packed_away(last, first):
+                    txns = itertools.chain([first], txns)
+                else:
+                    self._check_same(last, first, deep)
                 self._checked_connection = connection
             for txn in txns:
                 if self.stopped:
@@ -353,6 +357,30 @@ class Replicator:
 
     # -- history check -----------------------------------------------------------------
 
+    def _packed_away(self, last: bytes, after) -> bool:
+        """True if the source lacks our last transaction because a pack removed it.
+
+        A pack (refstorage's or FileStorage's) drops transactions it emptied
+        before the pack time and marks the ones it keeps 'p': the packed
+        history is a prefix of the file.  `last` lies in it if the source's
+        next transaction is packed, or if every source transaction before
+        `last` is."""
+        if after.status == "p":
+            explained = True
+        else:
+            seen = 0
+            explained = False
+            for txn in self.source.iterator(None, last):
+                if txn.status != "p":
+                    break
+                seen += 1
+            else:
+                explained = seen > 0
+        if explained:
+            logger.warning("the source no longer has transaction %s (a pack removed it); "
+                           "continuing with %s", last.hex(), after.tid.hex())
+        return explained
+
     def _check_same(self, last: bytes, theirs, deep: bool) -> None:
         """The source's transaction `theirs` (the first at or after `last`) must be ours."""
         mine = next(iter(self.replica.iterator(last, last)), None)
@@ -411,6 +439,7 @@ class Follower:
         self.source_spec = source_spec
         self.replica = replica
         self.zeo_server = zeo_server
+        self.storage_name = storage_name
         self.on_failure = on_failure
         self.promoted = False
         self._cache = tempfile.mkdtemp(prefix="refstorage-replica-") \
@@ -450,5 +479,11 @@ class Follower:
         self.stop()
         self.zeo_server.read_only = False
         self.promoted = True
+        # Connections made before are read-only for good: close them, so that
+        # clients (with read_only_fallback) reconnect, now read-write.
+        for zs in list(self.zeo_server.zeo_storages_by_storage_id.get(self.storage_name, ())):
+            conn = getattr(zs, "connection", None)
+            if conn is not None:
+                conn.call_soon_threadsafe(conn.close)
         logger.warning("promoted: replication from %s stopped at %s; now serving read-write",
                        self.source_spec, self.replica.lastTransaction().hex())

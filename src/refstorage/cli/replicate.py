@@ -27,15 +27,31 @@ def open_replica(path: str, blob_dir: str | None):
     return FileStorage(path, create=not os.path.exists(path), blob_dir=blob_dir)
 
 
-@contextmanager
-def stopping_on_signals(replicator: Replicator) -> Iterator[None]:
-    """SIGTERM and SIGINT end the run after the transaction being copied."""
-    def handler(signum, frame):
-        replicator.stop()
+class _Stopper:
+    """Remembers a stop request made before the replicator exists."""
 
-    old = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    def __init__(self) -> None:
+        self.requested = False
+        self.replicator: Replicator | None = None
+
+    def attach(self, replicator: Replicator) -> None:
+        self.replicator = replicator
+        if self.requested:
+            replicator.stop()
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+        if self.replicator is not None:
+            self.replicator.stop()
+
+
+@contextmanager
+def stopping_on_signals() -> Iterator[_Stopper]:
+    """SIGTERM and SIGINT end the run after the transaction being copied."""
+    stopper = _Stopper()
+    old = {sig: signal.signal(sig, stopper) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        yield
+        yield stopper
     finally:
         for sig, h in old.items():
             signal.signal(sig, h)
@@ -113,7 +129,7 @@ def replicate(source: str, replica: str, blob_dir: str | None, storage: str | No
     from the source's.  Without --once it then follows new commits until
     SIGTERM or Ctrl-C.
     """
-    with failing_cleanly():
+    with failing_cleanly(), stopping_on_signals() as stopper:
         t0 = time.perf_counter()
         dest = open_replica(replica, blob_dir)
         cache = tempfile.mkdtemp(prefix="refstorage-replicate-") if blob_dir else None
@@ -124,9 +140,9 @@ def replicate(source: str, replica: str, blob_dir: str | None, storage: str | No
                                         poll_interval=poll)
                 status = StatusLine(replicator, source, enabled=not quiet)
                 replicator.on_progress = status
+                stopper.attach(replicator)
                 try:
-                    with stopping_on_signals(replicator):
-                        stats = replicator.run(follow=not once)
+                    stats = replicator.run(follow=not once)
                 finally:
                     status.close()
             finally:
