@@ -318,3 +318,35 @@ def test_filestorage_primary_to_refstorage_replica_process(tmp_path):
     finally:
         p.close()
         r.close()
+
+
+def test_replica_server_exits_on_a_diverged_history(tmp_path):
+    """A replica server that cannot follow says why and exits 1 instead of serving a stale copy."""
+    primary = Server([str(tmp_path / "p.rfs")], str(tmp_path / "primary.log"))
+    primary.start()
+    try:
+        pdb = ZEO.DB(("127.0.0.1", primary.port), wait_timeout=TIMEOUT)
+        pdb.close()
+        import ZODB
+        local = ZODB.DB(refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True))  # its own root
+        local.close()
+        log = tmp_path / "replica.log"
+        proc = subprocess.Popen([sys.executable, "-m", "refstorage", "serve", str(tmp_path / "r.rfs"),
+                                 "--port", "0", "--read-only", "--replicate", primary.address],
+                                env=ENV, stdout=subprocess.DEVNULL, stderr=open(log, "w"))
+        try:
+            assert proc.wait(TIMEOUT) == 1
+        finally:
+            _stop(proc)
+        assert "history diverges from the source at transaction" in log.read_text()
+    finally:
+        primary.stop()
+
+
+def test_replicate_option_needs_read_only(tmp_path):
+    from click.testing import CliRunner
+
+    from refstorage.cli import main
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "r.rfs"), "--replicate", "127.0.0.1:1"])
+    assert result.exit_code == 2
+    assert "--read-only" in result.output

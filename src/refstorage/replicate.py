@@ -34,6 +34,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import queue
 import shutil
 import tempfile
 import threading
@@ -273,45 +274,67 @@ class Replicator:
                 else:
                     self._check_same(last, first, deep)
                 self._checked_connection = connection
-            for txn in txns:
-                if self.stopped:
-                    break
-                self._copy(txn)
-                copied += 1
+            prefetch = _Prefetcher(txns, self._read_records, self._stop)
+            try:
+                for txn, recs in prefetch:
+                    self._copy(txn, recs)
+                    copied += 1
+                    if self.stopped:
+                        break
+            finally:
+                prefetch.close()
         finally:
             close = getattr(it, "close", None)
             if close is not None:
                 close()
         return copied
 
-    def _copy(self, txn) -> None:
+    def _read_records(self, txn) -> list[tuple]:
+        """(oid, data, data_txn, blob temporary file or None) of each record of txn."""
+        recs = []
+        try:
+            for rec in txn:
+                blob = self._fetch_blob(rec) if self._blobs else None
+                recs.append((rec.oid, rec.data, rec.data_txn, blob))
+        except BaseException:
+            _discard(recs)
+            raise
+        return recs
+
+    def _copy(self, txn, recs: list[tuple]) -> None:
         replica = self.replica
         tid = txn.tid
         last = replica.lastTransaction()
         if tid <= last:
+            _discard(recs)
             raise HistoryDivergedError(self.replica_name, tid, f"the source sent transaction {tid.hex()}, "
                                        f"not after the replica's last one {last.hex()}")
         meta = TransactionMetaData(txn.user, txn.description, _extension(txn))
-        replica.tpc_begin(meta, tid, txn.status)
+        try:
+            replica.tpc_begin(meta, tid, txn.status)
+        except BaseException:
+            _discard(recs)
+            raise
         oids: list[bytes] = []
         nbytes = records = blobs = 0
         try:
-            for rec in txn:
-                blob = self._fetch_blob(rec) if self._blobs else None
+            for i, (oid, data, data_txn, blob) in enumerate(recs):
                 if blob is not None:
-                    replica.restoreBlob(rec.oid, tid, rec.data, blob, rec.data_txn, meta)
+                    recs[i] = (oid, data, data_txn, None)  # restoreBlob takes the file
+                    replica.restoreBlob(oid, tid, data, blob, data_txn, meta)
                     blobs += 1
                 else:
-                    replica.restore(rec.oid, tid, rec.data, "", rec.data_txn, meta)
-                oids.append(rec.oid)
+                    replica.restore(oid, tid, data, "", data_txn, meta)
+                oids.append(oid)
                 records += 1
-                nbytes += len(rec.data or b"")
+                nbytes += len(data or b"")
             replica.tpc_vote(meta)
             # as ZEO's server does for its own commits, invalidations go out
             # from tpc_finish's callback, before readers can see the transaction
             replica.tpc_finish(meta, lambda tid: self._announce(tid, oids))
         except BaseException:
             replica.tpc_abort(meta)
+            _discard(recs)
             raise
         stats = self.stats
         stats.transactions += 1
@@ -418,6 +441,81 @@ class Replicator:
                 return min(a.tid, b.tid)
             if _metadata(a) != _metadata(b):
                 return a.tid
+
+
+def _discard(recs: list[tuple]) -> None:
+    """Remove the blob temporary files of records that will not be copied."""
+    for rec in recs:
+        if rec[3] is not None:
+            try:
+                os.unlink(rec[3])
+            except OSError:
+                pass
+
+
+_END = object()
+
+
+class _Prefetcher:
+    """Reads the next transactions (records and blob files included) in a thread.
+
+    ZEO's remote iterator costs a round trip per transaction and per record,
+    the replica an fsync per transaction: overlapping the two keeps the
+    replica up with a primary committing as fast as it can.  At most
+    `depth` transactions wait in memory."""
+
+    def __init__(self, txns: Iterator, read: Callable, stop: threading.Event, depth: int = 64):
+        self._txns = txns
+        self._read = read
+        self._stop = stop
+        self._queue: queue.Queue = queue.Queue(depth)
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._produce, name="refstorage replicator prefetch",
+                                        daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._closed.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        if isinstance(item, tuple):
+            _discard(item[1])
+        return False
+
+    def _produce(self) -> None:
+        try:
+            for txn in self._txns:
+                if self._closed.is_set() or self._stop.is_set():
+                    break
+                if not self._put((txn, self._read(txn))):
+                    return
+        except BaseException as exc:
+            self._put(exc)
+            return
+        self._put(_END)
+
+    def __iter__(self):
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._closed.set()
+        self._thread.join(60)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if isinstance(item, tuple):
+                _discard(item[1])
 
 
 class Follower:
