@@ -350,3 +350,17 @@ def test_replicate_option_needs_read_only(tmp_path):
     result = CliRunner().invoke(main, ["serve", str(tmp_path / "r.rfs"), "--replicate", "127.0.0.1:1"])
     assert result.exit_code == 2
     assert "--read-only" in result.output
+
+
+def test_lag_benchmark_runs(tmp_path):
+    """Smoke test of bench/bench_replicate.py: it runs and prints its table (no timing asserted)."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench",
+                         "bench_replicate.py")
+    out = tmp_path / "lag.json"
+    proc = subprocess.run([sys.executable, bench, "--seconds", "1", "--rates", "30", "--json", str(out)],
+                          env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 30/s |" in proc.stdout
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["commits"] > 5 and row["lost"] == 0
+    assert row["p99_s"] is not None
