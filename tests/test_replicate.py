@@ -326,3 +326,33 @@ def test_resumes_when_a_pack_removed_the_replica_s_last_transaction(primary, tmp
         rep.pack(pack_time)
         rep.close()
         assert_same(primary, replica, blobs, backpointers=False)
+
+
+def test_refuses_a_replica_whose_last_transaction_has_other_records(primary, tmp_path):
+    """Same tids and metadata, other data in the last transaction: found by the record check."""
+    commit_work(primary["db"], 0, 2)
+    src = open_primary_file(primary)
+    replica = str(tmp_path / "forged.rfs")
+    rep = refstorage.FileStorage(replica, create=True)
+    txns = [(txn, list(txn)) for txn in src.iterator()]
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import u64
+    forged = None
+    for n, (txn, recs) in enumerate(txns):
+        meta = TransactionMetaData(txn.user, txn.description, txn.extension)
+        rep.tpc_begin(meta, txn.tid, txn.status)
+        for rec in recs:
+            data = rec.data
+            if n == len(txns) - 1 and forged is None:
+                forged = rec.oid              # the revision before, under the last tid
+                data = src.loadBefore(rec.oid, txn.tid)[0]
+                assert data != rec.data
+            rep.restore(rec.oid, txn.tid, data, "", None, meta)
+        rep.tpc_vote(meta)
+        rep.tpc_finish(meta)
+    rep.close()
+    src.close()
+    result = run_cli(primary["source"], replica, "--blob-dir", str(tmp_path / "b"), "--once", "-q")
+    assert result.exit_code == 1
+    assert f"at transaction {txns[-1][0].tid.hex()}" in result.output
+    assert f"other data for oid {u64(forged)}" in result.output
