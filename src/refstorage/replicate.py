@@ -223,8 +223,8 @@ class Replicator:
         """Catch up; with `follow`, keep copying new commits until stop() (or time.monotonic() > deadline).
 
         A lost connection is retried (ZEO's client reconnects by itself);
-        without `follow`, a connection lost for longer than the source's
-        wait timeout ends the run with ReplicationError."""
+        without `follow`, a connection lost for more than 30 s ends the run
+        with ReplicationError."""
         from ZEO.Exceptions import ClientDisconnected
 
         lost_since: float | None = None
