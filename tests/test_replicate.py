@@ -356,3 +356,39 @@ def test_refuses_a_replica_whose_last_transaction_has_other_records(primary, tmp
     assert result.exit_code == 1
     assert f"at transaction {txns[-1][0].tid.hex()}" in result.output
     assert f"other data for oid {u64(forged)}" in result.output
+
+
+def test_resumes_when_a_pack_removed_an_unreachable_last_transaction(primary, tmp_path):
+    """The replica's last transaction only wrote an unreachable object: a pack drops it and
+    the source's next transaction (after the pack time) is not packed."""
+    db = primary["db"]
+    commit_work(db, 0, 2)
+    tm = transaction.TransactionManager()
+    conn = db.open(transaction_manager=tm)
+    with tm:
+        conn.add(PersistentMapping(orphan=True))   # stored, referenced by nothing
+    conn.close()
+    replica, blobs = str(tmp_path / "replica.rfs"), str(tmp_path / "replica-blobs")
+    assert run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "-q").exit_code == 0
+    last = refstorage.FileStorage(replica, read_only=True).lastTransaction()
+    time.sleep(0.01)
+    pack_time = time.time()
+    time.sleep(0.01)
+    with db.transaction() as conn:
+        conn.root()["after"] = 1          # after the pack time: the file's last transaction
+    db.pack(pack_time)
+    src = open_primary_file(primary)
+    txns = [(t.tid, t.status) for t in src.iterator()]
+    src.close()
+    assert last not in [tid for tid, _ in txns]
+    assert txns[-1][1] == " " and all(status == "p" for _, status in txns[:-1])
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["transactions"] == 1
+    # a replica that never had the packed history is still refused
+    other = str(tmp_path / "other.rfs")
+    import ZODB
+    ZODB.DB(refstorage.FileStorage(other, create=True)).close()
+    result = run_cli(primary["source"], other, "--blob-dir", blobs + "2", "--once", "-q")
+    assert result.exit_code == 1
+    assert "diverges" in result.output

@@ -235,7 +235,7 @@ class Replicator:
             try:
                 self.catch_up()
                 lost_since = None
-            except ClientDisconnected as exc:
+            except (ClientDisconnected, ConnectionError, TimeoutError) as exc:
                 now = time.monotonic()
                 if lost_since is None:
                     lost_since = now
@@ -391,14 +391,18 @@ class Replicator:
         if after.status == "p":
             explained = True
         else:
-            seen = 0
+            packed = None
             explained = False
             for txn in self.source.iterator(None, last):
                 if txn.status != "p":
                     break
-                seen += 1
+                packed = txn
             else:
-                explained = seen > 0
+                # and the last packed transaction is ours too (a source restored
+                # from an older backup, then packed, must not pass)
+                if packed is not None:
+                    mine = next(iter(self.replica.iterator(packed.tid, packed.tid)), None)
+                    explained = mine is not None and _metadata(mine) == _metadata(packed)
         if explained:
             logger.warning("the source no longer has transaction %s (a pack removed it); "
                            "continuing with %s", last.hex(), after.tid.hex())
