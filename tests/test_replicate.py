@@ -392,3 +392,56 @@ def test_resumes_when_a_pack_removed_an_unreachable_last_transaction(primary, tm
     result = run_cli(primary["source"], other, "--blob-dir", blobs + "2", "--once", "-q")
     assert result.exit_code == 1
     assert "diverges" in result.output
+
+
+def test_the_replica_packs_on_its_own_schedule_while_following(primary, tmp_path):
+    from refstorage.replicate import PackSchedule
+    db = primary["db"]
+    commit_work(db, 0, 4)
+    rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True, blob_dir=str(tmp_path / "rb"),
+                                 pack_keep_old=False)
+    src = open_source(primary["source"], blob_cache=str(tmp_path / "rcache"))
+    replicator = Replicator(src, rep, poll_interval=0.2)
+    schedule = PackSchedule(rep, days=0, every=0.3)
+    thread = threading.Thread(target=replicator.run, kwargs={"deadline": time.monotonic() + TIMEOUT})
+    thread.start()
+    schedule.start()
+    try:
+        deadline = time.monotonic() + 20
+        n = 0
+        while (schedule.packs < 2 or n < 10) and time.monotonic() < deadline:
+            with db.transaction() as conn:
+                conn.root()["items"][n % 3].value = n   # history for the packs to drop
+            n += 1
+            time.sleep(0.05)
+        tid = db.lastTransaction()
+        deadline = time.monotonic() + 10
+        while rep.lastTransaction() < tid and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert rep.lastTransaction() == tid      # the packs did not stop the copy
+    finally:
+        schedule.stop()
+        replicator.stop()
+        thread.join(TIMEOUT)
+        src.close()
+    assert schedule.packs >= 2
+    statuses = [t.status for t in rep.iterator()]
+    assert "p" in statuses
+    # current data equals the primary's
+    src = open_primary_file(primary)
+    try:
+        for oid in {rec.oid for t in rep.iterator() for rec in t}:
+            try:
+                expected = src.load(oid)
+            except Exception:
+                continue
+            assert rep.load(oid) == expected
+    finally:
+        src.close()
+        rep.close()
+
+
+def test_pack_days_needs_replicate(tmp_path):
+    result = CliRunner().invoke(main, ["serve", str(tmp_path / "r.rfs"), "--pack-days", "1"])
+    assert result.exit_code == 2
+    assert "--replicate" in result.output

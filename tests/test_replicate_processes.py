@@ -364,3 +364,33 @@ def test_lag_benchmark_runs(tmp_path):
     row = json.loads(out.read_text())["rows"][0]
     assert row["commits"] > 5 and row["lost"] == 0
     assert row["p99_s"] is not None
+
+
+def test_replicate_command_packs_the_replica_on_its_schedule(tmp_path):
+    addr, stop_server = ZEO.server(path=str(tmp_path / "p.fs"), port=0)
+    try:
+        db = ZEO.DB(addr, wait_timeout=TIMEOUT)
+        for n in range(5):
+            with db.transaction() as conn:
+                conn.root()["n"] = n
+        final = db.lastTransaction()
+        db.close()
+        proc = replicate_proc(f"{addr[0]}:{addr[1]}", str(tmp_path / "r.rfs"), str(tmp_path / "rb"),
+                              "--pack-days", "0", "--pack-every", "0.0002")   # every 0.72 s
+        try:
+            def packed() -> bool:
+                if not os.path.exists(tmp_path / "r.rfs"):
+                    return False
+                r = refstorage.FileStorage(str(tmp_path / "r.rfs"), read_only=True)
+                try:
+                    return r.lastTransaction() == final and any(t.status == "p" for t in r.iterator())
+                finally:
+                    r.close()
+            wait_for(packed, what="the replica's scheduled pack")
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=TIMEOUT)
+        assert proc.returncode == 0
+        assert json.loads(out)["last_tid"] == final.hex()
+    finally:
+        stop_server()

@@ -55,7 +55,7 @@ from .errors import HistoryDivergedError, ReplicationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Replicator", "ReplicationStats", "parse_source", "open_source"]
+__all__ = ["Replicator", "ReplicationStats", "Follower", "PackSchedule", "parse_source", "open_source"]
 
 DEFAULT_STORAGE = "1"
 
@@ -522,6 +522,40 @@ class _Prefetcher:
                 _discard(item[1])
 
 
+class PackSchedule:
+    """Packs the replica every `every` seconds, keeping `days` days of history (a thread).
+
+    A replica packs on its own schedule, whatever the primary does; refstorage
+    packs while commits (the replicator's restores) go on."""
+
+    def __init__(self, replica, days: float, every: float):
+        if days < 0 or every <= 0:
+            raise ValueError("pack days must be >= 0 and the interval > 0")
+        self.replica = replica
+        self.days = days
+        self.every = every
+        self.packs = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="refstorage replica pack", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            try:
+                self.replica.pack(time.time() - self.days * 86400)
+                self.packs += 1
+                logger.info("packed the replica: %s", getattr(self.replica, "last_pack_report", ""))
+            except Exception:
+                logger.exception("packing the replica failed; trying again in %g s", self.every)
+
+    def stop(self, timeout: float = 600.0) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+
 class Follower:
     """A Replicator running in a thread, feeding a ZEO server that serves the replica.
 
@@ -534,7 +568,8 @@ class Follower:
 
     def __init__(self, source_spec: str, replica, zeo_server, storage_name: str, *,
                  source_storage: str | None = None, poll_interval: float = 5.0,
-                 wait_timeout: float = 30.0,
+                 wait_timeout: float = 30.0, pack_days: float | None = None,
+                 pack_every: float = 86400.0,
                  on_failure: Callable[[BaseException], None] | None = None):
         from ZEO.StorageServer import StorageServerDB
 
@@ -553,9 +588,12 @@ class Follower:
         self.replicator = Replicator(self._source, replica, on_commit=server_db.invalidate,
                                      poll_interval=poll_interval)
         self._thread = threading.Thread(target=self._run, name="refstorage replicator", daemon=True)
+        self.pack_schedule = PackSchedule(replica, pack_days, pack_every) if pack_days is not None else None
 
     def start(self) -> None:
         self._thread.start()
+        if self.pack_schedule is not None:
+            self.pack_schedule.start()
 
     def _run(self) -> None:
         try:
@@ -567,6 +605,8 @@ class Follower:
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop following (the transaction being copied completes or is aborted)."""
+        if self.pack_schedule is not None:
+            self.pack_schedule.stop()
         self.replicator.stop()
         if self._thread.is_alive():
             self._thread.join(timeout)

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 
 import click
 
-from ..replicate import ReplicationStats, Replicator, open_source, tid_time
+from ..replicate import PackSchedule, ReplicationStats, Replicator, open_source, tid_time
 from . import main
 from .common import emit_json, failing_cleanly, progress_bar
 
@@ -115,10 +115,16 @@ def summary(stats: ReplicationStats, seconds: float) -> dict:
               help="Look for new commits at least this often (seconds); invalidations wake it sooner.")
 @click.option("--wait-timeout", type=click.FloatRange(0.1, 3600), default=30.0, show_default=True,
               help="Seconds to wait for the source at start.")
+@click.option("--pack-days", type=click.FloatRange(0), default=None,
+              help="While following, pack the replica every --pack-every hours, keeping this many "
+                   "days of history (the replica's own schedule).")
+@click.option("--pack-every", type=click.FloatRange(0.0001), default=24.0, show_default=True,
+              help="Hours between the replica's packs (with --pack-days).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status line.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON when it ends.")
 def replicate(source: str, replica: str, blob_dir: str | None, storage: str | None, once: bool,
-              poll: float, wait_timeout: float, quiet: bool, as_json: bool) -> None:
+              poll: float, wait_timeout: float, pack_days: float | None, pack_every: float,
+              quiet: bool, as_json: bool) -> None:
     """Copy the transactions of the ZEO server SOURCE into the refstorage file REPLICA.
 
     SOURCE is HOST:PORT or zeo://HOST:PORT?storage=NAME, serving any storage
@@ -141,9 +147,15 @@ def replicate(source: str, replica: str, blob_dir: str | None, storage: str | No
                 status = StatusLine(replicator, source, enabled=not quiet)
                 replicator.on_progress = status
                 stopper.attach(replicator)
+                schedule = None
+                if pack_days is not None and not once:
+                    schedule = PackSchedule(dest, pack_days, pack_every * 3600)
+                    schedule.start()
                 try:
                     stats = replicator.run(follow=not once)
                 finally:
+                    if schedule is not None:
+                        schedule.stop()
                     status.close()
             finally:
                 src.close()

@@ -119,8 +119,13 @@ def run_server(config_text: str, ready=None, started=None) -> None:
                    "(stop following, accept commits).")
 @click.option("--poll", type=click.FloatRange(0.05, 3600), default=5.0, show_default=True,
               help="With --replicate: look for new commits at least this often (seconds).")
+@click.option("--pack-days", type=click.FloatRange(0), default=None,
+              help="With --replicate: pack the replica every --pack-every hours, keeping this many "
+                   "days of history.")
+@click.option("--pack-every", type=click.FloatRange(0.0001), default=24.0, show_default=True,
+              help="With --pack-days: hours between the replica's packs.")
 def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str,
-          source: str | None, poll: float) -> None:
+          source: str | None, poll: float, pack_days: float | None, pack_every: float) -> None:
     """Serve the refstorage database PATH over ZEO until interrupted.
 
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
@@ -131,6 +136,8 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
     """
     if source is not None and not read_only:
         raise click.UsageError("--replicate serves a replica, which is --read-only until promoted")
+    if pack_days is not None and source is None:
+        raise click.UsageError("--pack-days schedules a replica's packs: it needs --replicate")
     with failing_cleanly():
         for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
             if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
@@ -162,6 +169,7 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
                     os.kill(os.getpid(), signal.SIGHUP)  # runzeo exits with status 1
 
                 follower = Follower(source, storages[name], zeo_server, name, poll_interval=poll,
+                                    pack_days=pack_days, pack_every=pack_every * 3600,
                                     on_failure=failed)
                 follower.start()
                 return follower
