@@ -526,14 +526,19 @@ class PackSchedule:
     """Packs the replica every `every` seconds, keeping `days` days of history (a thread).
 
     A replica packs on its own schedule, whatever the primary does; refstorage
-    packs while commits (the replicator's restores) go on."""
+    packs while commits (the replicator's restores) go on.  Without `gc` (the
+    default) it drops only old revisions: an object unreachable on the
+    replica may still be resurrected by a later primary commit (a client
+    holding it re-links it), and a replica that had collected it would then
+    lack its data."""
 
-    def __init__(self, replica, days: float, every: float):
+    def __init__(self, replica, days: float, every: float, gc: bool = False):
         if days < 0 or every <= 0:
             raise ValueError("pack days must be >= 0 and the interval > 0")
         self.replica = replica
         self.days = days
         self.every = every
+        self.gc = gc
         self.packs = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="refstorage replica pack", daemon=True)
@@ -544,7 +549,7 @@ class PackSchedule:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             try:
-                self.replica.pack(time.time() - self.days * 86400)
+                self.replica.pack(time.time() - self.days * 86400, gc=self.gc)
                 self.packs += 1
                 logger.info("packed the replica: %s", getattr(self.replica, "last_pack_report", ""))
             except Exception:
