@@ -33,6 +33,8 @@ __all__ = [
     "PackError",
     "BlobDirectoryError",
     "URIError",
+    "ReplicationError",
+    "HistoryDivergedError",
     "ReadOnlyError",
 ]
 
@@ -145,3 +147,20 @@ class BlobDirectoryError(FileError):
 
 class URIError(RefStorageError, ValueError):
     """A refstorage: URI that cannot be understood (see refstorage.uri)."""
+
+
+class ReplicationError(RefStorageError):
+    """Replication cannot go on (source unreachable, replica unfit; see refstorage.replicate)."""
+
+
+class HistoryDivergedError(ReplicationError, FileError):
+    """The replica's history is not a prefix of the source's: `tid` is the first that differs."""
+
+    def __init__(self, path: str, tid: bytes, message: str, offset: int | None = None):
+        self.tid = tid
+        FileError.__init__(self, path, f"history diverges from the source at transaction "
+                                       f"{tid.hex()}: {message}", offset)
+        self.detail = message
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.tid, self.detail, self.offset))

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import ssl
 import tempfile
 
@@ -46,8 +47,12 @@ def _zconfig_value(value: str) -> str:
 
 
 def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
-                  read_only: bool = False, name: str = "1", invalidation_queue_size: int = 1000) -> str:
-    """The runzeo (ZConfig) configuration that serves `path` as storage `name`."""
+                  read_only: bool = False, name: str = "1", invalidation_queue_size: int = 1000,
+                  storage_writable: bool = False) -> str:
+    """The runzeo (ZConfig) configuration that serves `path` as storage `name`.
+
+    `storage_writable` opens the storage read-write even when the server is
+    read-only for its clients (a replica: its replicator writes to it)."""
     lines = [
         "%import refstorage",
         "<zeo>",
@@ -60,7 +65,7 @@ def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
     ]
     if blob_dir:
         lines.append(f"  blob-dir {_zconfig_value(os.path.abspath(blob_dir))}")
-    if read_only:
+    if read_only and not storage_writable:
         lines.append("  read-only true")
     lines.append("</refstorage>")
     return "\n".join(lines) + "\n"
@@ -85,19 +90,35 @@ def server_ssl_context(cert: str, key: str | None = None, client_ca: str | None 
     return context
 
 
-def run_server(config_text: str, ready=None, ssl_context: ssl.SSLContext | None = None) -> None:
+def run_server(config_text: str, ready=None, ssl_context: ssl.SSLContext | None = None,
+               started=None) -> None:
     """Run ZEO's server with this configuration until SIGTERM/SIGINT.
 
     `ready(address)` is called once the server listens (address is the bound
     (host, port), useful with port 0); `ssl_context`, if given, makes it
-    serve over TLS only."""
+    serve over TLS only.  `started(zeo_server, storages)`, if given, is called
+    then too and may return an object with `stop()` (called before the
+    storages close) and `promote()` (called on SIGUSR1)."""
     from ZEO.runzeo import ZEOOptions, ZEOServer
 
     class _Server(ZEOServer):
+        extra = None
+
         def create_server(self) -> None:
             super().create_server()
+            if started is not None:
+                self.extra = started(self.server, self.storages)
             if ready is not None:
                 ready(self.server.acceptor.addr)
+
+        def close_server(self) -> None:
+            if self.extra is not None:
+                self.extra.stop()
+            super().close_server()
+
+        def handle_sigusr1(self) -> None:
+            if self.extra is not None and hasattr(self.extra, "promote"):
+                self.extra.promote()
 
     fd, conf_path = tempfile.mkstemp(prefix="refstorage-zeo-", suffix=".conf")
     try:
@@ -156,30 +177,54 @@ Examples:
 @click.option("--tls-client-ca", type=click.Path(exists=True), default=None,
               help="Accept only clients with a certificate signed by this CA file "
                    "(or found in this directory of hashed certificates); needs --tls-cert.")
+@click.option("--replicate", "source", default=None, metavar="SOURCE",
+              help="With --read-only: keep PATH a replica of the ZEO server SOURCE (HOST:PORT or "
+                   "zeo://HOST:PORT?storage=NAME) while serving it; SIGUSR1 promotes it "
+                   "(stop following, accept commits).")
+@click.option("--poll", type=click.FloatRange(0.05, 3600), default=5.0, show_default=True,
+              help="With --replicate: look for new commits at least this often (seconds).")
+@click.option("--pack-days", type=click.FloatRange(0), default=None,
+              help="With --replicate: pack the replica every --pack-every hours, keeping this many "
+                   "days of history.")
+@click.option("--pack-every", type=click.FloatRange(0.0001), default=24.0, show_default=True,
+              help="With --pack-days: hours between the replica's packs.")
 def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool, name: str,
-          create: bool, as_json: bool, tls_cert: str | None = None, tls_key: str | None = None,
-          tls_client_ca: str | None = None) -> None:
+          create: bool, as_json: bool, tls_cert: str | None, tls_key: str | None,
+          tls_client_ca: str | None, source: str | None, poll: float, pack_days: float | None,
+          pack_every: float) -> None:
     """Serve the refstorage database PATH over ZEO until interrupted.
 
     Clients: ZEO.DB((HOST, PORT), blob_dir=LOCAL_CACHE_DIR), or the zodburi
     URI zeo://HOST:PORT?blob_dir=LOCAL_CACHE_DIR.  Stop with Ctrl-C or SIGTERM.
+    With --read-only --replicate SOURCE, PATH follows SOURCE (see `refstorage
+    replicate`) and its clients see each copied commit as usual, through ZEO's
+    invalidations; `kill -USR1` promotes it to a read-write server.
     """
     if tls_cert is None and (tls_key or tls_client_ca):
         raise click.ClickException("--tls-key and --tls-client-ca need --tls-cert")
+    if source is not None and not read_only:
+        raise click.UsageError("--replicate serves a replica, which is --read-only until promoted")
+    if pack_days is not None and source is None:
+        raise click.UsageError("--pack-days schedules a replica's packs: it needs --replicate")
     with failing_cleanly(path, locked_hint="or serve it beside that process with --read-only"):
         for what, value in (("PATH", path), ("--blob-dir", blob_dir)):
             if value and not os.path.isdir(os.path.dirname(os.path.abspath(value))):
                 raise click.ClickException(f"{what}: the directory that should hold {value} does not exist")
-        if read_only and not os.path.exists(path):
+        if read_only and source is None and not os.path.exists(path):
             raise click.ClickException(f"{path} does not exist (a read-only server does not create it)")
-        if os.path.exists(path) or not create:
+        if source is not None and not os.path.exists(path):
+            check_new_file(path)  # a new replica: created empty, then it catches up
+            from ..storage import FileStorage
+            FileStorage(path, create=True).close()
+        elif os.path.exists(path) or not create:
             if not os.path.lexists(path):
                 raise CliError(f"{path}: no such file (give --create to start a new database)")
             check_database(path)
         else:
             check_new_file(path)
         _check_host(host, port)
-        config_text = server_config(path, host, port, blob_dir, read_only, name)
+        config_text = server_config(path, host, port, blob_dir, read_only, name,
+                                    storage_writable=source is not None)
         ssl_context = None
         if tls_cert is not None:
             try:
@@ -201,4 +246,19 @@ def serve(path: str, host: str, port: int, blob_dir: str | None, read_only: bool
                 click.echo(f"serving {os.path.abspath(path)} as storage {name!r} on {host_}:{port_}")
             click.get_text_stream("stdout").flush()
 
-        run_server(config_text, ready, ssl_context)
+        started = None
+        if source is not None:
+            def started(zeo_server, storages):
+                from ..replicate import Follower
+
+                def failed(exc: BaseException) -> None:
+                    # a replica that silently stopped following would be worse than none
+                    os.kill(os.getpid(), signal.SIGHUP)  # runzeo exits with status 1
+
+                follower = Follower(source, storages[name], zeo_server, name, poll_interval=poll,
+                                    pack_days=pack_days, pack_every=pack_every * 3600,
+                                    on_failure=failed)
+                follower.start()
+                return follower
+
+        run_server(config_text, ready, ssl_context, started)
