@@ -22,7 +22,7 @@ def main(verbose: int) -> None:
 
 def _load_commands() -> None:
     # each module registers its commands on `main` when imported
-    from . import convert, pack, serve, tools  # noqa: F401
+    from . import convert, pack, serve, tools, webui  # noqa: F401
 
 
 _load_commands()
