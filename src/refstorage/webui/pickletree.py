@@ -213,7 +213,8 @@ def read_pickle(stream: io.BytesIO, counter: list[int] | None = None, memo: dict
             k = pop()
             _setitems(top(), [(k, v)])
         elif name == "SETITEMS":
-            _setitems(top(), _pairs(_pop_mark(stack, metastack)))
+            pairs = _pairs(_pop_mark(stack, metastack))
+            _setitems(top(), pairs)
         elif name == "GLOBAL":
             module, _, gname = str(arg).partition(" ")
             stack.append(Global(module, gname))
