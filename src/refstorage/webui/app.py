@@ -53,7 +53,9 @@ def create_app(inspector: Inspector, token: str) -> Flask:
     def remember_token(resp: Response) -> Response:
         if request.args.get("token") == token:
             resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
-        resp.headers["Cache-Control"] = "no-store"
+        # the assets are the package's and do not change while it runs; the pages are live
+        resp.headers["Cache-Control"] = ("private, max-age=3600" if request.path.startswith("/static/")
+                                         else "no-store")
         resp.headers["X-Content-Type-Options"] = "nosniff"
         return resp
 
