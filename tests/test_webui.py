@@ -305,6 +305,9 @@ def test_records_that_would_run_code_are_shown_and_nothing_runs(tmp_path, monkey
             r = c.get(url + ("&" if "?" in url else "?") + f"token={TOKEN}")
             assert r.status_code == 200, url
             pages[url] = r.get_data(as_text=True)
+        # the background jobs (pack forecast, verify) ran in this process too
+        assert ins.verify_report().ok
+        assert ins.forecast(0).objects_removed == 1  # the root's old note
         ins.close()
         events = list(_AUDIT)
     finally:
@@ -371,3 +374,31 @@ def test_command_refuses_a_file_that_is_not_a_refstorage(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 1
     assert str(bad) in r.stderr and "Traceback" not in r.stderr
+
+
+def test_slow_answers_are_computed_in_the_background(demo_db, monkeypatch):
+    import threading
+
+    from refstorage.tools import info as info_mod
+    release = threading.Event()
+    real = info_mod.pack_forecast
+
+    def slow(*args):
+        release.wait(30)
+        return real(*args)
+    monkeypatch.setattr(info_mod, "pack_forecast", slow)
+    ins = Inspector(demo_db[0])
+    try:
+        ins.index()
+        c = create_app(ins, TOKEN).test_client()
+        html = c.get(f"/?token={TOKEN}").get_data(as_text=True)  # answers at once, meanwhile
+        assert "computing" in html and 'http-equiv="refresh"' in html
+        assert ins.forecast(0, wait=False) is None
+        release.set()
+        assert ins.forecast(0).objects_removed > 0
+        assert ins.forecast(7).reason  # the overview's second forecast: the demo is minutes old
+        html = c.get("/").get_data(as_text=True)
+        assert "computing" not in html and "frees" in html and 'http-equiv="refresh"' not in html
+    finally:
+        release.set()
+        ins.close()

@@ -78,4 +78,4 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
         pass
     finally:
         server.httpd.server_close()
-        inspector.close()
+        inspector.close(wait=False)

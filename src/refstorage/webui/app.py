@@ -100,8 +100,9 @@ def create_app(inspector: Inspector, token: str) -> Flask:
                 raise ValueError
         except ValueError:
             days = 7.0
-        return render_template("overview.html", growth=inspector.growth(), now=inspector.forecast(0),
-                               later=inspector.forecast(days), days=days)
+        return render_template("overview.html", growth=inspector.growth(),
+                               now=inspector.forecast(0, wait=False),
+                               later=inspector.forecast(days, wait=False), days=days)
 
     # -- classes ----------------------------------------------------------------------------
 
@@ -256,8 +257,8 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         if (r := needs_index()) is not None:
             return r
         rows = sorted(inspector.garbage.items(), key=lambda kv: -kv[1].bytes)
-        return render_template("garbage.html", rows=rows, verify=inspector.verify_report(),
-                               forecast=inspector.forecast(0))
+        return render_template("garbage.html", rows=rows, forecast=inspector.forecast(0, wait=False),
+                               verify=inspector.verify_report(wait=False))
 
     def _page() -> int:
         try:

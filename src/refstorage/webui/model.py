@@ -17,6 +17,7 @@ import threading
 import time
 from array import array
 from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .. import format as fmt
@@ -99,10 +100,19 @@ class Inspector:
         self.dangling: list[tuple[bytes, bytes, str]] = []  # (from, to, missing/deleted)
         self.dangling_count = 0
         self.damage: str | None = None
-        self._forecasts: dict[float, info_mod.PackForecast | str] = {}
-        self._verify: verify_mod.VerifyReport | str | None = None
+        # the slow answers (a pack forecast, verify: each reads the whole file again) are
+        # computed in the background, one at a time; pages show them when they are done
+        self._jobs: dict[tuple, Future] = {}
+        self._one_job = threading.Lock()
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close the file, after the background jobs (without `wait`, only if none is running:
+        a process about to exit leaves the file to the system rather than wait for them)."""
+        pending = [f for f in self._jobs.values() if not f.done()]
+        if pending and not wait:
+            return
+        for f in pending:
+            f.exception()
         self.log.close()
 
     @property
@@ -128,6 +138,7 @@ class Inspector:
             raise
         self.index_seconds = time.perf_counter() - started
         self.state = "ready"
+        self.forecast(0, wait=False)  # the overview shows it: start it now
 
     def _index(self, progress: Progress) -> None:
         log = self.log
@@ -279,28 +290,45 @@ class Inspector:
             out["total_objects"].append(to)
         return out
 
-    def forecast(self, days: float) -> info_mod.PackForecast | str:
-        """What a pack to `days` days before the last transaction would free (cached per value)."""
-        key = round(float(days), 3)
+    def _job(self, key: tuple, fn, wait: bool):
+        """fn()'s result (cached under `key`), or None while it runs in the background (wait=False)."""
         with self.lock:
-            got = self._forecasts.get(key)
-            if got is None:
-                last = tid_time(self.built.last_tid) if self.built.last_tid else time.time()
-                try:
-                    got = info_mod.pack_forecast(self.log, self.built, last - key * DAY + 1e-3)
-                except RefStorageError as exc:
-                    got = str(exc)
-                self._forecasts[key] = got
-            return got
+            fut = self._jobs.get(key)
+            if fut is None:
+                fut = self._jobs[key] = Future()
 
-    def verify_report(self) -> verify_mod.VerifyReport | str:
-        with self.lock:
-            if self._verify is None:
-                try:
-                    self._verify = verify_mod.verify(self.path)
-                except RefStorageError as exc:
-                    self._verify = str(exc)
-            return self._verify
+                def run() -> None:
+                    with self._one_job:  # one at a time: each reads the whole file
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:
+                            fut.set_exception(exc)
+                threading.Thread(target=run, name=f"refstorage-inspect-{key[0]}", daemon=True).start()
+        if not wait and not fut.done():
+            return None
+        return fut.result()
+
+    def forecast(self, days: float, wait: bool = True) -> info_mod.PackForecast | str | None:
+        """What a pack keeping `days` days before the last transaction would free (an error
+        message if it cannot be computed; None while it is computed, with wait=False)."""
+        key = round(float(days), 3)
+
+        def run() -> info_mod.PackForecast | str:
+            last = tid_time(self.built.last_tid) if self.built.last_tid else time.time()
+            try:
+                return info_mod.pack_forecast(self.log, self.built, last - key * DAY + 1e-3)
+            except RefStorageError as exc:
+                return str(exc)
+        return self._job(("forecast", key), run, wait)
+
+    def verify_report(self, wait: bool = True) -> verify_mod.VerifyReport | str | None:
+        """What `refstorage verify` reports on the file (None while it runs, with wait=False)."""
+        def run() -> verify_mod.VerifyReport | str:
+            try:
+                return verify_mod.verify(self.path)
+            except RefStorageError as exc:
+                return str(exc)
+        return self._job(("verify",), run, wait)
 
     # -- transactions ----------------------------------------------------------------------
 
