@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import threading
 import webbrowser
@@ -19,7 +20,8 @@ from .common import failing_cleanly, progress_bar
               help="Address to listen on (anything but loopback exposes the database to the network).")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 picks a free one.")
-@click.option("--no-browser", is_flag=True, help="Do not open a browser; just print the URL.")
+@click.option("--no-browser", is_flag=True,
+              help="Do not open a browser (none is opened without a desktop either); just print the URL.")
 def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
     """Browse the refstorage file PATH in a web browser, read-only.
 
@@ -70,7 +72,7 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
                    "Ctrl-C", err=True)
 
     threading.Thread(target=index, name="refstorage-inspect-index", daemon=True).start()
-    if not no_browser:
+    if not no_browser and _has_display():
         threading.Thread(target=webbrowser.open, args=(server.url,), daemon=True).start()
     try:
         server.serve_forever()
@@ -79,3 +81,11 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
     finally:
         server.httpd.server_close()
         inspector.close(wait=False)
+
+
+def _has_display() -> bool:
+    """Is there a desktop to open a browser on?  (On a server, webbrowser would start a text
+    browser in this terminal: there the URL printed is the way in.)"""
+    if sys.platform in ("darwin", "win32"):
+        return True
+    return bool(os.environ.get("DISPLAY") or os.environ.get("WAYLAND_DISPLAY"))

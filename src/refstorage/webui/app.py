@@ -27,6 +27,7 @@ from .model import Inspector
 
 COOKIE = "refstorage_inspect_token"
 PAGE = 50
+MAX_REFS = 500  # references listed on an object's page (its state shows them all)
 
 
 def plotly_js_path() -> str:
@@ -132,9 +133,9 @@ def create_app(inspector: Inspector, token: str) -> Flask:
     def class_objects(name: str):
         if (r := needs_index()) is not None:
             return r
-        oids = inspector.class_oids.get(name)
-        if oids is None:
+        if name not in inspector.classes:
             abort(404)
+        oids = inspector.class_oids.get(name, ())  # none if all its records are history
         page = _page()
         shown = [fmt.p64(n) for n in oids[page * PAGE * 2:(page + 1) * PAGE * 2]]
         return render_template("class.html", name=name, oids=shown, total=len(oids), page=page,
@@ -197,12 +198,14 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         tree = (pickletree.to_html(parsed.state, obj_url) if parsed is not None else None)
         history = inspector.history(o) if state != "missing" else []
         diff, a, b = _diff(o, history)
-        refs = [(r, inspector.object_state(r), inspector.class_of(r)) for r in inspector.references(o)]
+        all_refs = inspector.references(o)
+        refs = [(r, inspector.object_state(r), inspector.class_of(r)) for r in all_refs[:MAX_REFS]]
         referrers = inspector.referrers_of(o)
         page = _page()
         shown = [(r, inspector.class_of(r)) for r in referrers[page * PAGE:(page + 1) * PAGE]]
         return render_template("object.html", oid=o, state=state, rec=rec, parsed=parsed, tree=tree,
-                               history=history, diff=diff, a=a, b=b, refs=refs, referrers=shown,
+                               history=history, diff=diff, a=a, b=b, refs=refs, refs_total=len(all_refs),
+                               referrers=shown,
                                referrers_total=len(referrers), page=page,
                                pages=_pages(len(referrers), PAGE),
                                refs_unknown=o in inspector.refs_unknown)

@@ -100,6 +100,7 @@ class Inspector:
         self.dangling: list[tuple[bytes, bytes, str]] = []  # (from, to, missing/deleted)
         self.dangling_count = 0
         self.damage: str | None = None
+        self.damages: list[Damage] = []
         # the slow answers (a pack forecast, verify: each reads the whole file again) are
         # computed in the background, one at a time; pages show them when they are done
         self._jobs: dict[tuple, Future] = {}
@@ -157,8 +158,13 @@ class Inspector:
         days = self.days
         u64 = fmt.u64
         for item in walk(reader, fmt.HEADER_SIZE, built.end, True, progress):
-            if isinstance(item, Damage):
-                raise item.error
+            if isinstance(item, Damage):  # a record failing its checksum (the scan reads no data)
+                self.damages.append(item)
+                if self.damage is None:
+                    self.damage = (f"damage at offset {item.error.offset} ({item.error.detail}); the "
+                                   f"{item.length:,} bytes from {item.start:,} to {item.end:,} are "
+                                   "not counted")
+                continue
             th, recs, _delta = item
             t = tid_time(th.tid)
             size = th.next_pos - th.pos
@@ -408,8 +414,12 @@ class Inspector:
         pos = self.built.index.get(oid)
         out = []
         while pos and len(out) < limit:
-            rec = reader.read_data_record(pos, oid)
-            th = reader.read_txn_header(rec.tpos)
+            try:
+                rec = reader.read_data_record(pos, oid)
+                th = reader.read_txn_header(rec.tpos)
+            except CorruptedError as exc:
+                out.append(Revision(pos, Z64, 0.0, 0, "", exc.detail, "unreadable", 0, None))
+                break
             data_rec = rec
             kind = "data"
             if rec.is_backpointer:
