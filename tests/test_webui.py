@@ -475,3 +475,72 @@ def test_a_class_with_only_history_lists_no_object(client, demo_inspector):
     for name in gone:
         assert client.get(f"/class/{name}").status_code == 200
     assert client.get("/class/refstorage._demo_model.Nothing").status_code == 404
+
+
+def _big_database(path: str, n: int) -> None:
+    """n objects in a tree (16 children each), 20,000 per transaction, 5% then rewritten: raw
+    ZODB-shaped records stored through the storage API."""
+    import transaction
+    from ZODB.utils import p64
+
+    import refstorage
+    meta = b"\x80\x03capp.models\nNode\nq\x00N\x86q\x01."
+
+    class Ref:
+        def __init__(self, oid):
+            self.oid = oid
+
+    def record(i: int, version: int) -> bytes:
+        f = io.BytesIO()
+        p = pickle.Pickler(f, 3)
+        p.persistent_id = lambda o: (p64(o.oid), None) if isinstance(o, Ref) else None
+        p.dump({"n": i, "version": version, "kids": [Ref(k) for k in range(16 * i + 1, min(n, 16 * i + 17))]})
+        return meta + f.getvalue()
+    st = refstorage.FileStorage(path, create=True)
+    try:
+        for start in range(0, n, 20000):
+            t = transaction.Transaction()
+            t.description = f"batch {start}"
+            st.tpc_begin(t)
+            for i in range(start, min(n, start + 20000)):
+                st.store(p64(i), b"\0" * 8, record(i, 0), "", t)
+            st.tpc_vote(t)
+            st.tpc_finish(t)
+        t = transaction.Transaction()
+        st.tpc_begin(t)
+        for i in range(0, n, 20):
+            st.store(p64(i), st.load(p64(i))[1], record(i, 1), "", t)
+        st.tpc_vote(t)
+        st.tpc_finish(t)
+    finally:
+        st.close()
+
+
+def test_pages_answer_within_a_second_on_two_million_objects(long_profile, tmp_path):
+    """Only with --long (about a minute and 1 GB of memory): the issue's figure."""
+    if not long_profile:
+        pytest.skip("writes and indexes a 2M-object database: run with --long")
+    import time
+    n = 2_000_000
+    path = str(tmp_path / "big.rfs")
+    _big_database(path, n)
+    ins = Inspector(path)
+    try:
+        started = time.perf_counter()
+        ins.index()
+        print(f"indexed {ins.size:,} bytes, {ins.objects:,} objects in {time.perf_counter() - started:.1f} s")
+        assert ins.objects == n
+        c = create_app(ins, TOKEN).test_client()
+        mid = ins.txns[len(ins.txns) // 2].pos
+        for url in ("/", "/?days=1", "/classes", "/class/app.models.Node?page=5000", "/transactions",
+                    "/transactions?q=batch&page=50", f"/transaction/{mid}", f"/transaction/{mid}?page=150",
+                    "/object/0x00", "/object/0x14", "/object/0x0186a0", "/object/0x14/graph", "/garbage"):
+            t = time.perf_counter()
+            r = c.get(url + ("&" if "?" in url else "?") + f"token={TOKEN}")
+            took = time.perf_counter() - t
+            assert r.status_code == 200, url
+            assert took < 1.0, (url, took)
+        html = c.get("/object/0x14").get_data(as_text=True)
+        assert "version" in html and "Referrers <span class=\"muted\">(1 current objects)" in html
+    finally:
+        ins.close()
