@@ -47,6 +47,7 @@ function plotGraph(id, url) {
       const ns = byLevel[lv];
       ns.forEach((n, i) => { pos[n.oid] = [Number(lv), (i - (ns.length - 1) / 2)]; });
     });
+    const ys = Object.values(pos).map(p => p[1]);
     const ex = [], ey = [];
     g.edges.forEach(([a, b]) => { ex.push(pos[a][0], pos[b][0], null); ey.push(pos[a][1], pos[b][1], null); });
     const node = {
@@ -63,7 +64,7 @@ function plotGraph(id, url) {
     ], {showlegend: false, margin: {t: 10, r: 10, b: 30, l: 10},
         xaxis: {zeroline: false, range: [-2.7, 2.7], tickvals: [-2, -1, 0, 1, 2],
                 ticktext: ["referrers'<br>referrers", "referrers", "this object", "references", "their<br>references"]},
-        yaxis: {visible: false}}, PLOT_CONFIG);
+        yaxis: {visible: false, range: [Math.min(...ys) - 0.6, Math.max(...ys) + 0.8]}}, PLOT_CONFIG);
     document.getElementById(id).on("plotly_click", ev => {
       const url = ev.points[0].customdata;
       if (url) { location.href = url; }
