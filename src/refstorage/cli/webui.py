@@ -54,6 +54,9 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
         raise click.ClickException(f"cannot listen on {host}:{port}: {exc}") from None
     click.echo(server.url)
     sys.stdout.flush()
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        click.echo(f"refstorage inspect: listening on {host}: whoever has the URL (with its token) can "
+                   "read the whole database", err=True)
 
     def index() -> None:
         with progress_bar(inspector.size, "indexing", unit="B") as bar:
