@@ -544,3 +544,37 @@ def test_pages_answer_within_a_second_on_two_million_objects(long_profile, tmp_p
         assert "version" in html and "Referrers <span class=\"muted\">(1 current objects)" in html
     finally:
         ins.close()
+
+
+def test_history_is_paged_and_any_two_revisions_can_be_compared(tmp_path):
+    import transaction
+    import ZODB
+
+    import refstorage
+    path = str(tmp_path / "many.rfs")
+    db = ZODB.DB(refstorage.FileStorage(path))
+    conn = db.open()
+    for i in range(230):
+        conn.root()["counter"] = i
+        transaction.commit()
+    conn.close()
+    db.close()
+    ins = Inspector(path)
+    try:
+        ins.index()
+        revisions = ins.history(b"\0" * 8, 0, 1000)
+        assert len(revisions) == 231  # the root's creation and 230 updates
+        assert [r.pos for r in ins.history(b"\0" * 8, 200, 100)] == [r.pos for r in revisions[200:]]
+        c = create_app(ins, TOKEN).test_client()
+        first = c.get(f"/object/0x00?token={TOKEN}").get_data(as_text=True)
+        assert first.count('name="a"') == 100 and 'id="older-revisions"' in first
+        last = c.get("/object/0x00?hpage=2").get_data(as_text=True)
+        assert last.count('name="a"') == 31 and 'id="older-revisions"' not in last
+        assert "revisions 201 to 231" in last
+        # the oldest state against the newest, though they are on different pages
+        html = c.get(f"/object/0x00?a={revisions[-2].pos}&b={revisions[0].pos}").get_data(as_text=True)
+        diff = re.search(r'<div class="diff" id="diff">(.*?)</div>\n', html, re.S).group(1)
+        assert "-    &#39;counter&#39;: 0" in diff and "+    &#39;counter&#39;: 229" in diff
+        assert c.get(f"/object/0x00?a={revisions[0].pos + 1}&b={revisions[0].pos}").status_code == 404
+    finally:
+        ins.close()

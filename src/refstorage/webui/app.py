@@ -21,12 +21,14 @@ from flask import Flask, Response, abort, jsonify, redirect, render_template, re
 from markupsafe import Markup
 
 from .. import format as fmt
+from ..errors import CorruptedError
 from ..tools.common import ToolError, oid_repr, parse_oid, parse_time, time_repr
 from . import pickletree
 from .model import Inspector
 
 COOKIE = "refstorage_inspect_token"
 PAGE = 50
+HISTORY = 100  # revisions per page of an object's history
 MAX_REFS = 500  # references listed on an object's page (its state shows them all)
 
 
@@ -196,7 +198,11 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         rec = inspector.current_data(o)
         parsed = inspector.parse(rec.data) if rec is not None else None
         tree = (pickletree.to_html(parsed.state, obj_url) if parsed is not None else None)
-        history = inspector.history(o) if state != "missing" else []
+        last_written = inspector.history(o, 0, 1)[0].time if state != "missing" else None
+        hpage = _page("hpage")
+        history = inspector.history(o, hpage * HISTORY, HISTORY + 1) if state != "missing" else []
+        hpages = hpage + 1 + (len(history) > HISTORY)  # at least; more if there is a next page
+        history = history[:HISTORY]
         diff, a, b = _diff(o, history)
         all_refs = inspector.references(o)
         refs = [(r, inspector.object_state(r), inspector.class_of(r)) for r in all_refs[:MAX_REFS]]
@@ -204,7 +210,8 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         page = _page()
         shown = [(r, inspector.class_of(r)) for r in referrers[page * PAGE:(page + 1) * PAGE]]
         return render_template("object.html", oid=o, state=state, rec=rec, parsed=parsed, tree=tree,
-                               history=history, diff=diff, a=a, b=b, refs=refs, refs_total=len(all_refs),
+                               history=history, hpage=hpage, hpages=hpages, last_written=last_written,
+                               diff=diff, a=a, b=b, refs=refs, refs_total=len(all_refs),
                                referrers=shown,
                                referrers_total=len(referrers), page=page,
                                pages=_pages(len(referrers), PAGE),
@@ -221,8 +228,9 @@ def create_app(inspector: Inspector, token: str) -> Flask:
             if len(with_data) < 2:
                 return None, None, None
             a, b = with_data[1].pos, with_data[0].pos
-        by_pos = {h.pos: h for h in history}
-        if a not in by_pos or b not in by_pos:
+        try:
+            older, newer = inspector.revision(oid, a), inspector.revision(oid, b)
+        except CorruptedError:
             abort(404)
 
         def lines(h):
@@ -231,7 +239,7 @@ def create_app(inspector: Inspector, token: str) -> Flask:
             p = pickletree.parse_record(h.data)
             return [f"class: {p.class_name}"] + pickletree.to_lines(p.state)
         out = []
-        for line in difflib.unified_diff(lines(by_pos[a]), lines(by_pos[b]), "older", "newer", lineterm="",
+        for line in difflib.unified_diff(lines(older), lines(newer), "older", "newer", lineterm="",
                                          n=3):
             css = ("add" if line.startswith("+") else "del" if line.startswith("-") else
                    "hunk" if line.startswith("@@") else "")
@@ -263,9 +271,9 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         return render_template("garbage.html", rows=rows, forecast=inspector.forecast(0, wait=False),
                                verify=inspector.verify_report(wait=False))
 
-    def _page() -> int:
+    def _page(name: str = "page") -> int:
         try:
-            return max(0, int(request.args.get("page", "0")))
+            return max(0, int(request.args.get(name, "0")))
         except ValueError:
             return 0
 

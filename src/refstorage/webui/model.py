@@ -408,32 +408,45 @@ class Inspector:
         except CorruptedError:
             return None
 
-    def history(self, oid: bytes, limit: int = 200) -> list[Revision]:
-        """oid's revisions, newest first (following the prev chain)."""
+    def history(self, oid: bytes, start: int = 0, limit: int = 200) -> list[Revision]:
+        """oid's revisions, newest first (following the prev chain), from the `start`-th on."""
         reader = self.log.reader
         pos = self.built.index.get(oid)
-        out = []
+        out: list[Revision] = []
+        skipped = 0
         while pos and len(out) < limit:
             try:
                 rec = reader.read_data_record(pos, oid)
-                th = reader.read_txn_header(rec.tpos)
+                if skipped < start:
+                    skipped += 1
+                    pos = rec.prev
+                    continue
+                out.append(self._revision(rec))
             except CorruptedError as exc:
                 out.append(Revision(pos, Z64, 0.0, 0, "", exc.detail, "unreadable", 0, None))
                 break
-            data_rec = rec
-            kind = "data"
-            if rec.is_backpointer:
-                try:
-                    data_rec = reader.resolve(rec)
-                except CorruptedError:
-                    data_rec = None
-                kind = "deleted" if data_rec is None else "backpointer"
-            data = data_rec.data if data_rec is not None else None
-            out.append(Revision(rec.pos, rec.tid, tid_time(rec.tid), rec.tpos, text(th.user),
-                                text(th.description), kind, len(data) if data is not None else 0,
-                                self.names(data) if data is not None else None, data))
             pos = rec.prev
         return out
+
+    def revision(self, oid: bytes, pos: int) -> Revision:
+        """oid's revision whose record is at `pos` (raises CorruptedError if there is none)."""
+        return self._revision(self.log.reader.read_data_record(pos, oid))
+
+    def _revision(self, rec: fmt.DataRecord) -> Revision:
+        reader = self.log.reader
+        th = reader.read_txn_header(rec.tpos)
+        data_rec = rec
+        kind = "data"
+        if rec.is_backpointer:
+            try:
+                data_rec = reader.resolve(rec)
+            except CorruptedError:
+                data_rec = None
+            kind = "deleted" if data_rec is None else "backpointer"
+        data = data_rec.data if data_rec is not None else None
+        return Revision(rec.pos, rec.tid, tid_time(rec.tid), rec.tpos, text(th.user), text(th.description),
+                        kind, len(data) if data is not None else 0,
+                        self.names(data) if data is not None else None, data)
 
     def revision_data(self, oid: bytes, pos: int) -> bytes | None:
         """The data of oid's record at `pos` (checked to be oid's)."""
