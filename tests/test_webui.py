@@ -214,6 +214,8 @@ def test_every_page_answers(client, demo_inspector):
     assert client.get("/transaction/12345").status_code == 404
     assert client.get("/class/no.such.Class").status_code == 404
     assert client.get("/object?oid=0x01").headers["Location"].endswith("/object/0x01")
+    r = client.get("/object?oid=banana")
+    assert r.status_code == 404 and "banana is not an oid" in r.get_data(as_text=True)
 
 
 def test_object_page_shows_state_links_referrers_and_a_diff(client, demo_inspector):

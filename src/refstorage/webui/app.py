@@ -67,6 +67,11 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         return Response("403 Forbidden: this URL needs the token printed by `refstorage inspect`.\n",
                         403, mimetype="text/plain")
 
+    @app.errorhandler(404)
+    def not_found(_e):
+        return render_template("notfound.html", path=request.path,
+                               oid=request.args.get("oid")), 404
+
     @app.context_processor
     def helpers():
         return {"ins": inspector, "oid_repr": oid_repr, "time_repr": time_repr, "human": human,
@@ -183,7 +188,7 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         try:
             oid = parse_oid(request.args.get("oid", ""))
         except ToolError:
-            abort(404)
+            abort(404)  # the page says the oid could not be read
         return redirect(url_for("object_page", oid=oid_repr(oid)))
 
     @app.route("/object/<oid>")
