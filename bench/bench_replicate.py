@@ -144,7 +144,7 @@ def main() -> None:
     log = open(os.path.join(tmp, "servers.log"), "w")
     rows = []
     try:
-        primary, pport = start_server([os.path.join(tmp, "p.rfs")], log)
+        primary, pport = start_server([os.path.join(tmp, "p.rfs"), "--create"], log)
         try:
             replica, rport = start_server([os.path.join(tmp, "r.rfs"), "--read-only", "--replicate",
                                            f"127.0.0.1:{pport}"], log)

@@ -128,7 +128,7 @@ def replicate_proc(source: str, path: str, blobs: str, *extra: str) -> subproces
 
 def test_primary_replica_server_and_chained_replicator_survive_kills_and_a_pack(tmp_path, long_profile):
     seconds = 40.0 if long_profile else 9.0
-    primary = Server([str(tmp_path / "p.rfs"), "--blob-dir", str(tmp_path / "pb")],
+    primary = Server([str(tmp_path / "p.rfs"), "--create", "--blob-dir", str(tmp_path / "pb")],
                      str(tmp_path / "primary.log"))
     primary.start()
     replica = Server([str(tmp_path / "r.rfs"), "--blob-dir", str(tmp_path / "rb"), "--read-only",
@@ -203,7 +203,7 @@ def test_primary_replica_server_and_chained_replicator_survive_kills_and_a_pack(
 
 
 def test_promotion(tmp_path):
-    primary = Server([str(tmp_path / "p.rfs")], str(tmp_path / "primary.log"))
+    primary = Server([str(tmp_path / "p.rfs"), "--create"], str(tmp_path / "primary.log"))
     primary.start()
     replica = Server([str(tmp_path / "r.rfs"), "--read-only", "--replicate", primary.address,
                       "--poll", "60"], str(tmp_path / "replica.log"))
@@ -322,7 +322,7 @@ def test_filestorage_primary_to_refstorage_replica_process(tmp_path):
 
 def test_replica_server_exits_on_a_diverged_history(tmp_path):
     """A replica server that cannot follow says why and exits 1 instead of serving a stale copy."""
-    primary = Server([str(tmp_path / "p.rfs")], str(tmp_path / "primary.log"))
+    primary = Server([str(tmp_path / "p.rfs"), "--create"], str(tmp_path / "primary.log"))
     primary.start()
     try:
         pdb = ZEO.DB(("127.0.0.1", primary.port), wait_timeout=TIMEOUT)

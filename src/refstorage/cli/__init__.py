@@ -92,7 +92,7 @@ def main(ctx: click.Context, verbose: int, quiet: bool) -> None:
 
 def _load_commands() -> None:
     # each module registers its commands on `main` when imported
-    from . import convert, pack, replicate, serve, tools  # noqa: F401
+    from . import convert, pack, replicate, serve, tools, webui  # noqa: F401
 
 
 _load_commands()

@@ -1,0 +1,486 @@
+"""What the web UI shows, computed from a refstorage file opened read-only.
+
+`Inspector(path)` opens the file read-only (a storage may be writing it
+meanwhile; the inspector looks no further than the size it saw at opening)
+and `Inspector.index()` reads it once: the transaction log, space per class,
+growth per day, every current record's stored references (so referrers are a
+dictionary look-up), reachability from the root (what a pack would collect)
+and dangling references.  Pages then answer from these tables and from
+positioned reads of single records.  Nothing is unpickled: class names and
+states come from the pickles' opcodes (`pickletree`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import threading
+import time
+from array import array
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .. import fileformat as fmt
+from ..errors import CorruptedError, RefStorageError
+from ..tools import info as info_mod
+from ..tools import verify as verify_mod
+from ..tools.common import ClassNames, Log, Progress, oid_repr, text, tid_time, time_repr
+from ..tools.walk import Damage, walk
+from . import pickletree
+
+Z64 = b"\0" * 8
+DAY = 86400.0
+
+
+@dataclass
+class Txn:
+    pos: int
+    tid: bytes
+    time: float
+    user: str
+    description: str
+    records: int
+    size: int
+
+    @property
+    def time_text(self) -> str:
+        return time_repr(self.time)
+
+
+@dataclass
+class Revision:
+    pos: int
+    tid: bytes
+    time: float
+    tpos: int
+    user: str
+    description: str
+    kind: str  # data, backpointer, deleted
+    size: int
+    class_name: str | None
+    data: bytes | None = None
+
+
+@dataclass
+class GarbageClass:
+    objects: int = 0
+    bytes: int = 0
+    sample: list[bytes] = field(default_factory=list)
+
+
+class Inspector:
+    """One file, indexed once; every method after `index()` answers from memory or a few reads."""
+
+    def __init__(self, path: str):
+        self.log = Log(path)  # read-only; raises the package's errors for a file that is no refstorage
+        self.path = self.log.path
+        self.size = self.log.size
+        self.names = ClassNames()
+        self.lock = threading.Lock()
+        # the indexing pass: status for the pages
+        self.state = "waiting"  # waiting, indexing, ready, failed
+        self.progress_pos = 0
+        self.error: str | None = None
+        self.index_seconds = 0.0
+        # filled by index()
+        self.built: info_mod.IndexBuild | None = None
+        self.txns: list[Txn] = []
+        self.classes: dict[str, info_mod.ClassSpace] = {}
+        self.class_oids: dict[str, array] = {}
+        self.days: dict[int, list[int]] = {}  # day number -> [bytes written, new objects, records]
+        self.records = 0
+        self.current_bytes = 0
+        self.history_bytes = 0
+        self.deleted: set[bytes] = set()
+        self.refs: dict[bytes, bytes] = {}  # oid -> packed refs of its current record
+        self.refs_unknown: set[bytes] = set()
+        self.referrers: dict[bytes, list[bytes]] = {}
+        self.garbage: dict[str, GarbageClass] = {}
+        self.garbage_note = ""
+        self.dangling: list[tuple[bytes, bytes, str]] = []  # (from, to, missing/deleted)
+        self.dangling_count = 0
+        self.damage: str | None = None
+        self.damages: list[Damage] = []
+        # the slow answers (a pack forecast, verify: each reads the whole file again) are
+        # computed in the background, one at a time; pages show them when they are done
+        self._jobs: dict[tuple, Future] = {}
+        self._one_job = threading.Lock()
+
+    def close(self, wait: bool = True) -> None:
+        """Close the file, after the background jobs (without `wait`, only if none is running:
+        a process about to exit leaves the file to the system rather than wait for them)."""
+        pending = [f for f in self._jobs.values() if not f.done()]
+        if pending and not wait:
+            return
+        for f in pending:
+            f.exception()
+        self.log.close()
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "ready"
+
+    # -- the one pass ----------------------------------------------------------------------
+
+    def index(self, progress: Progress | None = None) -> None:
+        """Read the whole file once (see the module's doc).  Sets `state`; raises on failure."""
+        started = time.perf_counter()
+        self.state = "indexing"
+
+        def report(pos: int) -> None:
+            self.progress_pos = pos
+            if progress is not None:
+                progress(pos)
+        try:
+            self._index(report)
+        except Exception as exc:
+            self.state = "failed"
+            self.error = str(exc) if isinstance(exc, RefStorageError) else f"{type(exc).__name__}: {exc}"
+            raise
+        self.index_seconds = time.perf_counter() - started
+        self.state = "ready"
+        self.forecast(0, wait=False)  # the overview shows it: start it now
+
+    def _index(self, progress: Progress) -> None:
+        log = self.log
+        built = self.built = log.build_index()
+        index_get = built.index.get
+        if built.scan.error is not None:
+            what = "incomplete last transaction" if built.scan.torn_tail else "damage"
+            self.damage = (f"{what} at offset {built.scan.error.offset} ({built.scan.error.detail}); "
+                           f"only the {built.end:,} bytes before it are shown")
+        reader = log.reader
+        names = self.names
+        back_names: dict[int, str] = {}
+        classes = self.classes
+        class_oids: dict[str, list[int]] = {}
+        refs = self.refs
+        days = self.days
+        u64 = fmt.u64
+        for item in walk(reader, fmt.HEADER_SIZE, built.end, True, progress):
+            if isinstance(item, Damage):  # a record failing its checksum (the scan reads no data)
+                self.damages.append(item)
+                if self.damage is None:
+                    self.damage = (f"damage at offset {item.error.offset} ({item.error.detail}); the "
+                                   f"{item.length:,} bytes from {item.start:,} to {item.end:,} are "
+                                   "not counted")
+                continue
+            th, recs, _delta = item
+            t = tid_time(th.tid)
+            size = th.next_pos - th.pos
+            self.txns.append(Txn(th.pos, th.tid, t, text(th.user), text(th.description), th.nrec, size))
+            day = days.get(int(t // DAY))
+            if day is None:
+                day = days[int(t // DAY)] = [0, 0, 0]
+            day[0] += size
+            day[2] += len(recs)
+            self.records += len(recs)
+            for rec in recs:
+                rsize = rec.length + fmt.TABLE_ENTRY_SIZE
+                if not rec.prev:
+                    day[1] += 1
+                data_rec = rec
+                if rec.flags & fmt.FLAG_BACKPOINTER:
+                    name = info_mod._backpointer_class(reader, rec, names, back_names)
+                else:
+                    name = names(rec.data)
+                space = classes.get(name)
+                if space is None:
+                    space = classes[name] = info_mod.ClassSpace()
+                if index_get(rec.oid) != rec.pos:
+                    space.historical += 1
+                    space.historical_bytes += rsize
+                    self.history_bytes += rsize
+                    continue
+                space.current += 1
+                space.current_bytes += rsize
+                self.current_bytes += rsize
+                class_oids.setdefault(name, []).append(u64(rec.oid))
+                if rec.is_backpointer:
+                    try:
+                        data_rec = reader.resolve(rec)
+                    except CorruptedError:
+                        data_rec = None
+                    if data_rec is None:
+                        if not rec.back:
+                            self.deleted.add(rec.oid)
+                        else:
+                            self.refs_unknown.add(rec.oid)
+                        continue
+                if not data_rec.refs_known:
+                    self.refs_unknown.add(rec.oid)
+                elif data_rec.refs:
+                    refs[rec.oid] = data_rec.refs
+        for name, oids in class_oids.items():
+            oids.sort()
+            self.class_oids[name] = array("Q", oids)
+        self._references()
+
+    def _references(self) -> None:
+        """Referrers, dangling references and what is unreachable from the root."""
+        index = self.built.index
+        deleted = self.deleted
+        referrers = self.referrers
+        for oid, packed in self.refs.items():
+            for i in range(0, len(packed), 8):
+                target = packed[i:i + 8]
+                lst = referrers.get(target)
+                if lst is None:
+                    referrers[target] = [oid]
+                elif lst[-1] != oid:
+                    lst.append(oid)
+                if target in deleted or target not in index:
+                    self.dangling_count += 1
+                    if len(self.dangling) < 1000:
+                        self.dangling.append((oid, target, "deleted" if target in deleted else "missing"))
+        # reachability from the root over the stored references (pack's GC, at the last transaction)
+        if Z64 not in index:
+            self.garbage_note = "the database has no root object: nothing is reachable"
+        reachable = {Z64} if Z64 in index else set()
+        todo = deque(reachable)
+        refs_get = self.refs.get
+        while todo:
+            packed = refs_get(todo.popleft())
+            if packed:
+                for i in range(0, len(packed), 8):
+                    target = packed[i:i + 8]
+                    if target not in reachable:
+                        reachable.add(target)
+                        todo.append(target)
+        if self.refs_unknown & reachable:
+            self.garbage_note = (f"{len(self.refs_unknown & reachable)} reachable records have no stored "
+                                 "references: a pack would not collect garbage, so nothing is listed")
+            return
+        for name, oids in self.class_oids.items():
+            for n in oids:
+                oid = fmt.p64(n)
+                if oid in reachable or oid in deleted:
+                    continue
+                g = self.garbage.get(name)
+                if g is None:
+                    g = self.garbage[name] = GarbageClass()
+                g.objects += 1
+                if len(g.sample) < 50:
+                    g.sample.append(oid)
+                g.bytes += self._record_size(oid)
+
+    def _record_size(self, oid: bytes) -> int:
+        try:
+            return self.log.reader.read_data_record(self.built.index[oid], oid).length
+        except CorruptedError:
+            return 0
+
+    # -- figures ---------------------------------------------------------------------------
+
+    @property
+    def objects(self) -> int:
+        return len(self.built.index) - len(self.deleted)
+
+    @property
+    def history_share(self) -> float:
+        total = self.current_bytes + self.history_bytes
+        return self.history_bytes / total if total else 0.0
+
+    def growth(self) -> dict:
+        """Per day: bytes written, new objects, and the running totals (for the overview's plot)."""
+        out = {"day": [], "bytes": [], "objects": [], "total_bytes": [], "total_objects": []}
+        tb = to = 0
+        for d in sorted(self.days):
+            b, o, _r = self.days[d]
+            tb += b
+            to += o
+            out["day"].append(time.strftime("%Y-%m-%d", time.gmtime(d * DAY)))
+            out["bytes"].append(b)
+            out["objects"].append(o)
+            out["total_bytes"].append(tb)
+            out["total_objects"].append(to)
+        return out
+
+    def _job(self, key: tuple, fn, wait: bool):
+        """fn()'s result (cached under `key`), or None while it runs in the background (wait=False)."""
+        with self.lock:
+            fut = self._jobs.get(key)
+            if fut is None:
+                fut = self._jobs[key] = Future()
+
+                def run() -> None:
+                    with self._one_job:  # one at a time: each reads the whole file
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:
+                            fut.set_exception(exc)
+                threading.Thread(target=run, name=f"refstorage-inspect-{key[0]}", daemon=True).start()
+        if not wait and not fut.done():
+            return None
+        return fut.result()
+
+    def forecast(self, days: float, wait: bool = True) -> info_mod.PackForecast | str | None:
+        """What a pack keeping `days` days before the last transaction would free (an error
+        message if it cannot be computed; None while it is computed, with wait=False)."""
+        key = round(float(days), 3)
+
+        def run() -> info_mod.PackForecast | str:
+            last = tid_time(self.built.last_tid) if self.built.last_tid else time.time()
+            try:
+                return info_mod.pack_forecast(self.log, self.built, last - key * DAY + 1e-3)
+            except RefStorageError as exc:
+                return str(exc)
+        return self._job(("forecast", key), run, wait)
+
+    def verify_report(self, wait: bool = True) -> verify_mod.VerifyReport | str | None:
+        """What `refstorage verify` reports on the file (None while it runs, with wait=False)."""
+        def run() -> verify_mod.VerifyReport | str:
+            try:
+                return verify_mod.verify(self.path)
+            except RefStorageError as exc:
+                return str(exc)
+        return self._job(("verify",), run, wait)
+
+    # -- transactions ----------------------------------------------------------------------
+
+    def transactions(self, since: float | None = None, until: float | None = None, user: str = "",
+                     description: str = "") -> list[Txn]:
+        """Matching transactions, newest first."""
+        txns = self.txns
+        lo = 0 if since is None else bisect.bisect_left(txns, since, key=lambda t: t.time)
+        hi = len(txns) if until is None else bisect.bisect_right(txns, until, key=lambda t: t.time)
+        user = user.lower()
+        description = description.lower()
+        out = []
+        for i in range(hi - 1, lo - 1, -1):
+            t = txns[i]
+            if user and user not in t.user.lower():
+                continue
+            if description and description not in t.description.lower():
+                continue
+            out.append(t)
+        return out
+
+    def txn_at(self, pos: int) -> Txn | None:
+        i = bisect.bisect_left(self.txns, pos, key=lambda t: t.pos)
+        if i < len(self.txns) and self.txns[i].pos == pos:
+            return self.txns[i]
+        return None
+
+    def txn_records(self, txn: Txn, start: int, count: int) -> list[dict]:
+        reader = self.log.reader
+        th = reader.read_txn_header(txn.pos)
+        out = []
+        for i, rec in enumerate(reader.txn_records(th)):
+            if i < start:
+                continue
+            if i >= start + count:
+                break
+            out.append(self._record_row(rec))
+        return out
+
+    def _record_row(self, rec: fmt.DataRecord) -> dict:
+        kind, data_rec = "data", rec
+        if rec.is_backpointer:
+            try:
+                data_rec = self.log.reader.resolve(rec)
+            except CorruptedError:
+                data_rec = None
+            kind = "deletion" if data_rec is None else "backpointer (undo)"
+        current = self.built.index.get(rec.oid) == rec.pos
+        return {"oid": rec.oid, "kind": kind, "size": rec.length, "current": current,
+                "class": self.names(data_rec.data) if data_rec is not None else None,
+                "refs": len(data_rec.refs) // 8 if data_rec is not None else 0}
+
+    # -- objects ---------------------------------------------------------------------------
+
+    def class_of(self, oid: bytes) -> str | None:
+        """The class of oid's current record, or None if it has none (deleted, missing)."""
+        rec = self.current_data(oid)
+        return self.names(rec.data) if rec is not None else None
+
+    def object_state(self, oid: bytes) -> str:
+        if oid in self.deleted:
+            return "deleted"
+        return "current" if oid in self.built.index else "missing"
+
+    def current_data(self, oid: bytes) -> fmt.DataRecord | None:
+        pos = self.built.index.get(oid)
+        if pos is None:
+            return None
+        try:
+            return self.log.reader.resolve(self.log.reader.read_data_record(pos, oid))
+        except CorruptedError:
+            return None
+
+    def history(self, oid: bytes, start: int = 0, limit: int = 200) -> list[Revision]:
+        """oid's revisions, newest first (following the prev chain), from the `start`-th on."""
+        reader = self.log.reader
+        pos = self.built.index.get(oid)
+        out: list[Revision] = []
+        skipped = 0
+        while pos and len(out) < limit:
+            try:
+                rec = reader.read_data_record(pos, oid)
+                if skipped < start:
+                    skipped += 1
+                    pos = rec.prev
+                    continue
+                out.append(self._revision(rec))
+            except CorruptedError as exc:
+                out.append(Revision(pos, Z64, 0.0, 0, "", exc.detail, "unreadable", 0, None))
+                break
+            pos = rec.prev
+        return out
+
+    def revision(self, oid: bytes, pos: int) -> Revision:
+        """oid's revision whose record is at `pos` (raises CorruptedError if there is none)."""
+        return self._revision(self.log.reader.read_data_record(pos, oid))
+
+    def _revision(self, rec: fmt.DataRecord) -> Revision:
+        reader = self.log.reader
+        th = reader.read_txn_header(rec.tpos)
+        data_rec = rec
+        kind = "data"
+        if rec.is_backpointer:
+            try:
+                data_rec = reader.resolve(rec)
+            except CorruptedError:
+                data_rec = None
+            kind = "deleted" if data_rec is None else "backpointer"
+        data = data_rec.data if data_rec is not None else None
+        return Revision(rec.pos, rec.tid, tid_time(rec.tid), rec.tpos, text(th.user), text(th.description),
+                        kind, len(data) if data is not None else 0,
+                        self.names(data) if data is not None else None, data)
+
+    def revision_data(self, oid: bytes, pos: int) -> bytes | None:
+        """The data of oid's record at `pos` (checked to be oid's)."""
+        rec = self.log.reader.read_data_record(pos, oid)
+        rec = self.log.reader.resolve(rec)
+        return rec.data if rec is not None else None
+
+    def references(self, oid: bytes) -> list[bytes]:
+        packed = self.refs.get(oid, b"")
+        return [packed[i:i + 8] for i in range(0, len(packed), 8)]
+
+    def referrers_of(self, oid: bytes) -> list[bytes]:
+        return self.referrers.get(oid, [])
+
+    def graph(self, oid: bytes, hops: int = 2, max_nodes: int = 40) -> dict:
+        """oid's neighbourhood: references (positive levels) and referrers (negative), a few hops deep."""
+        level = {oid: 0}
+        edges: list[tuple[bytes, bytes]] = []
+        for direction in (1, -1):
+            frontier = [oid]
+            for hop in range(1, hops + 1):
+                nxt = []
+                for o in frontier:
+                    around = self.references(o) if direction > 0 else self.referrers_of(o)
+                    for other in around[:12]:
+                        edges.append((o, other) if direction > 0 else (other, o))
+                        if other not in level and len(level) < max_nodes:
+                            level[other] = hop * direction
+                            nxt.append(other)
+                frontier = nxt
+        edges = [(a, b) for a, b in dict.fromkeys(edges) if a in level and b in level]
+        nodes = [{"oid": oid_repr(o), "level": lv, "class": self.class_of(o) or self.object_state(o)}
+                 for o, lv in level.items()]
+        return {"nodes": nodes, "edges": [[oid_repr(a), oid_repr(b)] for a, b in edges]}
+
+    def parse(self, data: bytes) -> pickletree.Record:
+        return pickletree.parse_record(data)
