@@ -475,6 +475,17 @@ def test_references_not_stored_are_read_with_referencesf(storage, path):
     assert not current_record(storage, o(1)).refs_known
 
 
+def test_no_root_object_collects_nothing(storage):
+    """Found by an outside review: without oid 0 nothing is reachable, and pack removed
+    every object (ZODB's FileStorage refuses with KeyError).  Now it keeps them all."""
+    commit(storage, {o(1): record("a"), o(2): record("b")}, at(1))
+    commit(storage, {o(1): record("a2")}, at(2))
+    report = packed(storage, BASE + 2.5, referencesf)
+    assert report.packed and report.objects_removed == 0 and report.revisions_removed == 1
+    assert "no root object" in report.gc_skipped
+    assert loads(storage, o(1)) == record("a2") and loads(storage, o(2)) == record("b")
+
+
 def test_every_unreadable_record_is_reported(storage):
     def hexed(data: bytes) -> bytes:
         return b".h" + data.hex().encode()

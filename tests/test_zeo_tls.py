@@ -231,3 +231,72 @@ def test_tls_options_are_checked(tmp_path):
     assert not os.path.exists(data)
     result = runner.invoke(main, ["serve", data, "--tls-cert", str(tmp_path / "missing.pem")])
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_a_directory_listing_a_client_certificate_itself(served, tmp_path):
+    """Found by an outside review: a leaf certificate listed in the directory (not its CA)
+    was refused; the help says the certificates listed there are accepted."""
+    trusted = tmp_path / "trusted"
+    trusted.mkdir()
+    subject_hash = subprocess.run(["openssl", "x509", "-hash", "-noout", "-in", _cert("client.pem")],
+                                  capture_output=True, text=True, check=False).stdout.strip()
+    if not subject_hash:
+        pytest.skip("needs the openssl command to hash the directory")
+    (trusted / f"{subject_hash}.0").write_bytes(open(_cert("client.pem"), "rb").read())
+    server = served("--tls-cert", _cert("server.pem"), "--tls-key", _cert("server_key.pem"),
+                    "--tls-client-ca", str(trusted))
+    _commit_and_load(server.addr, client_context("client"))
+    _refused(server.addr, client_context("stranger"))
+
+
+_OPENSSL_CA_CONF = """\
+[ca]
+default_ca = test
+[test]
+dir = {d}
+database = {d}/index.txt
+crlnumber = {d}/crlnumber
+certificate = {d}/rca.pem
+private_key = {d}/rca_key.pem
+default_md = sha256
+default_crl_days = 30
+"""
+
+
+def test_a_revoked_client_certificate_is_refused(served, tmp_path):
+    """Found by an outside review: with a CA file holding a revocation list, a revoked
+    client was accepted (ZEO's own <ssl> section refuses it)."""
+    d = tmp_path
+    ext = d / "client.ext"
+    ext.write_text("extendedKeyUsage=clientAuth\nbasicConstraints=critical,CA:FALSE\n"
+                   "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                   "authorityKeyIdentifier=keyid,issuer\nsubjectKeyIdentifier=hash\n")
+    (d / "ca.cnf").write_text(_OPENSSL_CA_CONF.format(d=d))
+    (d / "index.txt").write_text("")
+    (d / "crlnumber").write_text("01\n")
+
+    def openssl(*args: str) -> None:
+        proc = subprocess.run(["openssl", *args], capture_output=True, text=True, check=False, cwd=d)
+        if proc.returncode:
+            pytest.skip(f"openssl {args[0]} failed: {proc.stderr[-300:]}")
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "30", "-subj", "/CN=revoking CA",
+            "-addext", "keyUsage=critical,keyCertSign,cRLSign", "-keyout", "rca_key.pem", "-out", "rca.pem")
+    for name in ("kept", "revoked"):
+        openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN={name}", "-keyout",
+                f"{name}_key.pem", "-out", f"{name}.csr")
+        openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "rca.pem", "-CAkey", "rca_key.pem",
+                "-CAcreateserial", "-days", "30", "-extfile", "client.ext", "-out", f"{name}.pem")
+    openssl("ca", "-config", "ca.cnf", "-revoke", "revoked.pem")
+    openssl("ca", "-config", "ca.cnf", "-gencrl", "-out", "crl.pem")
+    (d / "ca_and_crl.pem").write_text((d / "rca.pem").read_text() + (d / "crl.pem").read_text())
+    server = served("--tls-cert", _cert("server.pem"), "--tls-key", _cert("server_key.pem"),
+                    "--tls-client-ca", str(d / "ca_and_crl.pem"))
+
+    def context(name: str) -> ssl.SSLContext:
+        c = ssl.create_default_context(cafile=_cert("ca.pem"))
+        c.load_cert_chain(str(d / f"{name}.pem"), str(d / f"{name}_key.pem"))
+        return c
+
+    _commit_and_load(server.addr, context("kept"))
+    _refused(server.addr, context("revoked"))

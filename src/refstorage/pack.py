@@ -783,10 +783,28 @@ def run_gc(reader: LogReader, index, end: int, pack_tid: bytes, gc: bool,
     return g, ""
 
 
-class UnreadableReferencesError(PackError):
+class GCUnsafeError(PackError):
+    """Garbage collection cannot tell what is reachable; internal to pack,
+    which then goes on without it (keeping every object)."""
+
+    records: list[tuple[bytes, int, str]] = []
+
+    def skipped(self) -> str:
+        """Why collection was skipped, for the report."""
+        return str(self)
+
+
+class NoRootError(GCUnsafeError):
+    """The database has no root object (oid 0): nothing is reachable."""
+
+    def skipped(self) -> str:
+        return (f"{self}: no object was collected (ZODB's FileStorage refuses to pack it; "
+                "collecting would remove every object)")
+
+
+class UnreadableReferencesError(GCUnsafeError):
     """Records whose references are not stored have data that cannot be decoded.
 
-    Internal to pack: the pack then goes on without garbage collection.
     `records` lists (oid, position, why) of each such record met."""
 
     def __init__(self, records: list[tuple[bytes, int, str]]):
@@ -795,6 +813,9 @@ class UnreadableReferencesError(PackError):
         super().__init__(f"the references of oid {oid.hex()} (record at {pos}){more} are not "
                          f"stored and its data cannot be decoded ({why})")
         self.records = records
+
+    def skipped(self) -> str:
+        return f"{self}: no object was collected, since anything could be reachable from them"
 
 
 class _RefsReader:
@@ -851,13 +872,12 @@ def pack_storage(storage: StorageCore, t: float, referencesf: Callable, gc: bool
     with _exclusive(storage):
         try:
             report = _Pack(storage, pack_tid, _RefsReader(referencesf), gc, progress).run()
-        except UnreadableReferencesError as exc:
-            # Anything could be reachable from those records: collect nothing, but
-            # still drop the old revisions (ZODB's pack aborts here).
-            logger.warning("%s: %s; packing without garbage collection", storage._file_name, exc)
+        except GCUnsafeError as exc:
+            # Collect nothing, but still drop the old revisions (ZODB's pack
+            # aborts here).
+            logger.warning("%s: %s; packing without garbage collection", storage.getName(), exc)
             report = _Pack(storage, pack_tid, _RefsReader(referencesf), False, progress).run()
-            report.gc_skipped = (f"{exc}: no object was collected, since anything could be "
-                                 "reachable from them")
+            report.gc_skipped = exc.skipped()
             report.unreadable = [(oid, pos) for oid, pos, _why in exc.records]
         if report.packed and getattr(storage, "blob_dir", None):
             # the blob files of the revisions the packed file no longer holds
@@ -899,6 +919,8 @@ class _Pack:
         # transactions would look packed.
         pack_tid = report.pack_tid = min(self.pack_tid, last_tid)
         logger.info("%s: packing to %s (%d bytes)", self.path, TimeStamp(pack_tid), end)
+        if self.gc and index.get(fmt.Z64) is None:
+            raise NoRootError(f"{self.path} has no root object (oid 0)")
         gc, reason = run_gc(reader, index, end, pack_tid, self.gc, self.refs_of, self.progress)
         if self.gc:
             self.refs_of.check()

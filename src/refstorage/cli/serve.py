@@ -87,6 +87,13 @@ def server_ssl_context(cert: str, key: str | None = None, client_ca: str | None 
     context.load_cert_chain(cert, key)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_REQUIRED if client_ca is not None else ssl.CERT_NONE
+    if client_ca is not None:
+        # as ZEO's own <ssl> section: strict X.509, and revocation lists honoured
+        # when the CA file holds them (a revoked client is refused)
+        context.verify_flags |= ssl.VERIFY_X509_STRICT | (
+            ssl.VERIFY_CRL_CHECK_LEAF if context.cert_store_stats()["crl"] else 0)
+        # a client certificate listed itself (not only its CA) is trusted too
+        context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return context
 
 

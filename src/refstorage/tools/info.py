@@ -216,8 +216,9 @@ def pack_forecast(log: Log, built: IndexBuild, pack_time: float,
 
         def gc_progress(_phase: str, done: int, _total: int) -> None:
             progress(done)
-    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, True, refs_of, gc_progress)
-    if f.refs_unreadable and not reason:
+    no_root = built.index.get(fmt.Z64) is None
+    gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, not no_root, refs_of, gc_progress)
+    if f.refs_unreadable and not reason and not no_root:
         # pack's own decision: anything could be reachable from such a record,
         # so it packs without garbage collection
         gc, reason = packmod.run_gc(reader, built.index, end, pack_tid, False, refs_of)
