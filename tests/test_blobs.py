@@ -485,3 +485,30 @@ def test_verify_reports_blob_files_without_a_record_and_missing_ones(paths, tmp_
     assert verify(path).ok  # without --blob-dir the data file alone is fine
     result = CliRunner().invoke(main, ["verify", path, "--blob-dir", blob_dir])
     assert result.exit_code == 1 and orphan in result.output and "2 blob" in result.output
+
+
+def test_verify_reports_a_missing_file_of_an_older_blob_revision(paths):
+    """Found by an outside review: only current revisions were checked, yet
+    loadBlob(oid, older tid) fails when that file is gone."""
+    from refstorage.tools.verify import verify
+
+    path, blob_dir = paths
+    db = ZODB.DB(refstorage.FileStorage(path, blob_dir=blob_dir))
+    with db.transaction() as conn:
+        conn.root()["a"] = Blob(b"one")
+    with db.transaction() as conn:
+        with conn.root()["a"].open("w") as f:
+            f.write(b"two")
+    with db.transaction() as conn:
+        oid = conn.root()["a"]._p_oid
+    db.close()
+    st = refstorage.FileStorage(path, blob_dir=blob_dir)
+    old_tid = st.history(oid, 2)[1]["tid"]
+    old_file = st.loadBlob(oid, old_tid)
+    st.close()
+    assert verify(path, blob_dir=blob_dir).ok
+    os.chmod(old_file, 0o644)
+    os.remove(old_file)
+    report = verify(path, blob_dir=blob_dir)
+    assert report.counts == {"blob": 1}, [str(p) for p in report.problems]
+    assert report.problems[0].oid == oid and old_tid.hex() in report.problems[0].message

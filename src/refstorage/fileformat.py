@@ -422,6 +422,15 @@ def encode_data_records(tid: bytes, tpos: int, pos: int, records: Sequence[tuple
     return b"".join(parts), i
 
 
+def unchecked_data_oid_tid(buf, offset: int = 0) -> tuple[bytes, bytes] | None:
+    """The oid and tid a data record's header claims, unchecked (salvage reports
+    which record a damaged stretch held); None if `buf` is too short."""
+    if len(buf) - offset < DATA_HEADER_SIZE:
+        return None
+    oid, tid = _DATA_HEADER.unpack_from(buf, offset)[:2]
+    return oid, tid
+
+
 def peek_data_header(buf, offset: int, path: str, pos: int) -> DataHeader:
     """The header of the record at buf[offset], and the record's length.
 

@@ -16,7 +16,8 @@ record and checks
 - with the database's blob directory: that every committed blob file
   belongs to a record of its oid and tid (one that does not was left by a
   transaction that never committed, e.g. after a crash; the next pack
-  removes it), and that every current blob record has its file.
+  removes it), and that every blob revision has its file (for an undo's
+  backpointer, the current one).
 
 Then every current record is read once more (in file order) for its stored
 references: a reference to an oid with no current revision, or to a deleted
@@ -254,12 +255,17 @@ class _Verifier:
                 local[oid] = rec.pos
             report.records += len(recs)
             index.update(local)
-            if self.blobs is not None and self.blobs.unmatched:
-                unmatched = self.blobs.unmatched
+            if self.blobs is not None:
+                unmatched, files = self.blobs.unmatched, self.blobs.files
                 for rec in recs:
                     tids = unmatched.get(rec.oid)
                     if tids is not None:
                         tids.pop(rec.tid, None)
+                    # every revision of a blob has its file (loadBlob(oid, tid) of an
+                    # older one, history and undo need it); backpointers: below, if current
+                    if rec.data and _is_blob_record(rec.data) and rec.tid not in files.get(rec.oid, ()):
+                        report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
+                                   f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
             if self.saved is not None and th.next_pos == self.saved.pos:
                 self._compare_saved(last_tid)
         if self.saved is not None:
@@ -352,8 +358,9 @@ class _Verifier:
                         continue  # reported by the walk
                     if data_rec is None:
                         continue
-                if self.blobs is not None and data_rec.data and _is_blob_record(data_rec.data) \
-                        and rec.tid not in self.blobs.files.get(rec.oid, ()):
+                if (self.blobs is not None and data_rec is not rec and data_rec.data
+                        and _is_blob_record(data_rec.data)
+                        and rec.tid not in self.blobs.files.get(rec.oid, ())):
                     report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
                                f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
                 if data_rec.flags & fmt.FLAG_REFS_UNKNOWN:

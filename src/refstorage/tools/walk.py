@@ -148,7 +148,7 @@ def read_header_any_status(reader: LogReader, pos: int, end: int) -> fmt.TxnHead
     try:
         buf = reader.file.read(pos, min(READ_AHEAD, end - pos))
         need = fmt.txn_header_needs(buf, 0)
-        tlen = fmt.decode_txn_header_fixed(buf, 0, path, pos)[1]
+        tlen = fmt.decode_txn_header_fixed(buf, 0, path, pos).tlen
         if need > min(end - pos, tlen):  # lengths that cannot be right: read no further
             return None
         if need > len(buf):
@@ -201,8 +201,9 @@ def _lost_at(reader: LogReader, pos: int, limit: int, tid: bytes | None, reason:
     except CorruptedError:
         raw = b""
     oid = None
-    if len(raw) == fmt.DATA_HEADER_SIZE and (tid is None or raw[8:16] == tid):
-        oid = bytes(raw[:8])
+    claimed = fmt.unchecked_data_oid_tid(raw)
+    if claimed is not None and (tid is None or claimed[1] == tid):
+        oid = claimed[0]
     return Lost(pos, oid, tid, False, reason)
 
 
