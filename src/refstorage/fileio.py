@@ -351,8 +351,8 @@ def atomic_write(path: str, chunks: Iterable[bytes], point_prefix: str = "") -> 
         point(point_prefix + ".after-replace")
 
 
-def read_whole(path: str) -> bytes:
-    """The whole content of a (small) file."""
+def read_whole(path: str, limit: int | None = None) -> bytes:
+    """The whole content of a (small) file, or its first `limit` bytes."""
     path = str(path)
     try:
         fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
@@ -361,8 +361,8 @@ def read_whole(path: str) -> bytes:
     try:
         parts = []
         pos = 0
-        while True:
-            chunk = ops.pread(fd, 1 << 20, pos)
+        while limit is None or pos < limit:
+            chunk = ops.pread(fd, 1 << 20 if limit is None else min(1 << 20, limit - pos), pos)
             if not chunk:
                 break
             parts.append(chunk)

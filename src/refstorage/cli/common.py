@@ -315,8 +315,8 @@ def open_storage(spec: str, read_only: bool, create: bool = False, timeout: floa
 def is_refstorage_path(path: str, create: bool = False) -> bool:
     from ..fileformat import MAGIC
     if os.path.exists(path) and os.path.getsize(path) > 0 and not create:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+        from .. import fileio
+        return fileio.read_whole(path, len(MAGIC)) == MAGIC
     return not path.endswith(".fs")
 
 

@@ -8,6 +8,7 @@ import time
 import click
 from ZODB.utils import p64, u64, z64
 
+from .. import fileio
 from ..copying import copy_transactions
 from . import main
 from .common import (
@@ -37,8 +38,8 @@ def _check_source(src: str) -> int | None:
     if is_config(src):
         return None
     from ..fileformat import MAGIC
-    with open(src, "rb") as f:
-        head = f.read(max(len(MAGIC), 4))
+    with failing_cleanly(src):
+        head = fileio.read_whole(src, max(len(MAGIC), 4))
     if head.startswith(MAGIC) or not head:
         check_database(src)
         from .. import fileformat as fmt
@@ -62,8 +63,8 @@ def _check_dest(dst: str) -> bool:
     if not os.path.exists(dst):
         return False
     from ..fileformat import MAGIC
-    with open(dst, "rb") as f:
-        head = f.read(max(len(MAGIC), 4))
+    with failing_cleanly(dst):
+        head = fileio.read_whole(dst, max(len(MAGIC), 4))
     if head.startswith(MAGIC) or not head:
         check_database(dst)
     elif not head.startswith(FS_MAGICS):
