@@ -442,3 +442,20 @@ def test_convert_never_creates_a_mistyped_source(tmp_path, kind):
     r = run("convert", spec, tmp_path / "out.rfs")
     assert r.exit_code == 1 and "typo" in r.output, r.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_convert_refusals_leave_the_destination_alone(db, tmp_path):
+    """Found by an outside review: a refused convert into a non-empty destination still
+    wrote that destination's index and lock files; a destination without restore
+    (memory://) ended in an internal error."""
+    import shutil as _shutil
+
+    dst = tmp_path / "Existing.rfs"
+    _shutil.copy(db, dst)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    r = run("convert", db, dst)
+    assert r.exit_code == 1 and "is not empty" in r.output, r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    r = run("convert", db, "memory://")
+    assert r.exit_code == 1 and "cannot be a convert destination" in r.output, r.output
+    assert "unexpected" not in r.output

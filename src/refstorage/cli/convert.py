@@ -106,11 +106,27 @@ def convert(src: str, dst: str, incremental: bool, blob_dir: str | None, dest_bl
     dst_exists = _check_dest(dst)
     if incremental and not dst_exists:
         raise CliError(f"{dst}: no such file (--incremental adds to an existing database)")
+    if dst_exists and not incremental and not is_uri(dst) and not is_config(dst):
+        # refuse a non-empty destination before opening it for writing (which
+        # would leave an index and a lock file beside it)
+        probe = open_storage(dst, read_only=True, timeout=timeout)
+        try:
+            last = probe.lastTransaction()
+        finally:
+            probe.close()
+        if last != z64:
+            raise CliError(f"{dst} is not empty (last transaction {last.hex()}); "
+                           "use --incremental to add only newer transactions")
     source = open_storage(src, read_only=True, timeout=timeout, blob_dir=blob_dir)
     try:
         dest = None
         if dst_exists or not dry_run:
             dest = open_storage(dst, read_only=dry_run, timeout=timeout, blob_dir=dest_blob_dir)
+            if not dry_run and not _restores(dest):
+                dest.close()
+                dest = None
+                raise CliError(f"{dst}: this storage cannot be a convert destination (it cannot "
+                               "take transactions with their own tids: no restore)")
         try:
             with failing_cleanly(src):
                 last = dest.lastTransaction() if dest is not None else z64
@@ -154,6 +170,12 @@ def convert(src: str, dst: str, incremental: bool, blob_dir: str | None, dest_bl
         click.echo(f"{verb} {plural(report.transactions, 'transaction')}, "
                    f"{plural(report.records, 'record')} ({size_repr(report.bytes)} of data) "
                    f"in {seconds:.2f} s")
+
+
+def _restores(storage) -> bool:
+    """Whether `storage` can take copied transactions (tpc_begin with a tid, restore)."""
+    from ZODB.interfaces import IStorageRestoreable
+    return IStorageRestoreable.providedBy(storage) or hasattr(storage, "restore")
 
 
 def _count(source, start: bytes | None, bar):
