@@ -98,7 +98,7 @@ def test_flipped_bit_in_a_record_loses_only_that_record(src, template, tmp_path)
     assert f"skipped bytes [{bad['pos']}, {lay[5]['pos']})" in r.output
     assert "data record checksum mismatch" in r.output
     assert f"lost: oid 0x{int(rec['oid'], 16):02x} (record at {rec['pos']}, tid {bad['tid']})" in r.output
-    assert "result: salvaged with losses (1 revisions lost)" in r.output
+    assert "result: salvaged with losses (1 revision lost)" in r.output
     report = recover(str(src), str(tmp_path / "Again.rfs"))
     assert [(s.start, s.end) for s in report.skipped] == [(bad["pos"], lay[5]["pos"])]
     assert report.transactions == len(lay) and not structural(report)

@@ -509,7 +509,7 @@ def recover(src: str, dst: str, force: bool, as_json: bool) -> None:
                     click.echo(f"  {problem}")
         click.echo({"clean": "result: clean copy",
                     "repaired": "result: damage repaired, no object revision lost",
-                    "losses": f"result: salvaged with losses ({len(report.lost)} revisions lost"
+                    "losses": f"result: salvaged with losses ({plural(len(report.lost), 'revision')} lost"
                               + (", and what the unreadable bytes held" if report.unknown else "") + ")",
                     "nothing": "result: nothing could be salvaged"}[report.outcome])
     if structural:
