@@ -401,6 +401,7 @@ FIGURES = [
     ("reopen_index", "seconds", "reopen with the index file (s)", ("<=", 1.0)),
     ("reopen_index", "rss_after_open", "RSS after open", ("<=", 1.0)),
     ("reopen_scan", "seconds", "reopen without the index file (s)", None),
+    ("reopen_scan", "rss_after_open", "RSS after open without the index file", None),
     ("reopen_scan", "maxrss", "reopen without index, peak RSS", None),
     ("cold_loads", "loads_per_s", "cold loads (/s, higher is better)", None),
     ("pack", "seconds", "pack with GC (s)", ("<=", 0.1)),
@@ -470,10 +471,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one size of 5,000 objects (smoke test)")
     ap.add_argument("--tmpdir", default=None, help="where the files go (default: the system's)")
     ap.add_argument("--json", default=None, help="write the raw results here")
+    ap.add_argument("--table-from", default=None, metavar="JSON",
+                    help="print the table of a --json file written earlier, and exit")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child_main(args.child[0], json.loads(args.child[1]))
+        return 0
+    if args.table_from:
+        with open(args.table_from) as f:
+            saved = json.load(f)
+        print(table({int(n): r for n, r in saved["results"].items()}))
         return 0
     sizes = [5_000] if args.quick else [int(s.replace("_", "")) for s in args.objects.split(",")]
     info = machine()

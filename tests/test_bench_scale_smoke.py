@@ -48,3 +48,7 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert table[0].startswith("| figure | objects | FileStorage | refstorage")
     assert any(line.startswith("| pack with GC (s) | 5,000 |") for line in table)
     assert not [p for p in os.listdir(tmp_path) if p.startswith("refstorage-scale-")]
+    # the table can be printed again from the JSON file
+    again = subprocess.run([sys.executable, str(BENCH), "--table-from", str(out)],
+                           capture_output=True, text=True, env=env, timeout=60, check=True)
+    assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
