@@ -15,7 +15,8 @@ record (~100 bytes or more each).
 
 verify (and info, dump, recover's reading side) walk a transaction larger than
 log.LARGE_TXN twice, checked then read record by record; pack, convert and
-recover's writing side still hold a whole transaction: xfail (strict) below.
+recover's writing side still hold a whole transaction: xfail (strict) below,
+and so is verify at 1,000,000 (--long): it keeps a dict entry per record.
 """
 
 from __future__ import annotations
@@ -159,8 +160,14 @@ XFAIL_PACK = pytest.mark.xfail(strict=True, reason=(
 
 @pytest.mark.parametrize("op", ["verify", "backup", pytest.param("convert", marks=XFAIL_CONVERT),
                                 pytest.param("recover", marks=XFAIL_RECOVER)])
-def test_big_transaction_bounded(big: tuple[Path, int], tmp_path: Path, op: str) -> None:
+def test_big_transaction_bounded(big: tuple[Path, int], tmp_path: Path, op: str,
+                                request: pytest.FixtureRequest) -> None:
     path, n = big
+    if op == "verify" and n > 1 << 19:
+        request.applymarker(pytest.mark.xfail(strict=True, reason=(
+            "verify no longer holds the records, but keeps a dict entry per record of the "
+            "transaction (`local` in _Verifier.run, then BatchedIndex's dict of up to 1<<20 "
+            "entries): ~200 bytes a record, past the limit at 1,000,000")))
     dst = tmp_path / ("backups" if op == "backup" else "out.rfs")
     out = run_op(op, n, path, dst)
     if op in ("convert", "recover"):
