@@ -340,9 +340,19 @@ def remove_storage(path: str) -> None:
             os.remove(path + suffix)
 
 
-def measure_size(n: int, work: str) -> dict:
-    """Every phase for both storages at n objects; returns {phase: {kind: result}}."""
+PHASES = ("build", "convert", "reopen_index", "reopen_scan", "cold_loads", "verify", "info", "refs",
+          "backup", "pack")
+
+
+def measure_size(n: int, work: str, only: set[str] | None = None, rounds: int = 1) -> dict:
+    """Every phase (or those in `only`; the build always runs) for both storages at n objects.
+
+    Returns {phase: {kind: result}}.  `rounds` repeats convert, alternating which storage
+    goes first, and keeps the median seconds (all of them under "rounds")."""
     res: dict[str, dict[str, dict]] = {}
+
+    def want(phase: str) -> bool:
+        return only is None or phase in only
 
     def record(phase, kind, r):
         res.setdefault(phase, {})[kind] = r
@@ -351,18 +361,33 @@ def measure_size(n: int, work: str) -> dict:
                         for k, v in r.items()))
 
     paths = {"fs": os.path.join(work, "Data.fs"), "rs": os.path.join(work, "Data.rfs")}
-    for kind in KINDS:
+    built = KINDS if only is None or only - {"build", "convert"} or "build" in only else ("fs",)
+    for kind in built:
         record("build", kind, run_child("build", kind, paths[kind], n))
     last_oid = res["build"]["fs"]["last_oid"]
-    live = res["build"]["rs"]["live_oid"]
+    live = res["build"]["fs"]["live_oid"]
     # convert, from the same FileStorage file
-    for kind in KINDS:
-        dst = os.path.join(work, "conv." + kind)
-        record("convert", kind, run_child("convert", kind, paths["fs"], dst))
-        remove_storage(dst)
-    for kind in KINDS:
+    if want("convert"):
+        runs: dict[str, list[dict]] = {kind: [] for kind in KINDS}
+        for r in range(rounds):
+            for kind in (KINDS if r % 2 == 0 else KINDS[::-1]):
+                dst = os.path.join(work, "conv." + kind)
+                runs[kind].append(run_child("convert", kind, paths["fs"], dst))
+                remove_storage(dst)
+        for kind in KINDS:
+            ordered = sorted(runs[kind], key=lambda x: x["seconds"])
+            best = dict(ordered[len(ordered) // 2])
+            best["maxrss"] = max(x["maxrss"] for x in runs[kind])
+            if rounds > 1:
+                best["rounds"] = [round(x["seconds"], 3) for x in runs[kind]]
+            record("convert", kind, best)
+    if only is not None and not only - {"build", "convert"}:
+        for kind in built:
+            remove_storage(paths[kind])
+        return res
+    for kind in KINDS if want("reopen_index") else ():
         record("reopen_index", kind, run_child("reopen", kind, paths[kind], True))
-    for kind in KINDS:
+    for kind in KINDS if want("reopen_scan") else ():
         index = _index_path(kind, paths[kind])
         os.rename(index, index + ".aside")
         try:
@@ -371,22 +396,22 @@ def measure_size(n: int, work: str) -> dict:
             if os.path.exists(index):
                 os.remove(index)
             os.rename(index + ".aside", index)
-    for kind in KINDS:
+    for kind in KINDS if want("cold_loads") else ():
         record("cold_loads", kind, run_child("cold_loads", kind, paths[kind], last_oid))
-    for kind in KINDS:
+    for kind in KINDS if want("verify") else ():
         record("verify", kind, run_child("verify", kind, paths[kind]))
-    for kind in KINDS:
+    for kind in KINDS if want("info") else ():
         record("info", kind, run_child("info", kind, paths[kind]))
-    for kind in KINDS:
+    for kind in KINDS if want("refs") else ():
         record("refs", kind, run_child("refs", kind, paths[kind], live))
-    for kind in KINDS:
+    for kind in KINDS if want("backup") else ():
         bdir = os.path.join(work, "backup." + kind)
         os.makedirs(bdir)
         record("backup_full", kind, run_child("backup", kind, paths[kind], bdir, True))
         run_child("append", kind, paths[kind], n)
         record("backup_incr", kind, run_child("backup", kind, paths[kind], bdir, False))
         shutil.rmtree(bdir)
-    for kind in KINDS:
+    for kind in KINDS if want("pack") else ():
         record("pack", kind, run_child("pack", kind, paths[kind]))
     for kind in KINDS:
         remove_storage(paths[kind])
@@ -431,6 +456,8 @@ def table(results: dict[int, dict]) -> str:
              "|---|---:|---:|---:|---:|---|---|"]
     for phase, key, label, target in FIGURES:
         for n, res in results.items():
+            if "fs" not in res.get(phase, {}) or "rs" not in res[phase]:
+                continue  # not measured (--only)
             fs, rs = res[phase]["fs"][key], res[phase]["rs"][key]
             ratio = rs / fs if fs else float("inf")
             verdict, tgt = "", ""
@@ -471,6 +498,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="one size of 5,000 objects (smoke test)")
     ap.add_argument("--tmpdir", default=None, help="where the files go (default: the system's)")
     ap.add_argument("--json", default=None, help="write the raw results here")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated phases to measure (" + ",".join(PHASES) + "); the build "
+                    "always runs (for convert alone, only the FileStorage one)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="convert runs this many times per storage (median kept)")
     ap.add_argument("--table-from", default=None, metavar="JSON",
                     help="print the table of a --json file written earlier, and exit")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
@@ -483,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
             saved = json.load(f)
         print(table({int(n): r for n, r in saved["results"].items()}))
         return 0
+    only = None if args.only is None else set(args.only.split(","))
+    if only is not None and only - set(PHASES):
+        ap.error(f"unknown phases {sorted(only - set(PHASES))}; known: {','.join(PHASES)}")
     sizes = [5_000] if args.quick else [int(s.replace("_", "")) for s in args.objects.split(",")]
     info = machine()
     log(f"machine: {info}")
@@ -493,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
             work = os.path.join(work_root, str(n))
             os.makedirs(work)
             started = time.perf_counter()
-            results[n] = measure_size(n, work)
+            results[n] = measure_size(n, work, only, args.rounds)
             log(f"  {n:,} objects: {time.perf_counter() - started:.0f} s in all")
             shutil.rmtree(work)
             log(table(results))  # each size as soon as it is done
