@@ -52,3 +52,27 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     again = subprocess.run([sys.executable, str(BENCH), "--table-from", str(out)],
                            capture_output=True, text=True, env=env, timeout=60, check=True)
     assert [line for line in again.stdout.splitlines() if line.startswith("| ")] == table
+
+
+def test_bench_scale_only_convert(tmp_path: Path) -> None:
+    """--only convert builds the FileStorage file alone and measures convert --rounds times."""
+    out = tmp_path / "conv.json"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--only", "convert", "--rounds", "2",
+         "--tmpdir", str(tmp_path), "--json", str(out)],
+        capture_output=True, text=True, env=env, timeout=600, check=False,
+    )
+    assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    (res,) = json.loads(out.read_text())["results"].values()
+    assert sorted(res) == ["build", "convert"]
+    assert list(res["build"]) == ["fs"]
+    for kind in ("fs", "rs"):
+        assert len(res["convert"][kind]["rounds"]) == 2
+        assert res["convert"][kind]["size"] > 0
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| convert")]
+    assert len(rows) == 2
+    bad = subprocess.run([sys.executable, str(BENCH), "--only", "nonsense"], capture_output=True,
+                         text=True, env=env, timeout=60, check=False)
+    assert bad.returncode == 2 and "unknown phases" in bad.stderr
