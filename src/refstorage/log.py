@@ -34,6 +34,9 @@ INDEX_BATCH = 1 << 20
 # transaction that holds it, whose header is checksummed.
 BIG_READ = 16 << 20
 CHECK_CHUNK = 1 << 20
+# A transaction whose records take more bytes than this is read twice by the tools that
+# walk a file (checked, then read record by record), never held whole in memory.
+LARGE_TXN = 32 << 20
 LIMITS_CACHED = 4096  # transaction bounds remembered by records_limit
 
 
@@ -441,7 +444,7 @@ def _read_txn(reader: LogReader, pos: int, file_size: int):
     """(header of the transaction at pos, its checked oid table entries); records not read."""
     th = reader.read_txn_header(pos, file_size)
     raw = reader.file.read(th.records_end, th.next_pos - th.records_end)
-    table = list(fmt.decode_oid_table(raw, 0, th.nrec, reader.path, th.records_end))
+    table = fmt.decode_oid_table(raw, 0, th.nrec, reader.path, th.records_end)  # 16 bytes an entry
     fmt.check_trailer(raw, th.end - th.records_end, th, reader.path)
     return th, table
 
@@ -456,6 +459,34 @@ def read_checked_txn(reader: LogReader, pos: int, file_size: int,
     the transaction.  Status and tid order are the caller's to judge."""
     th, table = _read_txn(reader, pos, file_size)
     return th, list(_checked_records(reader, th, table))
+
+
+class CheckedRecords:
+    """The records of a transaction already checked whole by `check_txn`, read again on each
+    iteration (SCAN_CHUNK at a time, each record checked again): what `read_checked_txn` gives
+    for a transaction too large to be held in memory (see LARGE_TXN)."""
+
+    def __init__(self, reader: LogReader, pos: int, file_size: int, th: fmt.TxnHeader):
+        self.reader, self.pos, self.file_size, self.header = reader, pos, file_size, th
+
+    def __len__(self) -> int:
+        return self.header.nrec
+
+    def __iter__(self) -> Iterator[fmt.DataRecord]:
+        th, table = _read_txn(self.reader, self.pos, self.file_size)
+        return _checked_records(self.reader, th, table)
+
+
+def read_checked_txn_bounded(reader: LogReader, pos: int, file_size: int,
+                             ) -> tuple[fmt.TxnHeader, list[fmt.DataRecord] | CheckedRecords]:
+    """`read_checked_txn`, except that the records of a transaction larger than LARGE_TXN are
+    checked first (`check_txn`) and then given as a `CheckedRecords` that reads them again
+    when iterated: memory does not grow with the transaction."""
+    th = reader.read_txn_header(pos, file_size)
+    if th.records_end - th.data_pos <= LARGE_TXN:
+        return read_checked_txn(reader, pos, file_size)
+    th = check_txn(reader, pos, file_size)
+    return th, CheckedRecords(reader, pos, file_size, th)
 
 
 def check_txn(reader: LogReader, pos: int, file_size: int) -> fmt.TxnHeader:
@@ -477,6 +508,7 @@ def read_moved_txn(reader: LogReader, pos: int, file_size: int,
     Returns (th, records, delta): th and each record's `pos` are where they
     are now; tpos, prev and backpointers still hold the old positions."""
     th, table = _read_txn(reader, pos, file_size)
+    table = list(table)
     delta = th.data_pos - table[0][1] if table else 0
     recs = _checked_records(reader, th._replace(pos=pos - delta), table, delta)
     return th, [rec._replace(pos=rec.pos + delta) for rec in recs], delta

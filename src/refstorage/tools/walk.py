@@ -19,10 +19,11 @@ from ..errors import CorruptedError, CorruptedTransactionError
 from ..log import (
     READ_AHEAD,
     SEARCH_CHUNK,
+    CheckedRecords,
     LogReader,
     header_candidates,
     next_valid_txn,
-    read_checked_txn,
+    read_checked_txn_bounded,
     read_moved_txn,
 )
 from .common import Progress
@@ -30,7 +31,7 @@ from .common import Progress
 
 class Txn(NamedTuple):
     header: fmt.TxnHeader
-    records: list[fmt.DataRecord] | None  # None when not decoded
+    records: list[fmt.DataRecord] | CheckedRecords | None  # None when not decoded
     # Not 0: the transaction is intact but was written `delta` bytes before where it
     # is now (bytes were lost or inserted before it); its records' tpos, prev and
     # backpointers hold the old positions (their `pos` is where they are now).
@@ -86,7 +87,7 @@ def walk(reader: LogReader, start: int, end: int, decode: bool | Callable[[fmt.T
             delta = 0
             if decode is True or (decode is not False and decode(th)):
                 try:
-                    th, recs = read_checked_txn(reader, pos, end)
+                    th, recs = read_checked_txn_bounded(reader, pos, end)
                 except CorruptedError as exc:
                     if not moved:
                         raise
