@@ -8,6 +8,12 @@ dictionary look-up), reachability from the root (what a pack would collect)
 and dangling references.  Pages then answer from these tables and from
 positioned reads of single records.  Nothing is unpickled: class names and
 states come from the pickles' opcodes (`pickletree`).
+
+`ZeoInspector(spec)` is the other source behind the same `Model` interface: a
+storage served by ZEO, indexed once from ZEO's remote iterator (references
+computed from the pickles by `refs`), its objects read through loadBefore,
+history and loadSerial.  What needs file positions (damage, verify, the pack
+forecast) answers that it is not available through ZEO.
 """
 
 from __future__ import annotations
