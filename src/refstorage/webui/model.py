@@ -650,16 +650,32 @@ class ZeoInspector(Model):
         return f"Verify is {NOT_THROUGH_ZEO}."
 
     def txn_records(self, txn: Txn, start: int, count: int) -> list[dict]:
+        """Records `start` to `start + count` of txn (ZEO's iterator sends one record per call:
+        the page reads no further than what it shows)."""
         out = []
-        for _tid, _st, _u, _d, _e, records in zeo_transactions(self.storage, txn.tid, txn.tid):
-            for oid, _rtid, data, data_txn in records[start:start + count]:
-                packed = references_one(data) if data is not None else None
-                out.append({"oid": oid, "size": len(data) if data is not None else 0,
-                            "kind": ("deletion" if data is None else
-                                     "backpointer (undo)" if data_txn is not None else "data"),
-                            "current": self.current.get(oid) == txn.tid,
-                            "class": self.names(data) if data is not None else None,
-                            "refs": len(packed) // 8 if packed else 0})
+        it = self.storage.iterator(txn.tid, txn.tid)
+        try:
+            for t in it:
+                if t.tid != txn.tid:
+                    break
+                for i, r in enumerate(t):
+                    if i >= start + count:
+                        break
+                    if i < start:
+                        continue
+                    data = r.data
+                    packed = references_one(data) if data is not None else None
+                    out.append({"oid": r.oid, "size": len(data) if data is not None else 0,
+                                "kind": ("deletion" if data is None else
+                                         "backpointer (undo)" if r.data_txn is not None else "data"),
+                                "current": self.current.get(r.oid) == txn.tid,
+                                "class": self.names(data) if data is not None else None,
+                                "refs": len(packed) // 8 if packed else 0})
+                break
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
         return out
 
     def _txn_of(self, tid: bytes) -> Txn | None:
