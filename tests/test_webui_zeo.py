@@ -232,3 +232,58 @@ def test_command_refuses_other_uris_and_reports_an_unreachable_server():
                         "0.5", "127.0.0.1:1"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 1 and "cannot reach the ZEO server at 127.0.0.1:1" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_undo_and_an_undone_creation_through_zeo(tmp_path):
+    import transaction
+    from persistent.mapping import PersistentMapping
+
+    addr, stop = ZEO.server(path=str(tmp_path / "undo.fs"), port=0)
+    try:
+        db = ZEO.DB(addr, wait_timeout=30)
+        try:
+            tm = transaction.TransactionManager()
+            conn = db.open(tm)
+            root = conn.root()
+            root["a"] = a = PersistentMapping({"v": 1})
+            tm.commit()
+            a["v"] = 2
+            tm.get().note("change a")
+            tm.commit()
+            db.undo(db.undoLog(0, 1)[0]["id"], tm.get())  # a back to v=1: a backpointer
+            tm.get().note("undo the change")
+            tm.commit()
+            root["b"] = PersistentMapping()
+            tm.get().note("create b")
+            tm.commit()
+            b = root["b"]._p_oid
+            db.undo(db.undoLog(0, 1)[0]["id"], tm.get())  # b's creation undone: b has no data
+            tm.commit()
+            a_oid = a._p_oid
+            conn.close()
+        finally:
+            db.close()
+        ins = ZeoInspector(f"zeo://{addr[0]}:{addr[1]}", wait_timeout=30)
+        try:
+            ins.index()
+            assert ins.object_state(b) == "deleted" and ins.object_state(a_oid) == "current"
+            assert ins.objects == 2 and ins.deleted == {b}
+            assert ins.references(b"\0" * 8) == [a_oid] and ins.referrers_of(a_oid) == [b"\0" * 8]
+            assert ins.dangling_count == 0
+            hist = ins.history(a_oid)
+            assert len(hist) == 3 and hist[0].data == hist[2].data != hist[1].data
+            undo = next(t for t in ins.txns if t.description == "undo the change")
+            rows = ins.txn_records(undo, 0, 10)
+            assert {r["oid"]: r["kind"] for r in rows}[a_oid] == "backpointer (undo)"
+            last = ins.txn_records(ins.txns[-1], 0, 10)
+            assert {r["oid"]: r["kind"] for r in last}[b] == "deletion"
+            c = create_app(ins, TOKEN).test_client()
+            for url in (f"/object/{oid_repr(b)}", f"/object/{oid_repr(a_oid)}",
+                        f"/transaction/{undo.pos}", f"/transaction/{ins.txns[-1].pos}", "/garbage"):
+                r = c.get(f"{url}?token={TOKEN}")
+                assert r.status_code == 200, url
+            assert 'id="object-state">deleted<' in c.get(f"/object/{oid_repr(b)}").get_data(as_text=True)
+        finally:
+            ins.close()
+    finally:
+        stop()
