@@ -40,14 +40,15 @@ def _dumps_meta(module: str, name: str) -> bytes:
     return b"\x80\x03" + _global_pickle_bytes(module, name) + b"q\x00N\x86q\x01."
 
 
-def make_evil_db(path: str, marker: str) -> None:
-    """A refstorage database whose root references two records that would run code if loaded."""
+def make_evil_db(path: str, marker: str, storage_class=None) -> None:
+    """A database (refstorage, or `storage_class(path)`: ZODB's FileStorage) whose root references
+    two records that would run code if loaded."""
     evil_state = (b"\x80\x03}q\x00(X\x07\x00\x00\x00payloadq\x01c" + EVIL_MODULE.encode() + b"\nrun\nq\x02"
                   b"X" + len(marker).to_bytes(4, "little") + marker.encode() + b"q\x03\x85q\x04Rq\x05"
                   b"X\x01\x00\x00\x00xq\x06]q\x07(K\x01K\x02eu.")
     evil = _dumps_meta(EVIL_MODULE, "Boom") + evil_state
     missing = _dumps_meta("no_such_module_xyz", "Nope") + b"\x80\x03cno_such_module_xyz\nfactory\n)R."
-    storage = refstorage.FileStorage(path)
+    storage = (storage_class or refstorage.FileStorage)(path)
     try:
         import ZODB
         db = ZODB.DB(storage)
@@ -57,8 +58,8 @@ def make_evil_db(path: str, marker: str) -> None:
         transaction.commit()
         conn.close()
         # raw records, written through the storage API (never unpickled here)
-        t = transaction.Transaction()
-        t.description = "evil records"
+        from ZODB.Connection import TransactionMetaData
+        t = TransactionMetaData(description="evil records")
         storage.tpc_begin(t)
         storage.store(EVIL_OID, b"\0" * 8, evil, "", t)
         storage.store(MISSING_GLOBAL_OID, b"\0" * 8, missing, "", t)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import threading
 import webbrowser
@@ -11,22 +12,31 @@ import webbrowser
 import click
 
 from . import main
-from .common import failing_cleanly, progress_bar
+from .common import DEFAULT_TIMEOUT, failing_cleanly, progress_bar
+
+_HOST_PORT = re.compile(r"\[?[\w.:-]+\]?:\d{1,5}")
 
 
 @main.command("inspect")
-@click.argument("path", type=click.Path(dir_okay=False))
+@click.argument("path", metavar="PATH_OR_URI")
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on (anything but loopback exposes the database to the network).")
 @click.option("--port", default=0, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on; 0 picks a free one.")
 @click.option("--no-browser", is_flag=True,
               help="Do not open a browser (none is opened without a desktop either); just print the URL.")
-def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
-    """Browse the refstorage file PATH in a web browser, read-only.
+@click.option("--wait-timeout", type=click.FloatRange(0.1, 3600), default=DEFAULT_TIMEOUT,
+              show_default=True, help="Seconds to wait for the ZEO server (a zeo:// URI).")
+def inspect_command(path: str, host: str, port: int, no_browser: bool, wait_timeout: float) -> None:
+    """Browse a database in a web browser, read-only: the refstorage file
+    PATH, or the storage a ZEO server serves (zeo://HOST:PORT?storage=NAME,
+    or HOST:PORT; any storage: refstorage, ZODB's FileStorage...).
 
     The file is opened read-only (a storage may be writing it meanwhile; the
-    UI shows it as it was when opened) and indexed once.  Nothing in it is
+    UI shows it as it was when opened) and indexed once; through ZEO, the
+    transactions are read once with ZEO's remote iterator and the UI shows the
+    database as of the last one (damage, verify and the pack forecast need the
+    file and are not offered).  Nothing in it is
     unpickled: classes and states are read from the pickles' opcodes, so the
     application's code is neither needed nor run.  The server listens on
     HOST:PORT; its URL, printed as the first line, carries a random token
@@ -34,19 +44,20 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
     """
     try:
         from ..webui.app import Server
-        from ..webui.model import Inspector
+        from ..webui.model import Inspector, ZeoInspector
     except ImportError as exc:  # flask or plotly missing
         raise click.ClickException(
             f"refstorage inspect needs the 'inspect' extra ({exc}); install it with: "
             "pip install 'refstorage[inspect]'") from None
-    if "://" in path:
+    zeo = path.startswith("zeo://") or (_HOST_PORT.fullmatch(path) is not None and not os.path.exists(path))
+    if "://" in path and not zeo:
         raise click.ClickException(
-            "refstorage inspect reads a refstorage file directly: give its path (it opens read-only, "
-            "so it can run beside the storage or ZEO server that writes it)")
+            f"{path}: refstorage inspect reads a refstorage file (give its path) or a ZEO server "
+            "(zeo://HOST:PORT[?storage=NAME])")
     if logging.getLogger().getEffectiveLevel() >= logging.WARNING:
         logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no line per request unless -v
     with failing_cleanly():
-        inspector = Inspector(path)
+        inspector = ZeoInspector(path, wait_timeout) if zeo else Inspector(path)
     try:
         server = Server(inspector, host, port)
     except OSError as exc:
@@ -71,7 +82,8 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool) -> None:
             except Exception as exc:
                 click.echo(f"refstorage inspect: indexing failed: {inspector.error or exc}", err=True)
                 return
-        click.echo(f"indexed {inspector.size:,} bytes in {inspector.index_seconds:.2f} s; serving until "
+        what = f"{len(inspector.txns):,} transactions" if zeo else f"{inspector.size:,} bytes"
+        click.echo(f"indexed {what} in {inspector.index_seconds:.2f} s; serving until "
                    "Ctrl-C", err=True)
 
     threading.Thread(target=index, name="refstorage-inspect-index", daemon=True).start()

@@ -24,7 +24,7 @@ from .. import fileformat as fmt
 from ..errors import CorruptedError
 from ..tools.common import ToolError, oid_repr, parse_oid, parse_time, time_repr
 from . import pickletree
-from .model import Inspector
+from .model import Model
 
 COOKIE = "refstorage_inspect_token"
 PAGE = 50
@@ -41,7 +41,7 @@ def new_token() -> str:
     return secrets.token_urlsafe(24)
 
 
-def create_app(inspector: Inspector, token: str) -> Flask:
+def create_app(inspector: Model, token: str) -> Flask:
     app = Flask(__name__)
     app.config["inspector"] = inspector
     app.config["token"] = token
@@ -203,7 +203,8 @@ def create_app(inspector: Inspector, token: str) -> Flask:
         rec = inspector.current_data(o)
         parsed = inspector.parse(rec.data) if rec is not None else None
         tree = (pickletree.to_html(parsed.state, obj_url) if parsed is not None else None)
-        last_written = inspector.history(o, 0, 1)[0].time if state != "missing" else None
+        last = inspector.history(o, 0, 1) if state != "missing" else []
+        last_written = last[0].time if last else None
         hpage = _page("hpage")
         history = inspector.history(o, hpage * HISTORY, HISTORY + 1) if state != "missing" else []
         hpages = hpage + 1 + (len(history) > HISTORY)  # at least; more if there is a next page
@@ -235,7 +236,7 @@ def create_app(inspector: Inspector, token: str) -> Flask:
             a, b = with_data[1].pos, with_data[0].pos
         try:
             older, newer = inspector.revision(oid, a), inspector.revision(oid, b)
-        except CorruptedError:
+        except (CorruptedError, KeyError):  # no such revision (KeyError: through ZEO, POSKeyError)
             abort(404)
 
         def lines(h):
@@ -316,7 +317,7 @@ def human(n: float) -> str:
 class Server:
     """The app on a werkzeug threaded server, in a background thread; `url` carries the token."""
 
-    def __init__(self, inspector: Inspector, host: str = "127.0.0.1", port: int = 0,
+    def __init__(self, inspector: Model, host: str = "127.0.0.1", port: int = 0,
                  token: str | None = None):
         from werkzeug.serving import make_server
         self.token = token or new_token()

@@ -1,4 +1,4 @@
-"""What the web UI shows, computed from a refstorage file opened read-only.
+"""What the web UI shows, computed from a refstorage file opened read-only, or through ZEO.
 
 `Inspector(path)` opens the file read-only (a storage may be writing it
 meanwhile; the inspector looks no further than the size it saw at opening)
@@ -8,6 +8,12 @@ dictionary look-up), reachability from the root (what a pack would collect)
 and dangling references.  Pages then answer from these tables and from
 positioned reads of single records.  Nothing is unpickled: class names and
 states come from the pickles' opcodes (`pickletree`).
+
+`ZeoInspector(spec)` is the other source behind the same `Model` interface: a
+storage served by ZEO, indexed once from ZEO's remote iterator (references
+computed from the pickles by `refs`), its objects read through loadBefore,
+history and loadSerial.  What needs file positions (damage, verify, the pack
+forecast) answers that it is not available through ZEO.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from dataclasses import dataclass, field
 
 from .. import fileformat as fmt
 from ..errors import CorruptedError, RefStorageError
+from ..refs import references_many, references_one
 from ..tools import info as info_mod
 from ..tools import verify as verify_mod
 from ..tools.common import ClassNames, Log, Progress, oid_repr, text, tid_time, time_repr
@@ -68,13 +75,19 @@ class GarbageClass:
     sample: list[bytes] = field(default_factory=list)
 
 
-class Inspector:
-    """One file, indexed once; every method after `index()` answers from memory or a few reads."""
+class Model:
+    """What every page reads, whatever the source (a file, or a storage through ZEO).
 
-    def __init__(self, path: str):
-        self.log = Log(path)  # read-only; raises the package's errors for a file that is no refstorage
-        self.path = self.log.path
-        self.size = self.log.size
+    A source's `_index(progress)` fills the tables below in one pass;
+    `present` is the set of oids that have a current record (a deletion
+    included); `positions` says whether revisions and transactions have file
+    positions (the damage, verify and pack forecast answers need them)."""
+
+    positions = True
+
+    def __init__(self, path: str, size: int):
+        self.path = path
+        self.size = size
         self.names = ClassNames()
         self.lock = threading.Lock()
         # the indexing pass: status for the pages
@@ -83,7 +96,6 @@ class Inspector:
         self.error: str | None = None
         self.index_seconds = 0.0
         # filled by index()
-        self.built: info_mod.IndexBuild | None = None
         self.txns: list[Txn] = []
         self.classes: dict[str, info_mod.ClassSpace] = {}
         self.class_oids: dict[str, array] = {}
@@ -106,21 +118,22 @@ class Inspector:
         self._jobs: dict[tuple, Future] = {}
         self._one_job = threading.Lock()
 
+    @property
+    def present(self):
+        raise NotImplementedError
+
+    def _index(self, progress: Progress) -> None:
+        raise NotImplementedError
+
+    def _record_size(self, oid: bytes) -> int:
+        raise NotImplementedError
+
     def close(self, wait: bool = True) -> None:
-        """Close the file, after the background jobs (without `wait`, only if none is running:
-        a process about to exit leaves the file to the system rather than wait for them)."""
-        pending = [f for f in self._jobs.values() if not f.done()]
-        if pending and not wait:
-            return
-        for f in pending:
-            f.exception()
-        self.log.close()
+        raise NotImplementedError
 
     @property
     def ready(self) -> bool:
         return self.state == "ready"
-
-    # -- the one pass ----------------------------------------------------------------------
 
     def index(self, progress: Progress | None = None) -> None:
         """Read the whole file once (see the module's doc).  Sets `state`; raises on failure."""
@@ -140,6 +153,185 @@ class Inspector:
         self.index_seconds = time.perf_counter() - started
         self.state = "ready"
         self.forecast(0, wait=False)  # the overview shows it: start it now
+
+    def _references(self) -> None:
+        """Referrers, dangling references and what is unreachable from the root."""
+        index = self.present
+        deleted = self.deleted
+        referrers = self.referrers
+        for oid, packed in self.refs.items():
+            for i in range(0, len(packed), 8):
+                target = packed[i:i + 8]
+                lst = referrers.get(target)
+                if lst is None:
+                    referrers[target] = [oid]
+                elif lst[-1] != oid:
+                    lst.append(oid)
+                if target in deleted or target not in index:
+                    self.dangling_count += 1
+                    if len(self.dangling) < 1000:
+                        self.dangling.append((oid, target, "deleted" if target in deleted else "missing"))
+        # reachability from the root over the stored references (pack's GC, at the last transaction)
+        if Z64 not in index:
+            self.garbage_note = "the database has no root object: nothing is reachable"
+        reachable = {Z64} if Z64 in index else set()
+        todo = deque(reachable)
+        refs_get = self.refs.get
+        while todo:
+            packed = refs_get(todo.popleft())
+            if packed:
+                for i in range(0, len(packed), 8):
+                    target = packed[i:i + 8]
+                    if target not in reachable:
+                        reachable.add(target)
+                        todo.append(target)
+        if self.refs_unknown & reachable:
+            self.garbage_note = (f"{len(self.refs_unknown & reachable)} reachable records have no stored "
+                                 "references: a pack would not collect garbage, so nothing is listed")
+            return
+        for name, oids in self.class_oids.items():
+            for n in oids:
+                oid = fmt.p64(n)
+                if oid in reachable or oid in deleted:
+                    continue
+                g = self.garbage.get(name)
+                if g is None:
+                    g = self.garbage[name] = GarbageClass()
+                g.objects += 1
+                if len(g.sample) < 50:
+                    g.sample.append(oid)
+                g.bytes += self._record_size(oid)
+
+    @property
+    def objects(self) -> int:
+        return len(self.present) - len(self.deleted)
+
+    @property
+    def history_share(self) -> float:
+        total = self.current_bytes + self.history_bytes
+        return self.history_bytes / total if total else 0.0
+
+    def growth(self) -> dict:
+        """Per day: bytes written, new objects, and the running totals (for the overview's plot)."""
+        out = {"day": [], "bytes": [], "objects": [], "total_bytes": [], "total_objects": []}
+        tb = to = 0
+        for d in sorted(self.days):
+            b, o, _r = self.days[d]
+            tb += b
+            to += o
+            out["day"].append(time.strftime("%Y-%m-%d", time.gmtime(d * DAY)))
+            out["bytes"].append(b)
+            out["objects"].append(o)
+            out["total_bytes"].append(tb)
+            out["total_objects"].append(to)
+        return out
+
+    def _job(self, key: tuple, fn, wait: bool):
+        """fn()'s result (cached under `key`), or None while it runs in the background (wait=False)."""
+        with self.lock:
+            fut = self._jobs.get(key)
+            if fut is None:
+                fut = self._jobs[key] = Future()
+
+                def run() -> None:
+                    with self._one_job:  # one at a time: each reads the whole file
+                        try:
+                            fut.set_result(fn())
+                        except BaseException as exc:
+                            fut.set_exception(exc)
+                threading.Thread(target=run, name=f"refstorage-inspect-{key[0]}", daemon=True).start()
+        if not wait and not fut.done():
+            return None
+        return fut.result()
+
+    def transactions(self, since: float | None = None, until: float | None = None, user: str = "",
+                     description: str = "") -> list[Txn]:
+        """Matching transactions, newest first."""
+        txns = self.txns
+        lo = 0 if since is None else bisect.bisect_left(txns, since, key=lambda t: t.time)
+        hi = len(txns) if until is None else bisect.bisect_right(txns, until, key=lambda t: t.time)
+        user = user.lower()
+        description = description.lower()
+        out = []
+        for i in range(hi - 1, lo - 1, -1):
+            t = txns[i]
+            if user and user not in t.user.lower():
+                continue
+            if description and description not in t.description.lower():
+                continue
+            out.append(t)
+        return out
+
+    def txn_at(self, pos: int) -> Txn | None:
+        i = bisect.bisect_left(self.txns, pos, key=lambda t: t.pos)
+        if i < len(self.txns) and self.txns[i].pos == pos:
+            return self.txns[i]
+        return None
+
+    def class_of(self, oid: bytes) -> str | None:
+        """The class of oid's current record, or None if it has none (deleted, missing)."""
+        rec = self.current_data(oid)
+        return self.names(rec.data) if rec is not None else None
+
+    def object_state(self, oid: bytes) -> str:
+        if oid in self.deleted:
+            return "deleted"
+        return "current" if oid in self.present else "missing"
+
+    def references(self, oid: bytes) -> list[bytes]:
+        packed = self.refs.get(oid, b"")
+        return [packed[i:i + 8] for i in range(0, len(packed), 8)]
+
+    def referrers_of(self, oid: bytes) -> list[bytes]:
+        return self.referrers.get(oid, [])
+
+    def graph(self, oid: bytes, hops: int = 2, max_nodes: int = 40) -> dict:
+        """oid's neighbourhood: references (positive levels) and referrers (negative), a few hops deep."""
+        level = {oid: 0}
+        edges: list[tuple[bytes, bytes]] = []
+        for direction in (1, -1):
+            frontier = [oid]
+            for hop in range(1, hops + 1):
+                nxt = []
+                for o in frontier:
+                    around = self.references(o) if direction > 0 else self.referrers_of(o)
+                    for other in around[:12]:
+                        edges.append((o, other) if direction > 0 else (other, o))
+                        if other not in level and len(level) < max_nodes:
+                            level[other] = hop * direction
+                            nxt.append(other)
+                frontier = nxt
+        edges = [(a, b) for a, b in dict.fromkeys(edges) if a in level and b in level]
+        nodes = [{"oid": oid_repr(o), "level": lv, "class": self.class_of(o) or self.object_state(o)}
+                 for o, lv in level.items()]
+        return {"nodes": nodes, "edges": [[oid_repr(a), oid_repr(b)] for a, b in edges]}
+
+    def parse(self, data: bytes) -> pickletree.Record:
+        return pickletree.parse_record(data)
+
+
+class Inspector(Model):
+    """One file, indexed once; every method after `index()` answers from memory or a few reads."""
+
+    def __init__(self, path: str):
+        log = Log(path)  # read-only; raises the package's errors for a file that is no refstorage
+        super().__init__(log.path, log.size)
+        self.log = log
+        self.built: info_mod.IndexBuild | None = None
+
+    @property
+    def present(self):
+        return self.built.index
+
+    def close(self, wait: bool = True) -> None:
+        """Close the file, after the background jobs (without `wait`, only if none is running:
+        a process about to exit leaves the file to the system rather than wait for them)."""
+        pending = [f for f in self._jobs.values() if not f.done()]
+        if pending and not wait:
+            return
+        for f in pending:
+            f.exception()
+        self.log.close()
 
     def _index(self, progress: Progress) -> None:
         log = self.log
@@ -216,103 +408,11 @@ class Inspector:
             self.class_oids[name] = array("Q", oids)
         self._references()
 
-    def _references(self) -> None:
-        """Referrers, dangling references and what is unreachable from the root."""
-        index = self.built.index
-        deleted = self.deleted
-        referrers = self.referrers
-        for oid, packed in self.refs.items():
-            for i in range(0, len(packed), 8):
-                target = packed[i:i + 8]
-                lst = referrers.get(target)
-                if lst is None:
-                    referrers[target] = [oid]
-                elif lst[-1] != oid:
-                    lst.append(oid)
-                if target in deleted or target not in index:
-                    self.dangling_count += 1
-                    if len(self.dangling) < 1000:
-                        self.dangling.append((oid, target, "deleted" if target in deleted else "missing"))
-        # reachability from the root over the stored references (pack's GC, at the last transaction)
-        if Z64 not in index:
-            self.garbage_note = "the database has no root object: nothing is reachable"
-        reachable = {Z64} if Z64 in index else set()
-        todo = deque(reachable)
-        refs_get = self.refs.get
-        while todo:
-            packed = refs_get(todo.popleft())
-            if packed:
-                for i in range(0, len(packed), 8):
-                    target = packed[i:i + 8]
-                    if target not in reachable:
-                        reachable.add(target)
-                        todo.append(target)
-        if self.refs_unknown & reachable:
-            self.garbage_note = (f"{len(self.refs_unknown & reachable)} reachable records have no stored "
-                                 "references: a pack would not collect garbage, so nothing is listed")
-            return
-        for name, oids in self.class_oids.items():
-            for n in oids:
-                oid = fmt.p64(n)
-                if oid in reachable or oid in deleted:
-                    continue
-                g = self.garbage.get(name)
-                if g is None:
-                    g = self.garbage[name] = GarbageClass()
-                g.objects += 1
-                if len(g.sample) < 50:
-                    g.sample.append(oid)
-                g.bytes += self._record_size(oid)
-
     def _record_size(self, oid: bytes) -> int:
         try:
             return self.log.reader.read_data_record(self.built.index[oid], oid).length
         except CorruptedError:
             return 0
-
-    # -- figures ---------------------------------------------------------------------------
-
-    @property
-    def objects(self) -> int:
-        return len(self.built.index) - len(self.deleted)
-
-    @property
-    def history_share(self) -> float:
-        total = self.current_bytes + self.history_bytes
-        return self.history_bytes / total if total else 0.0
-
-    def growth(self) -> dict:
-        """Per day: bytes written, new objects, and the running totals (for the overview's plot)."""
-        out = {"day": [], "bytes": [], "objects": [], "total_bytes": [], "total_objects": []}
-        tb = to = 0
-        for d in sorted(self.days):
-            b, o, _r = self.days[d]
-            tb += b
-            to += o
-            out["day"].append(time.strftime("%Y-%m-%d", time.gmtime(d * DAY)))
-            out["bytes"].append(b)
-            out["objects"].append(o)
-            out["total_bytes"].append(tb)
-            out["total_objects"].append(to)
-        return out
-
-    def _job(self, key: tuple, fn, wait: bool):
-        """fn()'s result (cached under `key`), or None while it runs in the background (wait=False)."""
-        with self.lock:
-            fut = self._jobs.get(key)
-            if fut is None:
-                fut = self._jobs[key] = Future()
-
-                def run() -> None:
-                    with self._one_job:  # one at a time: each reads the whole file
-                        try:
-                            fut.set_result(fn())
-                        except BaseException as exc:
-                            fut.set_exception(exc)
-                threading.Thread(target=run, name=f"refstorage-inspect-{key[0]}", daemon=True).start()
-        if not wait and not fut.done():
-            return None
-        return fut.result()
 
     def forecast(self, days: float, wait: bool = True) -> info_mod.PackForecast | str | None:
         """What a pack keeping `days` days before the last transaction would free (an error
@@ -335,32 +435,6 @@ class Inspector:
             except RefStorageError as exc:
                 return str(exc)
         return self._job(("verify",), run, wait)
-
-    # -- transactions ----------------------------------------------------------------------
-
-    def transactions(self, since: float | None = None, until: float | None = None, user: str = "",
-                     description: str = "") -> list[Txn]:
-        """Matching transactions, newest first."""
-        txns = self.txns
-        lo = 0 if since is None else bisect.bisect_left(txns, since, key=lambda t: t.time)
-        hi = len(txns) if until is None else bisect.bisect_right(txns, until, key=lambda t: t.time)
-        user = user.lower()
-        description = description.lower()
-        out = []
-        for i in range(hi - 1, lo - 1, -1):
-            t = txns[i]
-            if user and user not in t.user.lower():
-                continue
-            if description and description not in t.description.lower():
-                continue
-            out.append(t)
-        return out
-
-    def txn_at(self, pos: int) -> Txn | None:
-        i = bisect.bisect_left(self.txns, pos, key=lambda t: t.pos)
-        if i < len(self.txns) and self.txns[i].pos == pos:
-            return self.txns[i]
-        return None
 
     def txn_records(self, txn: Txn, start: int, count: int) -> list[dict]:
         reader = self.log.reader
@@ -386,18 +460,6 @@ class Inspector:
         return {"oid": rec.oid, "kind": kind, "size": rec.length, "current": current,
                 "class": self.names(data_rec.data) if data_rec is not None else None,
                 "refs": len(data_rec.refs) // 8 if data_rec is not None else 0}
-
-    # -- objects ---------------------------------------------------------------------------
-
-    def class_of(self, oid: bytes) -> str | None:
-        """The class of oid's current record, or None if it has none (deleted, missing)."""
-        rec = self.current_data(oid)
-        return self.names(rec.data) if rec is not None else None
-
-    def object_state(self, oid: bytes) -> str:
-        if oid in self.deleted:
-            return "deleted"
-        return "current" if oid in self.built.index else "missing"
 
     def current_data(self, oid: bytes) -> fmt.DataRecord | None:
         pos = self.built.index.get(oid)
@@ -454,33 +516,224 @@ class Inspector:
         rec = self.log.reader.resolve(rec)
         return rec.data if rec is not None else None
 
-    def references(self, oid: bytes) -> list[bytes]:
-        packed = self.refs.get(oid, b"")
-        return [packed[i:i + 8] for i in range(0, len(packed), 8)]
 
-    def referrers_of(self, oid: bytes) -> list[bytes]:
-        return self.referrers.get(oid, [])
+# -- a storage served by ZEO ------------------------------------------------------------------
 
-    def graph(self, oid: bytes, hops: int = 2, max_nodes: int = 40) -> dict:
-        """oid's neighbourhood: references (positive levels) and referrers (negative), a few hops deep."""
-        level = {oid: 0}
-        edges: list[tuple[bytes, bytes]] = []
-        for direction in (1, -1):
-            frontier = [oid]
-            for hop in range(1, hops + 1):
-                nxt = []
-                for o in frontier:
-                    around = self.references(o) if direction > 0 else self.referrers_of(o)
-                    for other in around[:12]:
-                        edges.append((o, other) if direction > 0 else (other, o))
-                        if other not in level and len(level) < max_nodes:
-                            level[other] = hop * direction
-                            nxt.append(other)
-                frontier = nxt
-        edges = [(a, b) for a, b in dict.fromkeys(edges) if a in level and b in level]
-        nodes = [{"oid": oid_repr(o), "level": lv, "class": self.class_of(o) or self.object_state(o)}
-                 for o, lv in level.items()]
-        return {"nodes": nodes, "edges": [[oid_repr(a), oid_repr(b)] for a, b in edges]}
+NOT_THROUGH_ZEO = "not available through ZEO (it reads the file's positions): run it on the file itself"
 
-    def parse(self, data: bytes) -> pickletree.Record:
-        return pickletree.parse_record(data)
+TxnTuple = tuple  # (tid, status, user, description, extension, [(oid, tid, data, data_txn), ...])
+
+
+def zeo_transactions(storage, start: bytes | None = None, stop: bytes | None = None):
+    """The transactions of a storage's `iterator(start, stop)` as plain tuples
+    (tid, status, user, description, extension, records), each record (oid, tid, data, data_txn);
+    data None is a deletion."""
+    it = storage.iterator(start, stop)
+    try:
+        for txn in it:
+            records = [(r.oid, r.tid, r.data, r.data_txn) for r in txn]
+            yield txn.tid, txn.status, txn.user, txn.description, txn.extension, records
+    finally:
+        close = getattr(it, "close", None)
+        if close is not None:
+            close()
+
+
+class ZeoInspector(Model):
+    """A storage served by ZEO (refstorage, ZODB's FileStorage, any), indexed once from ZEO's
+    remote iterator; an object's states and history come from loadBefore, history and
+    loadSerial, as of the last transaction indexed.
+
+    There are no file positions here: a transaction's `pos` is its number in the log (from 0)
+    and a revision's `pos` is its tid as an integer.  Sizes are the pickles' sizes.  Damage,
+    verify and the pack forecast need the file: they say so."""
+
+    positions = False
+
+    def __init__(self, spec: str, wait_timeout: float = 30.0, storage: str | None = None):
+        from ..replicate import open_source  # (raises the package's ReplicationError)
+        self.storage = open_source(spec, wait_timeout=wait_timeout, storage=storage)
+        try:
+            size = int(self.storage.getSize() or 0)
+        except Exception:  # a server that does not report its size
+            size = 0
+        super().__init__(spec, size)
+        self.current: dict[bytes, bytes] = {}  # oid -> tid of its current record
+        self._current_info: dict[bytes, tuple[str, int]] = {}  # oid -> (class, size) of that record
+        self.last_tid = Z64
+
+    @property
+    def present(self):
+        return self.current
+
+    def close(self, wait: bool = True) -> None:
+        self.storage.close()
+
+    def _index(self, progress: Progress) -> None:
+        self.index_transactions(zeo_transactions(self.storage), progress)
+
+    def index_transactions(self, txns, progress: Progress | None = None) -> None:
+        """Fill the tables from transactions as `zeo_transactions` gives them, oldest first."""
+        names = self.names
+        classes = self.classes
+        days = self.days
+        refs = self.refs
+        current = self.current
+        info = self._current_info
+        read = 0
+        for tid, _status, user, description, _extension, records in txns:
+            t = tid_time(tid)
+            datas = [r[2] for r in records if r[2] is not None]
+            found = iter(references_many(datas) if datas else ())
+            size = sum(len(d) for d in datas)
+            self.txns.append(Txn(len(self.txns), tid, t, text(user), text(description), len(records),
+                                 size))
+            day = days.get(int(t // DAY))
+            if day is None:
+                day = days[int(t // DAY)] = [0, 0, 0]
+            day[0] += size
+            day[2] += len(records)
+            self.records += len(records)
+            for oid, _tid, data, _data_txn in records:
+                rsize = len(data) if data is not None else 0
+                prev = info.get(oid)
+                if prev is None:
+                    day[1] += 1
+                else:  # its last record becomes history
+                    old_name, old_size = prev
+                    old = classes[old_name]
+                    old.current -= 1
+                    old.current_bytes -= old_size
+                    old.historical += 1
+                    old.historical_bytes += old_size
+                    self.current_bytes -= old_size
+                    self.history_bytes += old_size
+                name = names(data)
+                space = classes.get(name)
+                if space is None:
+                    space = classes[name] = info_mod.ClassSpace()
+                space.current += 1
+                space.current_bytes += rsize
+                self.current_bytes += rsize
+                current[oid] = tid
+                info[oid] = (name, rsize)
+                refs.pop(oid, None)
+                self.refs_unknown.discard(oid)
+                if data is None:
+                    self.deleted.add(oid)
+                    continue
+                self.deleted.discard(oid)
+                packed = next(found)
+                if packed is None:
+                    self.refs_unknown.add(oid)
+                elif packed:
+                    refs[oid] = packed
+            self.last_tid = tid
+            read += size
+            if progress is not None:
+                progress(read)
+        class_oids: dict[str, list[int]] = {}
+        for oid, (name, _size) in info.items():
+            class_oids.setdefault(name, []).append(fmt.u64(oid))
+        for name, oids in class_oids.items():
+            oids.sort()
+            self.class_oids[name] = array("Q", oids)
+        self._references()
+
+    def _record_size(self, oid: bytes) -> int:
+        return self._current_info[oid][1]
+
+    def forecast(self, days: float, wait: bool = True) -> str:
+        return f"Pack forecast {NOT_THROUGH_ZEO}; the garbage page lists what a pack would collect."
+
+    def verify_report(self, wait: bool = True) -> str:
+        return f"Verify is {NOT_THROUGH_ZEO}."
+
+    def txn_records(self, txn: Txn, start: int, count: int) -> list[dict]:
+        """Records `start` to `start + count` of txn (ZEO's iterator sends one record per call:
+        the page reads no further than what it shows)."""
+        out = []
+        it = self.storage.iterator(txn.tid, txn.tid)
+        try:
+            for t in it:
+                if t.tid != txn.tid:
+                    break
+                for i, r in enumerate(t):
+                    if i >= start + count:
+                        break
+                    if i < start:
+                        continue
+                    data = r.data
+                    packed = references_one(data) if data is not None else None
+                    out.append({"oid": r.oid, "size": len(data) if data is not None else 0,
+                                "kind": ("deletion" if data is None else
+                                         "backpointer (undo)" if r.data_txn is not None else "data"),
+                                "current": self.current.get(r.oid) == txn.tid,
+                                "class": self.names(data) if data is not None else None,
+                                "refs": len(packed) // 8 if packed else 0})
+                break
+        finally:
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
+        return out
+
+    def _txn_of(self, tid: bytes) -> Txn | None:
+        i = bisect.bisect_left(self.txns, tid, key=lambda t: t.tid)
+        if i < len(self.txns) and self.txns[i].tid == tid:
+            return self.txns[i]
+        return None
+
+    def current_data(self, oid: bytes) -> _Data | None:
+        """oid's state as of the last transaction indexed (None if deleted or missing)."""
+        from ZODB.POSException import POSKeyError
+        if oid not in self.current or oid in self.deleted:
+            return None
+        try:
+            found = self.storage.loadBefore(oid, fmt.p64(fmt.u64(self.last_tid) + 1))
+        except POSKeyError:
+            return None
+        if found is None or found[0] is None:
+            return None
+        return _Data(found[0], found[1])
+
+    def history(self, oid: bytes, start: int = 0, limit: int = 200) -> list[Revision]:
+        """oid's revisions up to the last transaction indexed, newest first, from the `start`-th on."""
+        from ZODB.POSException import POSKeyError
+        if oid not in self.current:
+            return []
+        try:  # (revisions committed since the index are left out)
+            found = self.storage.history(oid, size=start + limit + 16)
+        except POSKeyError:
+            return []
+        found = [h for h in found if h["tid"] <= self.last_tid]
+        return [self._revision(oid, h["tid"]) for h in found[start:start + limit]]
+
+    def revision(self, oid: bytes, pos: int) -> Revision:
+        """oid's revision of tid `pos` (raises POSKeyError, a KeyError, if there is none)."""
+        from ZODB.POSException import POSKeyError
+        tid = fmt.p64(pos)
+        if tid > self.last_tid or self._txn_of(tid) is None:
+            raise POSKeyError(oid)
+        return self._revision(oid, tid, must_exist=True)
+
+    def _revision(self, oid: bytes, tid: bytes, must_exist: bool = False) -> Revision:
+        from ZODB.POSException import POSKeyError
+        txn = self._txn_of(tid)
+        try:
+            data = self.storage.loadSerial(oid, tid)
+        except POSKeyError:
+            if must_exist:
+                raise
+            data = None
+        return Revision(fmt.u64(tid), tid, tid_time(tid), txn.pos if txn is not None else -1,
+                        txn.user if txn is not None else "", txn.description if txn is not None else "",
+                        "data" if data is not None else "deleted", len(data) if data is not None else 0,
+                        self.names(data) if data is not None else None, data)
+
+
+@dataclass
+class _Data:
+    """A current state read through ZEO (what the pages read of a record: its data)."""
+    data: bytes
+    tid: bytes
