@@ -594,3 +594,39 @@ def test_references_are_stored(path):
     assert rec.ref_oids() == [tree._p_oid]
     assert child._p_oid in st._state.reader.read_data_record(st._state.index[tree._p_oid]).ref_oids()
     db.close()
+
+
+def _history_after_undo(st) -> list[dict]:
+    """Two revisions of one object, the second undone, with an extension: the history."""
+    db = ZODB.DB(st)
+    try:
+        conn = db.open()
+        conn.root()["x"] = PersistentMapping(a=1)
+        transaction.get().note("first")
+        transaction.get().setExtendedInfo("k", "v")
+        transaction.commit()
+        oid = conn.root()["x"]._p_oid
+        conn.root()["x"]["a"] = 2
+        transaction.commit()
+        db.undo(db.undoLog(0, 1)[0]["id"])
+        transaction.commit()
+        conn.close()
+        return st.history(oid, size=10)
+    finally:
+        db.close()
+
+
+def test_history_matches_filestorage(tmp_path):
+    """history()'s dicts have FileStorage's keys and values (size 0 for an undo's backpointer)."""
+    from ZODB.FileStorage import FileStorage as ZFileStorage
+
+    ours = _history_after_undo(refstorage.FileStorage(str(tmp_path / "a.rfs")))
+    theirs = _history_after_undo(ZFileStorage(str(tmp_path / "a.fs")))
+    assert len(ours) == len(theirs) == 3
+
+    def comparable(h):
+        return [{k: v for k, v in d.items() if k not in ("tid", "time")} for d in h]
+
+    assert comparable(ours) == comparable(theirs)
+    assert [sorted(d) for d in ours] == [sorted(d) for d in theirs]
+    assert ours[0]["size"] == 0  # the undo wrote a backpointer

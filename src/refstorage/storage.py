@@ -388,10 +388,11 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         while len(result) < size:
             th = reader.read_txn_header(rec.tpos)
             d = dict(TransactionMetaData(th.user, th.description, th.extension).extension)
-            data_rec = reader.resolve(rec)
+            # FileStorage's keys and meanings: size is the data this record holds
+            # (0 for a backpointer, as an undo writes), not the resolved state's.
             d.update(time=TimeStamp(rec.tid).timeTime(), user_name=th.user,
-                     description=th.description, tid=rec.tid, serial=rec.tid,
-                     size=len(data_rec.data) if data_rec is not None else 0)
+                     description=th.description, tid=rec.tid,
+                     size=len(rec.data) if rec.data is not None else 0)
             if filter is None or filter(d):
                 result.append(d)
             if not rec.prev:
