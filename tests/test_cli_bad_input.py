@@ -308,3 +308,11 @@ def test_no_python_api_advice_on_the_command_line(files, tmp_path, monkeypatch):
     r = run("pack", db)
     check(r, f"{db}.lock", status=1)
     assert "read_only=True" not in r.output and "verify, info and dump" in r.output
+
+
+@pytest.mark.parametrize("name", ["", "a b", "x(1)"])
+def test_serve_refuses_a_storage_name_zeo_cannot_carry(files, tmp_path, name):
+    """An empty name was served as ZEO's default '1' while the banner announced ''."""
+    db = tmp_path / "Data.rfs"
+    shutil.copy(files / "Data.rfs", db)
+    check(run("serve", db, "--name", name, "--port", "0"), "--name", status=2)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import ssl
 import tempfile
@@ -44,6 +45,14 @@ def _zconfig_value(value: str) -> str:
     if "\n" in value:
         raise click.BadParameter(f"{value!r}: a line break cannot appear in a configuration value")
     return value.replace("$", "$$")
+
+
+def _storage_name(value: str) -> str:
+    """A storage name as ZEO's configuration can carry it: no spaces, no parentheses."""
+    if not re.fullmatch(r"[^\s()]+", value):
+        raise click.BadParameter(f"{value!r}: a storage name is one or more characters, without spaces "
+                                 "or parentheses", param_hint="'--name'")
+    return value
 
 
 def server_config(path: str, host: str, port: int, blob_dir: str | None = None,
@@ -171,7 +180,8 @@ Examples:
 @click.option("--blob-dir", type=click.Path(file_okay=False), default=None,
               help="Blob directory (enables blobs; created if missing).")
 @click.option("--read-only", is_flag=True, help="Serve without accepting commits.")
-@click.option("--name", default="1", show_default=True, help="Storage name clients ask for.")
+@click.option("--name", default="1", show_default=True,
+              callback=lambda ctx, param, value: _storage_name(value), help="Storage name clients ask for.")
 @click.option("--create", is_flag=True,
               help="Create PATH if it does not exist (else a missing PATH is an error).")
 @click.option("--json", "as_json", is_flag=True,
