@@ -25,7 +25,7 @@ from ZODB.utils import z64
 import refstorage
 from refstorage.cli import main
 from refstorage.errors import HistoryDivergedError, ReplicationError
-from refstorage.replicate import Replicator, open_source, parse_source
+from refstorage.replicate import MIN_PIECE, Replicator, open_source, parse_source, piece_ranges
 
 TIMEOUT = 30.0
 
@@ -251,6 +251,10 @@ def test_follow_is_woken_by_invalidations(primary, tmp_path):
     thread = threading.Thread(target=replicator.run, kwargs={"deadline": time.monotonic() + TIMEOUT})
     thread.start()
     try:
+        # lags are measured once the first catch-up is done
+        deadline = time.monotonic() + 10
+        while not replicator.following and time.monotonic() < deadline:
+            time.sleep(0.005)
         for i in range(5):
             with db.transaction() as conn:
                 conn.root()["n"] = i
@@ -268,6 +272,52 @@ def test_follow_is_woken_by_invalidations(primary, tmp_path):
     assert committed[-1] == (tid, 1)
     lag = replicator.stats.lag_summary()
     assert lag["count"] == 5 and lag["max"] < 5.0
+
+
+def test_piece_ranges_cover_every_tid_in_order_without_overlap():
+    from ZODB.utils import p64, u64
+    start = p64(1 << 60)
+    for span, pieces in ((0, 4), (MIN_PIECE - 1, 4), (MIN_PIECE * 3 + 7, 4), (MIN_PIECE * 100, 4),
+                         (MIN_PIECE * 100, 1), (MIN_PIECE * 100 + 5, 7)):
+        target = p64(u64(start) + span)
+        ranges = piece_ranges(start, target, pieces)
+        assert ranges[0][0] == start and ranges[-1][1] is None
+        assert len(ranges) == max(1, min(pieces, span // MIN_PIECE))
+        for (a, b), (c, _d) in zip(ranges, ranges[1:], strict=False):
+            assert a <= b and u64(c) == u64(b) + 1
+        if len(ranges) > 1:
+            assert u64(ranges[-2][1]) < u64(target)
+    # a target before the start (nothing new as far as the client knows): one open range
+    assert piece_ranges(p64(10), p64(5), 4) == [(p64(10), None)]
+
+
+def test_catch_up_reads_several_ranges_at_once(primary):
+    """The transactions to copy are read through several remote iterators over
+    consecutive tid ranges (round trips overlap); the copy is still exact."""
+    db = primary["db"]
+    for i in range(6):
+        commit_work(db, i * 2, 2)
+        time.sleep(0.03)
+    replica = str(primary["tmp"] / "replica.rfs")
+    blobs = str(primary["tmp"] / "replica-blobs")
+    rep = refstorage.FileStorage(replica, create=True, blob_dir=blobs)
+    src = open_source(primary["source"], blob_cache=str(primary["tmp"] / "cache"))
+    opened = []
+    iterator = src.iterator
+
+    def recording(start=None, stop=None):
+        opened.append((start, stop))
+        return iterator(start, stop)
+
+    src.iterator = recording
+    try:
+        stats = Replicator(src, rep, pieces=4).run(follow=False)
+    finally:
+        src.close()
+        rep.close()
+    assert len(opened) == 4, opened
+    assert opened[-1][1] is None
+    assert stats.transactions == assert_same(primary, replica, blobs)
 
 
 def test_stats_and_empty_source(tmp_path):
