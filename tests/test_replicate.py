@@ -320,6 +320,88 @@ def test_catch_up_reads_several_ranges_at_once(primary):
     assert stats.transactions == assert_same(primary, replica, blobs)
 
 
+def test_catch_up_progress_has_a_total_and_an_eta(primary, tmp_path):
+    commit_work(primary["db"], 0, 6)
+    rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True, blob_dir=str(tmp_path / "rb"))
+    src = open_source(primary["source"], blob_cache=str(tmp_path / "rcache"))
+    seen = []
+    try:
+        replicator = Replicator(src, rep)
+        before = replicator.progress()
+        assert (before.transactions, before.done, before.eta) == (0, 0.0, None)
+        replicator.on_progress = lambda stats: seen.append(replicator.progress())
+        stats = replicator.run(follow=False)
+        source_last = src.lastTransaction()
+    finally:
+        src.close()
+        rep.close()
+    from refstorage.replicate import tid_time
+    first_tid = seen[0].replica_last
+    total = tid_time(source_last) - tid_time(first_tid)
+    assert total > 0
+    assert [p.transactions for p in seen] == list(range(1, stats.transactions + 1))
+    assert all(p.total == pytest.approx(total) and p.source_last == source_last for p in seen)
+    dones = [p.done for p in seen]
+    assert dones == sorted(dones) and dones[0] == 0.0 and dones[-1] == pytest.approx(total)
+    assert seen[-1].eta == 0.0 and any(p.eta and p.eta > 0 for p in seen)
+    line = seen[-1].as_dict()
+    assert line["total_s"] == line["done_s"] and line["source_last_tid"] == source_last.hex()
+
+
+def test_json_status_lines_while_catching_up(primary):
+    commit_work(primary["db"], 0, 4)
+    replica = str(primary["tmp"] / "replica.rfs")
+    blobs = str(primary["tmp"] / "replica-blobs")
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [line["phase"] for line in lines][0] == "catching up"
+    assert lines[-1]["phase"] == "caught up"
+    assert lines[-1]["transactions"] == summary["transactions"] > 0
+    assert lines[-1]["done_s"] == lines[-1]["total_s"] > 0
+    assert lines[-1]["replica_last_tid"] == lines[-1]["source_last_tid"] == summary["last_tid"]
+    # the first line comes with the first copy: nothing to base an ETA on yet
+    assert lines[0]["total_s"] == lines[-1]["total_s"] and lines[0]["eta_s"] is None
+    assert lines[-1]["eta_s"] == 0.0
+
+
+def test_the_catch_up_bar_has_the_source_s_history_as_its_total(primary, tmp_path, monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    import refstorage.cli.replicate as cli_replicate
+    out = io.StringIO()
+    monkeypatch.setattr(cli_replicate, "progress_bar",
+                        lambda total, desc, unit="txn": tqdm(total=total, desc=desc, unit=unit, file=out,
+                                                             disable=False, mininterval=0))
+    commit_work(primary["db"], 0, 2)
+    time.sleep(0.1)
+    commit_work(primary["db"], 2, 2)
+    rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True, blob_dir=str(tmp_path / "rb"))
+    src = open_source(primary["source"], blob_cache=str(tmp_path / "rcache"))
+    totals = []
+    try:
+        replicator = Replicator(src, rep)
+        status = cli_replicate.StatusLine(replicator, primary["source"], enabled=True)
+
+        def progress(stats):
+            status(stats)
+            totals.append((status.bar.total, status.bar.n))
+
+        replicator.on_progress = progress
+        replicator.run(follow=False)
+        expected = round(replicator.progress().total, 2)
+        status.close()
+    finally:
+        src.close()
+        rep.close()
+    assert expected > 0 and totals[-1] == (expected, expected)
+    assert all(total == expected for total, _n in totals)
+    assert "catching up" in out.getvalue() and "txn" in out.getvalue()
+
+
 def test_stats_and_empty_source(tmp_path):
     addr, stop = ZEO.server(path=str(tmp_path / "p.fs"), port=0)
     try:

@@ -56,7 +56,7 @@ from .errors import HistoryDivergedError, ReplicationError
 logger = logging.getLogger(__name__)
 
 __all__ = ["Replicator", "ReplicationStats", "Follower", "PackSchedule", "parse_source", "open_source",
-           "piece_ranges"]
+           "piece_ranges", "CatchUpProgress"]
 
 DEFAULT_STORAGE = "1"
 
@@ -123,6 +123,29 @@ class ReplicationStats:
             return round(values[min(len(values) - 1, int(q * len(values)))], 4)
 
         return {"count": len(values), "p50": pct(0.50), "p99": pct(0.99), "max": round(values[-1], 4)}
+
+
+@dataclass
+class CatchUpProgress:
+    """How far a catch-up is, in seconds of the source's history (what ZEO tells for free).
+
+    `total` spans from the first transaction this run copies (or the
+    replica's last one) to the source's last transaction as its client knows
+    it (ClientStorage.lastTransaction, no round trip); `done` up to the
+    replica's last transaction.  `eta` (seconds, None until something was
+    copied) assumes history keeps being copied at the rate so far."""
+    transactions: int
+    done: float
+    total: float
+    eta: float | None
+    source_last: bytes
+    replica_last: bytes
+
+    def as_dict(self) -> dict:
+        return {"transactions": self.transactions, "done_s": round(self.done, 3),
+                "total_s": round(self.total, 3),
+                "eta_s": None if self.eta is None else round(self.eta, 1),
+                "source_last_tid": self.source_last.hex(), "replica_last_tid": self.replica_last.hex()}
 
 
 class _Listener:
@@ -219,6 +242,9 @@ class Replicator:
         self.poll_interval = poll_interval
         self.retry_interval = retry_interval
         self.stats = ReplicationStats(last_tid=replica.lastTransaction())
+        # where this run's history starts (tid time), and when its first copy ended
+        self._origin: float | None = tid_time(self.stats.last_tid) if self.stats.last_tid != z64 else None
+        self._first_copied: float | None = None
         self.following = False  # lags are measured once the first catch-up is done
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -276,12 +302,30 @@ class Replicator:
                 continue
             if not follow:
                 break
-            self.following = True
+            if not self.following:
+                self.following = True
+                if self.on_progress is not None:  # the first catch-up is done
+                    self.on_progress(self.stats)
             wait = self.poll_interval
             if deadline is not None:
                 wait = max(0.0, min(wait, deadline - time.monotonic()))
             self._wake.wait(wait)
         return self.stats
+
+    def progress(self) -> CatchUpProgress:
+        """How far this run has come towards the source's last transaction (no round trip)."""
+        stats = self.stats
+        source_last = self.source.lastTransaction() or z64
+        last = stats.last_tid
+        if self._origin is None or source_last == z64:
+            return CatchUpProgress(stats.transactions, 0.0, 0.0, None, source_last, last)
+        total = max(0.0, tid_time(source_last) - self._origin)
+        done = min(total, max(0.0, tid_time(last) - self._origin)) if last != z64 else 0.0
+        eta = None
+        if self._first_copied is not None and done > 0:
+            elapsed = time.monotonic() - self._first_copied
+            eta = (total - done) * elapsed / done
+        return CatchUpProgress(stats.transactions, done, total, eta, source_last, last)
 
     # -- copying -------------------------------------------------------------------
 
@@ -389,6 +433,10 @@ class Replicator:
             _discard(recs)
             raise
         stats = self.stats
+        if self._origin is None:  # an empty replica: history starts at the first copy
+            self._origin = tid_time(tid)
+        if self._first_copied is None:
+            self._first_copied = time.monotonic()
         stats.transactions += 1
         stats.records += records
         stats.blobs += blobs
