@@ -226,6 +226,7 @@ class Replicator:
     is called after each copied transaction (a read-only server over the
     replica uses it to send ZEO invalidations); `on_progress(stats)` after
     each transaction too.  `run()` catches up, then follows until `stop()`.
+    `pieces` is how many remote iterators may read at once (see `catch_up`).
     """
 
     def __init__(self, source, replica, *, replica_name: str | None = None,
