@@ -25,7 +25,7 @@ from ZODB.utils import z64
 import refstorage
 from refstorage.cli import main
 from refstorage.errors import HistoryDivergedError, ReplicationError
-from refstorage.replicate import Replicator, open_source, parse_source
+from refstorage.replicate import MIN_PIECE, Replicator, open_source, parse_source, piece_ranges
 
 TIMEOUT = 30.0
 
@@ -251,6 +251,10 @@ def test_follow_is_woken_by_invalidations(primary, tmp_path):
     thread = threading.Thread(target=replicator.run, kwargs={"deadline": time.monotonic() + TIMEOUT})
     thread.start()
     try:
+        # lags are measured once the first catch-up is done
+        deadline = time.monotonic() + 10
+        while not replicator.following and time.monotonic() < deadline:
+            time.sleep(0.005)
         for i in range(5):
             with db.transaction() as conn:
                 conn.root()["n"] = i
@@ -268,6 +272,134 @@ def test_follow_is_woken_by_invalidations(primary, tmp_path):
     assert committed[-1] == (tid, 1)
     lag = replicator.stats.lag_summary()
     assert lag["count"] == 5 and lag["max"] < 5.0
+
+
+def test_piece_ranges_cover_every_tid_in_order_without_overlap():
+    from ZODB.utils import p64, u64
+    start = p64(1 << 60)
+    for span, pieces in ((0, 4), (MIN_PIECE - 1, 4), (MIN_PIECE * 3 + 7, 4), (MIN_PIECE * 100, 4),
+                         (MIN_PIECE * 100, 1), (MIN_PIECE * 100 + 5, 7)):
+        target = p64(u64(start) + span)
+        ranges = piece_ranges(start, target, pieces)
+        assert ranges[0][0] == start and ranges[-1][1] is None
+        assert len(ranges) == max(1, min(pieces, span // MIN_PIECE))
+        for (a, b), (c, _d) in zip(ranges, ranges[1:], strict=False):
+            assert a <= b and u64(c) == u64(b) + 1
+        if len(ranges) > 1:
+            assert u64(ranges[-2][1]) < u64(target)
+    # a target before the start (nothing new as far as the client knows): one open range
+    assert piece_ranges(p64(10), p64(5), 4) == [(p64(10), None)]
+
+
+def test_catch_up_reads_several_ranges_at_once(primary):
+    """The transactions to copy are read through several remote iterators over
+    consecutive tid ranges (round trips overlap); the copy is still exact."""
+    db = primary["db"]
+    for i in range(6):
+        commit_work(db, i * 2, 2)
+        time.sleep(0.03)
+    replica = str(primary["tmp"] / "replica.rfs")
+    blobs = str(primary["tmp"] / "replica-blobs")
+    rep = refstorage.FileStorage(replica, create=True, blob_dir=blobs)
+    src = open_source(primary["source"], blob_cache=str(primary["tmp"] / "cache"))
+    opened = []
+    iterator = src.iterator
+
+    def recording(start=None, stop=None):
+        opened.append((start, stop))
+        return iterator(start, stop)
+
+    src.iterator = recording
+    try:
+        stats = Replicator(src, rep, pieces=4).run(follow=False)
+    finally:
+        src.close()
+        rep.close()
+    assert len(opened) == 4, opened
+    assert opened[-1][1] is None
+    assert stats.transactions == assert_same(primary, replica, blobs)
+
+
+def test_catch_up_progress_has_a_total_and_an_eta(primary, tmp_path):
+    commit_work(primary["db"], 0, 6)
+    rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True, blob_dir=str(tmp_path / "rb"))
+    src = open_source(primary["source"], blob_cache=str(tmp_path / "rcache"))
+    seen = []
+    try:
+        replicator = Replicator(src, rep)
+        before = replicator.progress()
+        assert (before.transactions, before.done, before.eta) == (0, 0.0, None)
+        replicator.on_progress = lambda stats: seen.append(replicator.progress())
+        stats = replicator.run(follow=False)
+        source_last = src.lastTransaction()
+    finally:
+        src.close()
+        rep.close()
+    from refstorage.replicate import tid_time
+    first_tid = seen[0].replica_last
+    total = tid_time(source_last) - tid_time(first_tid)
+    assert total > 0
+    assert [p.transactions for p in seen] == list(range(1, stats.transactions + 1))
+    assert all(p.total == pytest.approx(total) and p.source_last == source_last for p in seen)
+    dones = [p.done for p in seen]
+    assert dones == sorted(dones) and dones[0] == 0.0 and dones[-1] == pytest.approx(total)
+    assert seen[-1].eta == 0.0 and any(p.eta and p.eta > 0 for p in seen)
+    line = seen[-1].as_dict()
+    assert line["total_s"] == line["done_s"] and line["source_last_tid"] == source_last.hex()
+
+
+def test_json_status_lines_while_catching_up(primary):
+    commit_work(primary["db"], 0, 4)
+    replica = str(primary["tmp"] / "replica.rfs")
+    blobs = str(primary["tmp"] / "replica-blobs")
+    result = run_cli(primary["source"], replica, "--blob-dir", blobs, "--once", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    lines = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [line["phase"] for line in lines][0] == "catching up"
+    assert lines[-1]["phase"] == "caught up"
+    assert lines[-1]["transactions"] == summary["transactions"] > 0
+    assert lines[-1]["done_s"] == lines[-1]["total_s"] > 0
+    assert lines[-1]["replica_last_tid"] == lines[-1]["source_last_tid"] == summary["last_tid"]
+    # the first line comes with the first copy: nothing to base an ETA on yet
+    assert lines[0]["total_s"] == lines[-1]["total_s"] and lines[0]["eta_s"] is None
+    assert lines[-1]["eta_s"] == 0.0
+
+
+def test_the_catch_up_bar_has_the_source_s_history_as_its_total(primary, tmp_path, monkeypatch):
+    import io
+
+    from tqdm import tqdm
+
+    import refstorage.cli.replicate as cli_replicate
+    out = io.StringIO()
+    monkeypatch.setattr(cli_replicate, "progress_bar",
+                        lambda total, desc, unit="txn": tqdm(total=total, desc=desc, unit=unit, file=out,
+                                                             disable=False, mininterval=0))
+    commit_work(primary["db"], 0, 2)
+    time.sleep(0.1)
+    commit_work(primary["db"], 2, 2)
+    rep = refstorage.FileStorage(str(tmp_path / "r.rfs"), create=True, blob_dir=str(tmp_path / "rb"))
+    src = open_source(primary["source"], blob_cache=str(tmp_path / "rcache"))
+    totals = []
+    try:
+        replicator = Replicator(src, rep)
+        status = cli_replicate.StatusLine(replicator, primary["source"], enabled=True)
+
+        def progress(stats):
+            status(stats)
+            totals.append((status.bar.total, status.bar.n))
+
+        replicator.on_progress = progress
+        replicator.run(follow=False)
+        expected = round(replicator.progress().total, 2)
+        status.close()
+    finally:
+        src.close()
+        rep.close()
+    assert expected > 0 and totals[-1] == (expected, expected)
+    assert all(total == expected for total, _n in totals)
+    assert "catching up" in out.getvalue() and "txn" in out.getvalue()
 
 
 def test_stats_and_empty_source(tmp_path):

@@ -55,7 +55,8 @@ from .errors import HistoryDivergedError, ReplicationError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Replicator", "ReplicationStats", "Follower", "PackSchedule", "parse_source", "open_source"]
+__all__ = ["Replicator", "ReplicationStats", "Follower", "PackSchedule", "parse_source", "open_source",
+           "piece_ranges", "CatchUpProgress"]
 
 DEFAULT_STORAGE = "1"
 
@@ -124,6 +125,29 @@ class ReplicationStats:
         return {"count": len(values), "p50": pct(0.50), "p99": pct(0.99), "max": round(values[-1], 4)}
 
 
+@dataclass
+class CatchUpProgress:
+    """How far a catch-up is, in seconds of the source's history (what ZEO tells for free).
+
+    `total` spans from the first transaction this run copies (or the
+    replica's last one) to the source's last transaction as its client knows
+    it (ClientStorage.lastTransaction, no round trip); `done` up to the
+    replica's last transaction.  `eta` (seconds, None until something was
+    copied) assumes history keeps being copied at the rate so far."""
+    transactions: int
+    done: float
+    total: float
+    eta: float | None
+    source_last: bytes
+    replica_last: bytes
+
+    def as_dict(self) -> dict:
+        return {"transactions": self.transactions, "done_s": round(self.done, 3),
+                "total_s": round(self.total, 3),
+                "eta_s": None if self.eta is None else round(self.eta, 1),
+                "source_last_tid": self.source_last.hex(), "replica_last_tid": self.replica_last.hex()}
+
+
 class _Listener:
     """Stands in for a DB on the source ClientStorage: turns invalidations into wake-ups."""
 
@@ -152,6 +176,32 @@ def tid_time(tid: bytes) -> float:
     return TimeStamp(tid).timeTime()
 
 
+# A range of tids narrower than this (about 10 ms of commits) is not split.
+MIN_PIECE = 10 * (1 << 32) // 60_000
+
+
+def piece_ranges(start: bytes, target: bytes, pieces: int) -> list[tuple[bytes, bytes | None]]:
+    """[start, target] cut into up to `pieces` consecutive (first, last) tid ranges, the last open.
+
+    The ranges cover every tid from `start` on, in order, without overlap:
+    (start, a), (a + 1, b), ..., (x + 1, None).  Tids count 2**32 per minute
+    (ZODB's TimeStamp), so equal integer spans are about equal spans of
+    time; a span under MIN_PIECE (or pieces=1) gives one open range."""
+    lo, hi = u64(start), u64(target)
+    n = min(pieces, (hi - lo) // MIN_PIECE) if hi > lo else 1
+    if n <= 1:
+        return [(start, None)]
+    step = (hi - lo) // n
+    bounds = [lo + step * i for i in range(1, n)]
+    ranges: list[tuple[bytes, bytes | None]] = []
+    first = lo
+    for b in bounds:
+        ranges.append((p64(first), p64(b)))
+        first = b + 1
+    ranges.append((p64(first), None))
+    return ranges
+
+
 def _next_tid(tid: bytes) -> bytes:
     return p64(u64(tid) + 1)
 
@@ -176,13 +226,16 @@ class Replicator:
     is called after each copied transaction (a read-only server over the
     replica uses it to send ZEO invalidations); `on_progress(stats)` after
     each transaction too.  `run()` catches up, then follows until `stop()`.
+    `pieces` is how many remote iterators may read at once (see `catch_up`).
     """
 
     def __init__(self, source, replica, *, replica_name: str | None = None,
                  on_commit: Callable[[bytes, list[bytes]], None] | None = None,
                  on_progress: Callable[[ReplicationStats], None] | None = None,
-                 poll_interval: float = 5.0, retry_interval: float = 0.5):
+                 poll_interval: float = 5.0, retry_interval: float = 0.5,
+                 pieces: int = 8):
         self.source = source
+        self.pieces = max(1, pieces)
         self.replica = replica
         self.replica_name = replica_name or str(getattr(replica, "getName", lambda: "replica")())
         self.on_commit = on_commit
@@ -190,6 +243,9 @@ class Replicator:
         self.poll_interval = poll_interval
         self.retry_interval = retry_interval
         self.stats = ReplicationStats(last_tid=replica.lastTransaction())
+        # where this run's history starts (tid time), and when its first copy ended
+        self._origin: float | None = tid_time(self.stats.last_tid) if self.stats.last_tid != z64 else None
+        self._first_copied: float | None = None
         self.following = False  # lags are measured once the first catch-up is done
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -247,43 +303,84 @@ class Replicator:
                 continue
             if not follow:
                 break
-            self.following = True
+            if not self.following:
+                self.following = True
+                if self.on_progress is not None:  # the first catch-up is done
+                    self.on_progress(self.stats)
             wait = self.poll_interval
             if deadline is not None:
                 wait = max(0.0, min(wait, deadline - time.monotonic()))
             self._wake.wait(wait)
         return self.stats
 
+    def progress(self) -> CatchUpProgress:
+        """How far this run has come towards the source's last transaction (no round trip)."""
+        stats = self.stats
+        source_last = self.source.lastTransaction() or z64
+        last = stats.last_tid
+        if self._origin is None or source_last == z64:
+            return CatchUpProgress(stats.transactions, 0.0, 0.0, None, source_last, last)
+        total = max(0.0, tid_time(source_last) - self._origin)
+        done = min(total, max(0.0, tid_time(last) - self._origin)) if last != z64 else 0.0
+        eta = None
+        if self._first_copied is not None and done > 0:
+            elapsed = time.monotonic() - self._first_copied
+            eta = (total - done) * elapsed / done
+        return CatchUpProgress(stats.transactions, done, total, eta, source_last, last)
+
     # -- copying -------------------------------------------------------------------
 
     def catch_up(self) -> int:
-        """Copy every source transaction after the replica's last one; the count copied."""
+        """Copy every source transaction after the replica's last one; the count copied.
+
+        The transactions to copy are read through several remote iterators at
+        once, each over its own range of tids (`piece_ranges`), each in its own
+        prefetching thread, and copied in tid order: ZEO's remote iterator
+        costs a round trip per transaction and per record, and overlapping
+        those of several ranges lets the replica copy faster than a primary
+        commits."""
         last = self.replica.lastTransaction()
         deep = self._listener.connections != self._checked_connection
         connection = self._listener.connections
         if deep:
             self._check_blobs()
         copied = 0
-        it = self.source.iterator(last if last != z64 else None)
+        # the source's last tid as its client knows it (no round trip): the
+        # ranges after the first are cut up to it, and the last is open-ended
+        target = self.source.lastTransaction() or z64
+        ranges = piece_ranges(_next_tid(last) if last != z64 else z64, target, self.pieces)
+        first_stop = ranges[0][1]
+        it = self.source.iterator(last if last != z64 else None, first_stop)
+        prefetchers: list[_Prefetcher] = []
         try:
             txns: Iterator = iter(it)
             if last != z64:
                 first = next(txns, None)
+                mine = first is not None  # in the first range, else in a later one
+                if first is None and first_stop is not None:
+                    first = next(iter(self.source.iterator(last)), None)
                 if first is not None and first.tid > last and self._packed_away(last, first):
-                    txns = itertools.chain([first], txns)
+                    if mine:
+                        txns = itertools.chain([first], txns)
                 else:
                     self._check_same(last, first, deep)
                 self._checked_connection = connection
-            prefetch = _Prefetcher(txns, self._read_records, self._stop)
-            try:
+            prefetchers.append(_Prefetcher(txns, self._read_records, self._stop))
+            for start, stop in ranges[1:]:
+                # the iterator starts in the prefetching thread (a round trip)
+                prefetchers.append(_Prefetcher(_range(self.source, start, stop),
+                                               self._read_records, self._stop))
+            for prefetch in prefetchers:
                 for txn, recs in prefetch:
                     self._copy(txn, recs)
                     copied += 1
                     if self.stopped:
                         break
-            finally:
-                prefetch.close()
+                if self.stopped:
+                    break
         finally:
+            for prefetch in prefetchers:
+                prefetch.close()
             close = getattr(it, "close", None)
             if close is not None:
                 close()
@@ -337,6 +434,10 @@ class Replicator:
             _discard(recs)
             raise
         stats = self.stats
+        if self._origin is None:  # an empty replica: history starts at the first copy
+            self._origin = tid_time(tid)
+        if self._first_copied is None:
+            self._first_copied = time.monotonic()
         stats.transactions += 1
         stats.records += records
         stats.blobs += blobs
@@ -447,6 +548,11 @@ class Replicator:
                 return a.tid
 
 
+def _range(source, start: bytes, stop: bytes | None) -> Iterator:
+    """The source's transactions from `start` to `stop`, its remote iterator opened on first use."""
+    yield from source.iterator(start, stop)
+
+
 def _discard(recs: list[tuple]) -> None:
     """Remove the blob temporary files of records that will not be copied."""
     for rec in recs:
@@ -464,9 +570,10 @@ class _Prefetcher:
     """Reads the next transactions (records and blob files included) in a thread.
 
     ZEO's remote iterator costs a round trip per transaction and per record,
-    the replica an fsync per transaction: overlapping the two keeps the
-    replica up with a primary committing as fast as it can.  At most
-    `depth` transactions wait in memory."""
+    the replica an fsync per transaction: overlapping the two (and the round
+    trips of several ranges, see `Replicator.catch_up`) keeps the replica up
+    with a primary committing as fast as it can.  At most `depth`
+    transactions wait in memory."""
 
     def __init__(self, txns: Iterator, read: Callable, stop: threading.Event, depth: int = 64):
         self._txns = txns

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -58,30 +59,56 @@ def stopping_on_signals() -> Iterator[_Stopper]:
 
 
 class StatusLine:
-    """A progress bar while catching up, then one status line while following."""
+    """A progress bar while catching up, then one status line while following.
 
-    def __init__(self, replicator: Replicator, source: str, enabled: bool):
+    The bar counts seconds of the source's history: its total runs to the
+    source's last transaction (as its ZEO client knows it, so it moves while
+    commits go on), and tqdm shows the rate and the ETA.  With `as_json`,
+    the same figures go to stderr as JSON lines instead: one a second at most
+    while catching up ("catching up"), one when caught up, then one every
+    10 s while following ("following")."""
+
+    def __init__(self, replicator: Replicator, source: str, enabled: bool, as_json: bool = False):
         self.replicator = replicator
         self.source = source
         self.enabled = enabled
-        self.tty = enabled and sys.stderr.isatty()
-        self.bar = progress_bar(None, "catching up") if enabled else None
+        self.as_json = as_json and enabled
+        self.tty = enabled and not self.as_json and sys.stderr.isatty()
+        self.bar = progress_bar(None, "catching up", unit="s") if enabled and not self.as_json else None
         self._last_line = 0.0
+        self._caught_up = False
 
     def __call__(self, stats: ReplicationStats) -> None:
         if not self.enabled:
             return
-        if not self.replicator.following:
-            self.bar.update(1)
-            return
-        if self.bar is not None:
-            self.bar.close()
-            self.bar = None
         now = time.monotonic()
+        if not self.replicator.following:
+            progress = self.replicator.progress()
+            if self.as_json:
+                if now - self._last_line >= 1.0:
+                    self._last_line = now
+                    self._json_line("catching up", progress.as_dict())
+                return
+            if self.bar is not None:
+                total = round(progress.total, 2)
+                if self.bar.total != total:
+                    self.bar.total = total
+                self.bar.n = round(progress.done, 2)
+                self.bar.set_postfix_str(f"{progress.transactions} txn", refresh=False)
+                self.bar.update(0)
+            return
+        if not self._caught_up:
+            self._caught_up = True
+            self.caught_up()
         if not self.tty and now - self._last_line < 10.0:
             return
         self._last_line = now
         lag = stats.lags[-1] if stats.lags else 0.0
+        if self.as_json:
+            self._json_line("following", {"transactions": stats.transactions,
+                                          "replica_last_tid": stats.last_tid.hex(),
+                                          "lag_s": round(lag, 4)})
+            return
         line = (f"following {self.source}: {stats.transactions} transactions copied, last "
                 f"{stats.last_tid.hex()} ({time.strftime('%H:%M:%S', time.gmtime(tid_time(stats.last_tid)))} "
                 f"UTC), lag {lag:.3f} s")
@@ -91,7 +118,22 @@ class StatusLine:
             sys.stderr.write(line + "\n")
         sys.stderr.flush()
 
+    def caught_up(self) -> None:
+        """The first catch-up is done: close the bar (with --json: say so)."""
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+        if self.as_json:
+            self._json_line("caught up", self.replicator.progress().as_dict())
+
+    def _json_line(self, phase: str, fields: dict) -> None:
+        sys.stderr.write(json.dumps({"phase": phase, **fields}) + "\n")
+        sys.stderr.flush()
+
     def close(self) -> None:
+        if self.enabled and not self._caught_up:
+            self._caught_up = True
+            self.caught_up()
         if self.bar is not None:
             self.bar.close()
         if self.tty:
@@ -121,7 +163,9 @@ def summary(stats: ReplicationStats, seconds: float) -> dict:
 @click.option("--pack-every", type=click.FloatRange(0.0001), default=24.0, show_default=True,
               help="Hours between the replica's packs (with --pack-days).")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or status line.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON when it ends.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the result as JSON when it ends, and (without -q) the progress as JSON "
+                   "lines on stderr.")
 def replicate(source: str, replica: str, blob_dir: str | None, storage: str | None, once: bool,
               poll: float, wait_timeout: float, pack_days: float | None, pack_every: float,
               quiet: bool, as_json: bool) -> None:
@@ -144,7 +188,7 @@ def replicate(source: str, replica: str, blob_dir: str | None, storage: str | No
             try:
                 replicator = Replicator(src, dest, replica_name=os.path.abspath(replica),
                                         poll_interval=poll)
-                status = StatusLine(replicator, source, enabled=not quiet)
+                status = StatusLine(replicator, source, enabled=not quiet, as_json=as_json)
                 replicator.on_progress = status
                 stopper.attach(replicator)
                 schedule = None
