@@ -128,6 +128,92 @@ def test_reader_survives_self_references():
     assert "shown above" in pt.to_html(rec, str)
 
 
+META = b"\x80\x03cpersistent.mapping\nPersistentMapping\nq\x00N\x86q\x01."
+
+
+def _laughs(levels: int = 8) -> bytes:
+    """A 3 KB state whose lists share each other level after level: 200**levels leaves if each
+    occurrence were shown."""
+    a: list = ["x"]
+    for _ in range(levels):
+        a = [a] * 200
+    return META + pickle.dumps({"data": a}, 3)
+
+
+HOSTILE = {
+    "laughs": _laughs(),
+    "bigint": META + pickle.dumps({"n": 7 ** 20000}, 3),  # str() refuses more than 4300 digits
+    "hugestr": META + pickle.dumps({"s": "x" * 20_000_000}, 3),
+    "deep": META + b"\x80\x03" + b"]" * 50_000 + b"a" * 49_999 + b".",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_reader_renders_hostile_states_in_bounded_time_and_size(name):
+    import time
+    rec = pt.parse_record(HOSTILE[name])
+    assert rec.error is None
+    started = time.perf_counter()
+    html = pt.to_html(rec.state, str)
+    lines = pt.to_lines(rec.state)
+    took = time.perf_counter() - started
+    assert took < 2.0, took
+    assert len(html) < 1_000_000 and len(lines) < 2 * pt.MAX_NODES + 10
+    if name == "bigint":
+        assert f"&lt;int of {(7 ** 20000).bit_length():,} bits&gt;" in html
+    if name == "hugestr":
+        assert "x" * (pt.MAX_STR - 2) in html and "(20,000,000 chars)" in html
+    if name == "laughs":
+        assert "shown above" in html and lines[-1].endswith("[199]: list (200 items) (shown above)")
+
+
+def test_rendering_stops_at_max_nodes(monkeypatch):
+    monkeypatch.setattr(pt, "MAX_NODES", 10)
+    state = {f"k{i}": [i] for i in range(30)}  # 31 containers, none shared
+    rec = pt.parse_record(META + pickle.dumps(state, 3))
+    lines = pt.to_lines(rec.state)
+    assert sum(line.endswith("(not shown)") for line in lines) == 21
+    assert lines[-1] == "... 21 more containers not shown (at most 10 are)"
+    assert "21 more containers not shown" in pt.to_html(rec.state, str)
+
+
+def test_object_pages_of_hostile_records_answer(tmp_path):
+    """The object page and its history diff over each hostile record (stored twice)."""
+    import time
+
+    import transaction as txn_mod
+
+    import refstorage
+    path = str(tmp_path / "hostile.rfs")
+    st = refstorage.FileStorage(path)
+    oids = {}
+    try:
+        for rev in range(2):
+            t = txn_mod.Transaction()
+            st.tpc_begin(t)
+            for i, name in enumerate(sorted(HOSTILE)):
+                oid = (i + 1).to_bytes(8, "big")
+                oids[name] = oid
+                st.store(oid, st.load(oid)[1] if rev else b"\0" * 8, HOSTILE[name], "", t)
+            st.tpc_vote(t)
+            st.tpc_finish(t)
+    finally:
+        st.close()
+    ins = Inspector(path)
+    try:
+        ins.index()
+        c = create_app(ins, TOKEN).test_client()
+        for name, oid in oids.items():
+            started = time.perf_counter()
+            r = c.get(f"/object/{oid_repr(oid)}?token={TOKEN}")
+            assert r.status_code == 200, name
+            assert time.perf_counter() - started < 5, name
+            assert len(r.get_data()) < 2_000_000, name
+            assert "the two revisions have the same state" in r.get_data(as_text=True), name
+    finally:
+        ins.close()
+
+
 # -- the index ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
