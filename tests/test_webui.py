@@ -284,6 +284,43 @@ def test_requests_without_the_token_are_refused(demo_inspector):
     assert c.post(f"/?token={TOKEN}").status_code == 405  # nothing is writable
 
 
+def test_the_token_guards_the_assets_and_two_inspectors_keep_their_own(demo_inspector):
+    """Over HTTP, one browser (one cookie jar: cookies are per host, not per port) on two
+    inspectors of one host: each keeps its token; the assets need it too; no Referer leaks it."""
+    import http.cookiejar
+
+    from refstorage.webui.app import Server
+    servers = [Server(demo_inspector, "127.0.0.1", 0) for _ in range(2)]
+    for srv in servers:
+        srv.start()
+    try:
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        bases = [srv.url.split("?")[0] for srv in servers]
+        for base in bases:  # no token yet: nothing, not even a stylesheet
+            for path in ("classes", "static/style.css", "static/plotly.min.js"):
+                with pytest.raises(urllib.error.HTTPError) as exc:
+                    browser.open(base + path, timeout=30)
+                assert exc.value.code == 403, path
+        for srv in servers:  # the printed URLs, one after the other
+            with browser.open(srv.url, timeout=30) as r:
+                assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert len({c.name for c in jar}) == 2  # one cookie per port
+        for base in bases:  # back to the first: its cookie was not overwritten by the second's
+            for path in ("classes", "static/style.css", "static/plotly.min.js"):
+                with browser.open(base + path, timeout=30) as r:
+                    assert r.status == 200, (base, path)
+        # a cookie carries its own port's token only
+        c = create_app(demo_inspector, TOKEN).test_client()
+        c.set_cookie("refstorage_inspect_token_81", TOKEN)
+        assert c.get("/classes").status_code == 403
+        c.set_cookie("refstorage_inspect_token_80", TOKEN)  # the test client's port
+        assert c.get("/classes").status_code == 200
+    finally:
+        for srv in servers:
+            srv.stop()
+
+
 def test_every_page_answers(client, demo_inspector):
     ins = demo_inspector
     book = ins.class_oids["refstorage._demo_model.Book"][0].to_bytes(8, "big")
