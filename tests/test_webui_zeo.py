@@ -436,3 +436,46 @@ def test_the_pack_forecast_through_zeo_follows_undo_and_unreadable_references(tm
         by_zeo.close()
         by_file.close()
         stop()
+
+
+def test_the_zeo_inspector_never_writes(tmp_path_factory):
+    """Its ClientStorage is read-only (the server refuses a commit from it), none of its writing
+    methods is called by the index, the pages or the forecast, and the served file is unchanged."""
+    import hashlib
+
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.POSException import ReadOnlyError
+    src, _expected = demo_database(tmp_path_factory)
+    path = str(tmp_path_factory.mktemp("webui-zeo-ro") / "library.rfs")
+    shutil.copyfile(src, path)
+
+    def digest() -> str:
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    before = digest()
+    addr, stop = ZEO.server(storage_conf=refstorage_conf(path), port=0)
+    try:
+        ins = ZeoInspector(f"zeo://{addr[0]}:{addr[1]}?storage=1", wait_timeout=30)
+        try:
+            assert ins.storage.isReadOnly()
+            with pytest.raises(ReadOnlyError):
+                ins.storage.tpc_begin(TransactionMetaData())
+            calls = []
+            for name in ("tpc_begin", "store", "restore", "storeBlob", "deleteObject", "undo", "pack",
+                         "new_oid", "tpc_vote", "tpc_finish", "tpc_abort", "checkCurrentSerialInTransaction",
+                         "copyTransactionsFrom", "record_iternext"):
+                setattr(ins.storage, name, lambda *a, _n=name, **k: calls.append(_n))
+            ins.index()
+            book = ins.class_oids[BOOK][0].to_bytes(8, "big")
+            c = create_app(ins, TOKEN).test_client()
+            for url in ("/", "/?days=0.001", "/classes", f"/class/{BOOK}", "/transactions",
+                        f"/transaction/{ins.txns[-1].pos}", "/object/0x00", f"/object/{oid_repr(book)}",
+                        f"/object/{oid_repr(book)}/graph", "/garbage", "/status"):
+                assert c.get(url + ("&" if "?" in url else "?") + f"token={TOKEN}").status_code == 200, url
+            assert not isinstance(ins.forecast(0), str) and not isinstance(ins.forecast(0.001), str)
+            assert calls == []
+        finally:
+            ins.close()
+    finally:
+        stop()
+    assert digest() == before
