@@ -479,3 +479,21 @@ def test_the_zeo_inspector_never_writes(tmp_path_factory):
     finally:
         stop()
     assert digest() == before
+
+
+def test_a_transactions_page_through_zeo_reads_only_what_it_shows(served_demo, monkeypatch):
+    """From the index, not ZEO's iterator (one round trip per record before the page's): the
+    rows of a late page are the file source's, with a loadSerial per non-current record."""
+    by_file, by_zeo, _addr = served_demo
+    j = max(range(len(by_file.txns)), key=lambda i: by_file.txns[i].records)
+    assert by_file.txns[j].records > 300
+    loads = []
+    real_load_serial = by_zeo.storage.loadSerial
+    monkeypatch.setattr(by_zeo.storage, "iterator", lambda *a: pytest.fail("iterator called"))
+    monkeypatch.setattr(by_zeo.storage, "loadSerial", lambda *a: loads.append(a) or real_load_serial(*a))
+    rows_z = by_zeo.txn_records(by_zeo.txns[j], 200, 100)
+    rows_f = by_file.txn_records(by_file.txns[j], 200, 100)
+    assert len(rows_z) == len(rows_f) > 0
+    assert [(r["oid"], r["class"], r["refs"], r["current"], r["kind"]) for r in rows_z] == [
+        (r["oid"], r["class"], r["refs"], r["current"], r["kind"]) for r in rows_f]
+    assert len(loads) == sum(1 for r in rows_z if not r["current"] and r["kind"] != "deletion")

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from .. import fileformat as fmt
 from ..errors import CorruptedError, RefStorageError
-from ..refs import references_many, references_one
+from ..refs import references_many
 from ..tools import info as info_mod
 from ..tools import verify as verify_mod
 from ..tools.common import ClassNames, Log, Progress, oid_repr, text, tid_time, time_repr
@@ -845,32 +845,31 @@ class ZeoInspector(Model):
         return f"Verify is {NOT_THROUGH_ZEO}."
 
     def txn_records(self, txn: Txn, start: int, count: int) -> list[dict]:
-        """Records `start` to `start + count` of txn (ZEO's iterator sends one record per call:
-        the page reads no further than what it shows)."""
+        """Records `start` to `start + count` of txn, from the records indexed (ZEO's iterator
+        would send every record before them, one round trip each); the class of a record that
+        is no longer current is read with loadSerial (one round trip per record shown)."""
+        from ZODB.POSException import POSKeyError
+        j = txn.pos
+        first, end = self._txn_first[j], self._txn_first[j + 1]
         out = []
-        it = self.storage.iterator(txn.tid, txn.tid)
-        try:
-            for t in it:
-                if t.tid != txn.tid:
-                    break
-                for i, r in enumerate(t):
-                    if i >= start + count:
-                        break
-                    if i < start:
-                        continue
-                    data = r.data
-                    packed = references_one(data) if data is not None else None
-                    out.append({"oid": r.oid, "size": len(data) if data is not None else 0,
-                                "kind": ("deletion" if data is None else
-                                         "backpointer (undo)" if r.data_txn is not None else "data"),
-                                "current": self.current.get(r.oid) == txn.tid,
-                                "class": self.names(data) if data is not None else None,
-                                "refs": len(packed) // 8 if packed else 0})
-                break
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        for r in range(first + start, min(end, first + start + count)):
+            oid = fmt.p64(self._rec_oid[r])
+            flags = self._rec_flags[r]
+            current = self._last_rec.get(oid) == r
+            name = None
+            if not flags & _DELETED:
+                if current:
+                    name = self._current_info[oid][0]
+                else:
+                    try:
+                        name = self.names(self.storage.loadSerial(oid, txn.tid))
+                    except POSKeyError:
+                        name = None
+            out.append({"oid": oid, "size": self._rec_size[r],
+                        "kind": ("deletion" if flags & _DELETED else
+                                 "backpointer (undo)" if flags & _UNDO else "data"),
+                        "current": current, "class": name,
+                        "refs": (self._refs_at[r + 1] - self._refs_at[r]) // 8})
         return out
 
     def _txn_of(self, tid: bytes) -> Txn | None:
