@@ -84,7 +84,7 @@ class Model:
     A source's `_index(progress)` fills the tables below in one pass;
     `present` is the set of oids that have a current record (a deletion
     included); `positions` says whether revisions and transactions have file
-    positions (the damage, verify and pack forecast answers need them)."""
+    positions (the damage and verify answers need them)."""
 
     positions = True
     forecast_unit = ""  # what the pack forecast's bytes are: the file's (or " of pickle data")
