@@ -128,6 +128,92 @@ def test_reader_survives_self_references():
     assert "shown above" in pt.to_html(rec, str)
 
 
+META = b"\x80\x03cpersistent.mapping\nPersistentMapping\nq\x00N\x86q\x01."
+
+
+def _laughs(levels: int = 8) -> bytes:
+    """A 3 KB state whose lists share each other level after level: 200**levels leaves if each
+    occurrence were shown."""
+    a: list = ["x"]
+    for _ in range(levels):
+        a = [a] * 200
+    return META + pickle.dumps({"data": a}, 3)
+
+
+HOSTILE = {
+    "laughs": _laughs(),
+    "bigint": META + pickle.dumps({"n": 7 ** 20000}, 3),  # str() refuses more than 4300 digits
+    "hugestr": META + pickle.dumps({"s": "x" * 20_000_000}, 3),
+    "deep": META + b"\x80\x03" + b"]" * 50_000 + b"a" * 49_999 + b".",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_reader_renders_hostile_states_in_bounded_time_and_size(name):
+    import time
+    rec = pt.parse_record(HOSTILE[name])
+    assert rec.error is None
+    started = time.perf_counter()
+    html = pt.to_html(rec.state, str)
+    lines = pt.to_lines(rec.state)
+    took = time.perf_counter() - started
+    assert took < 2.0, took
+    assert len(html) < 1_000_000 and len(lines) < 2 * pt.MAX_NODES + 10
+    if name == "bigint":
+        assert f"&lt;int of {(7 ** 20000).bit_length():,} bits&gt;" in html
+    if name == "hugestr":
+        assert "x" * (pt.MAX_STR - 2) in html and "(20,000,000 chars)" in html
+    if name == "laughs":
+        assert "shown above" in html and lines[-1].endswith("[199]: list (200 items) (shown above)")
+
+
+def test_rendering_stops_at_max_nodes(monkeypatch):
+    monkeypatch.setattr(pt, "MAX_NODES", 10)
+    state = {f"k{i}": [i] for i in range(30)}  # 31 containers, none shared
+    rec = pt.parse_record(META + pickle.dumps(state, 3))
+    lines = pt.to_lines(rec.state)
+    assert sum(line.endswith("(not shown)") for line in lines) == 21
+    assert lines[-1] == "... 21 more containers not shown (at most 10 are)"
+    assert "21 more containers not shown" in pt.to_html(rec.state, str)
+
+
+def test_object_pages_of_hostile_records_answer(tmp_path):
+    """The object page and its history diff over each hostile record (stored twice)."""
+    import time
+
+    import transaction as txn_mod
+
+    import refstorage
+    path = str(tmp_path / "hostile.rfs")
+    st = refstorage.FileStorage(path)
+    oids = {}
+    try:
+        for rev in range(2):
+            t = txn_mod.Transaction()
+            st.tpc_begin(t)
+            for i, name in enumerate(sorted(HOSTILE)):
+                oid = (i + 1).to_bytes(8, "big")
+                oids[name] = oid
+                st.store(oid, st.load(oid)[1] if rev else b"\0" * 8, HOSTILE[name], "", t)
+            st.tpc_vote(t)
+            st.tpc_finish(t)
+    finally:
+        st.close()
+    ins = Inspector(path)
+    try:
+        ins.index()
+        c = create_app(ins, TOKEN).test_client()
+        for name, oid in oids.items():
+            started = time.perf_counter()
+            r = c.get(f"/object/{oid_repr(oid)}?token={TOKEN}")
+            assert r.status_code == 200, name
+            assert time.perf_counter() - started < 5, name
+            assert len(r.get_data()) < 2_000_000, name
+            assert "the two revisions have the same state" in r.get_data(as_text=True), name
+    finally:
+        ins.close()
+
+
 # -- the index ------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -196,6 +282,43 @@ def test_requests_without_the_token_are_refused(demo_inspector):
     assert r.status_code == 200
     assert c.get("/classes").status_code == 200  # the cookie now carries it
     assert c.post(f"/?token={TOKEN}").status_code == 405  # nothing is writable
+
+
+def test_the_token_guards_the_assets_and_two_inspectors_keep_their_own(demo_inspector):
+    """Over HTTP, one browser (one cookie jar: cookies are per host, not per port) on two
+    inspectors of one host: each keeps its token; the assets need it too; no Referer leaks it."""
+    import http.cookiejar
+
+    from refstorage.webui.app import Server
+    servers = [Server(demo_inspector, "127.0.0.1", 0) for _ in range(2)]
+    for srv in servers:
+        srv.start()
+    try:
+        jar = http.cookiejar.CookieJar()
+        browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+        bases = [srv.url.split("?")[0] for srv in servers]
+        for base in bases:  # no token yet: nothing, not even a stylesheet
+            for path in ("classes", "static/style.css", "static/plotly.min.js"):
+                with pytest.raises(urllib.error.HTTPError) as exc:
+                    browser.open(base + path, timeout=30)
+                assert exc.value.code == 403, path
+        for srv in servers:  # the printed URLs, one after the other
+            with browser.open(srv.url, timeout=30) as r:
+                assert r.headers["Referrer-Policy"] == "no-referrer"
+        assert len({c.name for c in jar}) == 2  # one cookie per port
+        for base in bases:  # back to the first: its cookie was not overwritten by the second's
+            for path in ("classes", "static/style.css", "static/plotly.min.js"):
+                with browser.open(base + path, timeout=30) as r:
+                    assert r.status == 200, (base, path)
+        # a cookie carries its own port's token only
+        c = create_app(demo_inspector, TOKEN).test_client()
+        c.set_cookie("refstorage_inspect_token_81", TOKEN)
+        assert c.get("/classes").status_code == 403
+        c.set_cookie("refstorage_inspect_token_80", TOKEN)  # the test client's port
+        assert c.get("/classes").status_code == 200
+    finally:
+        for srv in servers:
+            srv.stop()
 
 
 def test_every_page_answers(client, demo_inspector):

@@ -3,12 +3,15 @@
 Needs Debian's `chromium` and `chromium-driver` (.ci/run installs them); without
 them these tests are skipped, unless REFSTORAGE_REQUIRE_BROWSER=1 (set by CI),
 which makes a missing browser a failure.  Screenshots of each page are saved
-in $REFSTORAGE_SCREENSHOTS (default: a pytest temporary directory, printed).
+in $REFSTORAGE_SCREENSHOTS (default: a pytest temporary directory, printed);
+those of the zeo:// source (a ZEO server over a copy of the demo database,
+started by the test) are named zeo-*.png.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
@@ -21,9 +24,9 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support import expected_conditions as EC  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from refstorage.tools.common import oid_repr  # noqa: E402
+from refstorage.tools.common import oid_repr, parse_oid  # noqa: E402
 from refstorage.webui.app import Server  # noqa: E402
-from refstorage.webui.model import Inspector  # noqa: E402
+from refstorage.webui.model import Inspector, ZeoInspector  # noqa: E402
 from webui_db import demo_database  # noqa: E402
 
 REQUIRE = os.environ.get("REFSTORAGE_REQUIRE_BROWSER") == "1"
@@ -201,4 +204,113 @@ def test_no_token_no_page(server, browser):
     drv = browser
     drv.delete_all_cookies()
     drv.get(srv.url.split("?")[0] + "classes")
+    assert "403" in drv.find_element(By.TAG_NAME, "body").text
+
+
+# -- a zeo:// source: a ZEO server over a copy of the demo database ------------------------
+
+@pytest.fixture(scope="module")
+def zeo_server(tmp_path_factory):
+    import ZEO
+    src, expected = demo_database(tmp_path_factory)
+    path = str(tmp_path_factory.mktemp("webui-browser-zeo") / "library.rfs")
+    shutil.copyfile(src, path)
+    addr, stop = ZEO.server(storage_conf=f"%import refstorage\n<refstorage>\n  path {path}\n</refstorage>\n",
+                            port=0)
+    try:
+        ins = ZeoInspector(f"zeo://{addr[0]}:{addr[1]}?storage=1", wait_timeout=30)
+        try:
+            ins.index()
+            srv = Server(ins, "127.0.0.1", 0)
+            srv.start()
+            try:
+                yield srv, ins, expected
+            finally:
+                srv.stop()
+        finally:
+            ins.close()
+    finally:
+        stop()
+
+
+def test_through_zeo_every_page_and_the_way_to_an_objects_referrers(zeo_server, browser, shots):
+    srv, ins, expected = zeo_server
+    drv = browser
+    drv.delete_all_cookies()
+    drv.get_log("browser")  # (what the tests before left, such as their 403: not this one's)
+    drv.get(srv.url)
+    # overview: the growth plot, the facts, and the pack forecast (it reloads until computed)
+    _wait(drv, "#growth-plot .main-svg")
+    assert len(_wait(drv, "#growth-plot .bars path")) == len(ins.days)
+    assert "zeo://" in drv.find_element(By.TAG_NAME, "body").text
+    objects = expected["objects"] - len(ins.deleted)
+    assert drv.find_element(By.ID, "fact-objects").text.startswith(f"{objects:,}")
+    freed = _wait(drv, "b.freed")  # packed now (7 days ago, the demo had not begun)
+    forecast = ins.forecast(0)
+    assert f"{forecast.objects_removed:,} objects" in drv.find_element(By.TAG_NAME, "body").text
+    assert freed[0].text and "not available" not in drv.find_element(By.TAG_NAME, "body").text
+    _wait(drv, "#growth-plot .bars path")
+    _no_js_errors(drv)
+    _shot(drv, shots, "zeo-overview")
+
+    # classes (plot and table) -> a class's objects -> an object -> one of its referrers
+    drv.find_element(By.ID, "nav-classes").click()
+    _wait(drv, "#classes-plot .bars path", 2)
+    _shot(drv, shots, "zeo-classes")
+    drv.find_element(By.LINK_TEXT, "refstorage._demo_model.Book").click()
+    links = _wait(drv, "#class-objects a.oid")
+    book = links[0].text
+    links[0].click()
+    WebDriverWait(drv, WAIT).until(EC.text_to_be_present_in_element((By.ID, "oid"), book))
+    assert drv.find_element(By.ID, "object-class").text == "refstorage._demo_model.Book"
+    tree = drv.find_element(By.ID, "state-tree").text
+    assert "'title'" in tree and "'author'" in tree
+    _wait(drv, "#graph-plot .scatterlayer .point", 3)
+    _no_js_errors(drv)
+    _shot(drv, shots, "zeo-object")
+    referrers = drv.find_elements(By.CSS_SELECTOR, "#referrers a.oid")
+    expected_referrers = [oid_repr(r) for r in ins.referrers_of(parse_oid(book))]
+    assert [e.text for e in referrers] == expected_referrers[:len(referrers)]
+    target = referrers[0].text
+    referrers[0].click()
+    WebDriverWait(drv, WAIT).until(EC.text_to_be_present_in_element((By.ID, "oid"), target))
+    assert book in [e.text for e in drv.find_elements(By.CSS_SELECTOR, "#references a.oid")]
+    _wait(drv, "#graph-plot .scatterlayer .point", 2)
+
+    # a revised object's history and diff, read through loadSerial
+    revised = next(o for o in ins.class_oids["refstorage._demo_model.Book"]
+                   if len(ins.history(o.to_bytes(8, "big"))) > 1).to_bytes(8, "big")
+    base = srv.url.split("?")[0].rstrip("/")
+    drv.get(f"{base}/object/{oid_repr(revised)}")
+    diff = drv.find_element(By.ID, "diff")
+    assert diff.find_elements(By.CSS_SELECTOR, ".add") and diff.find_elements(By.CSS_SELECTOR, ".del")
+
+    # transactions: the log, a filter, one transaction's records
+    drv.find_element(By.ID, "nav-transactions").click()
+    rows = _wait(drv, "#txn-table tbody tr")
+    assert len(rows) == min(len(ins.txns), 50)
+    _shot(drv, shots, "zeo-transactions")
+    drv.find_element(By.NAME, "user").send_keys("bob")
+    drv.find_element(By.CSS_SELECTOR, "#txnfilter button").click()
+    WebDriverWait(drv, WAIT).until(EC.url_contains("user=bob"))
+    rows = drv.find_elements(By.CSS_SELECTOR, "#txn-table tbody tr")
+    assert [r.find_elements(By.TAG_NAME, "td")[2].text for r in rows] == ["desk:bob", "desk:bob"]
+    rows[0].find_element(By.CSS_SELECTOR, "a.txn").click()
+    records = _wait(drv, "#txn-records tbody tr")
+    assert len(records) == min(ins.transactions(user="bob")[0].records, 100)
+
+    # garbage: what a pack would collect by class, the forecast; verify needs the file
+    drv.find_element(By.ID, "nav-garbage").click()
+    classes = [e.text for e in _wait(drv, "#garbage-table td.cls")]
+    assert set(classes) == set(ins.garbage)
+    body = drv.find_element(By.TAG_NAME, "body").text
+    assert re.search(rf"A pack now would free .* of pickle data and remove "
+                     rf"{forecast.objects_removed:,} objects", body)
+    assert "Verify is not available through ZEO" in body
+    _no_js_errors(drv)
+    _shot(drv, shots, "zeo-garbage")
+
+    # the token: none (cookie dropped), no page
+    drv.delete_all_cookies()
+    drv.get(base + "/classes")
     assert "403" in drv.find_element(By.TAG_NAME, "body").text

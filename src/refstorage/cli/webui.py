@@ -35,8 +35,8 @@ def inspect_command(path: str, host: str, port: int, no_browser: bool, wait_time
     The file is opened read-only (a storage may be writing it meanwhile; the
     UI shows it as it was when opened) and indexed once; through ZEO, the
     transactions are read once with ZEO's remote iterator and the UI shows the
-    database as of the last one (damage, verify and the pack forecast need the
-    file and are not offered).  Nothing in it is
+    database as of the last one (damage and verify need the file and are not
+    offered; the pack forecast counts pickle bytes).  Nothing in it is
     unpickled: classes and states are read from the pickles' opcodes, so the
     application's code is neither needed nor run.  The server listens on
     HOST:PORT; its URL, printed as the first line, carries a random token

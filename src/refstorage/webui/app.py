@@ -2,7 +2,12 @@
 
 Every request must carry the token: as `?token=...` (the URL printed at
 start), or as the cookie the first such request sets.  Without it the answer
-is 403.  Only GET is routed: nothing here can write to the database.
+is 403 -- for the static assets too (Jupyter serves its /static/ without the
+token; here the cookie carries it to them at no cost, and a stranger learns
+nothing, not even that an inspector is listening).  The cookie is named after
+the port, as Jupyter's is: browsers keep cookies per host, not per port, so
+two inspectors on one host would otherwise overwrite each other's token.  Only
+GET is routed: nothing here can write to the database.
 Scripts and styles come from the package (plotly.min.js from plotly's own
 package data): the UI works offline.
 """
@@ -48,19 +53,24 @@ def create_app(inspector: Model, token: str) -> Flask:
 
     @app.before_request
     def check_token():
-        given = request.args.get("token") or request.cookies.get(COOKIE) or ""
+        given = request.args.get("token") or request.cookies.get(cookie_name()) or ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             abort(403)
 
     @app.after_request
     def remember_token(resp: Response) -> Response:
         if request.args.get("token") == token:
-            resp.set_cookie(COOKIE, token, httponly=True, samesite="Strict")
+            resp.set_cookie(cookie_name(), token, httponly=True, samesite="Strict")
+        resp.headers["Referrer-Policy"] = "no-referrer"  # URLs carrying the token go nowhere
         # the assets are the package's and do not change while it runs; the pages are live
         resp.headers["Cache-Control"] = ("private, max-age=3600" if request.path.startswith("/static/")
                                          else "no-store")
         resp.headers["X-Content-Type-Options"] = "nosniff"
         return resp
+
+    def cookie_name() -> str:
+        port = "".join(c for c in str(request.environ.get("SERVER_PORT", "")) if c.isdigit())
+        return f"{COOKIE}_{port or 0}"
 
     @app.errorhandler(403)
     def forbidden(_e):

@@ -12,8 +12,11 @@ states come from the pickles' opcodes (`pickletree`).
 `ZeoInspector(spec)` is the other source behind the same `Model` interface: a
 storage served by ZEO, indexed once from ZEO's remote iterator (references
 computed from the pickles by `refs`), its objects read through loadBefore,
-history and loadSerial.  What needs file positions (damage, verify, the pack
-forecast) answers that it is not available through ZEO.
+history and loadSerial.  Its pack forecast runs pack's garbage collection
+over a compact table of every record the iterator sent (oid, transaction,
+previous revision, pickle size, references), so it counts what a pack would
+remove as the file source does, in pickle bytes; what needs file positions
+(damage, verify) answers that it is not available through ZEO.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from dataclasses import dataclass, field
 
 from .. import fileformat as fmt
 from ..errors import CorruptedError, RefStorageError
-from ..refs import references_many, references_one
+from ..refs import references_many
 from ..tools import info as info_mod
 from ..tools import verify as verify_mod
 from ..tools.common import ClassNames, Log, Progress, oid_repr, text, tid_time, time_repr
@@ -81,9 +84,10 @@ class Model:
     A source's `_index(progress)` fills the tables below in one pass;
     `present` is the set of oids that have a current record (a deletion
     included); `positions` says whether revisions and transactions have file
-    positions (the damage, verify and pack forecast answers need them)."""
+    positions (the damage and verify answers need them)."""
 
     positions = True
+    forecast_unit = ""  # what the pack forecast's bytes are: the file's (or " of pickle data")
 
     def __init__(self, path: str, size: int):
         self.path = path
@@ -519,6 +523,8 @@ class Inspector(Model):
 
 # -- a storage served by ZEO ------------------------------------------------------------------
 
+_DELETED, _UNDO, _REFS_UNKNOWN = 1, 2, 4  # ZeoInspector._rec_flags
+
 NOT_THROUGH_ZEO = "not available through ZEO (it reads the file's positions): run it on the file itself"
 
 TxnTuple = tuple  # (tid, status, user, description, extension, [(oid, tid, data, data_txn), ...])
@@ -545,10 +551,11 @@ class ZeoInspector(Model):
     loadSerial, as of the last transaction indexed.
 
     There are no file positions here: a transaction's `pos` is its number in the log (from 0)
-    and a revision's `pos` is its tid as an integer.  Sizes are the pickles' sizes.  Damage,
-    verify and the pack forecast need the file: they say so."""
+    and a revision's `pos` is its tid as an integer.  Sizes are the pickles' sizes.  Damage
+    and verify need the file: they say so."""
 
     positions = False
+    forecast_unit = " of pickle data"
 
     def __init__(self, spec: str, wait_timeout: float = 30.0, storage: str | None = None):
         from ..replicate import open_source  # (raises the package's ReplicationError)
@@ -561,6 +568,18 @@ class ZeoInspector(Model):
         self.current: dict[bytes, bytes] = {}  # oid -> tid of its current record
         self._current_info: dict[bytes, tuple[str, int]] = {}  # oid -> (class, size) of that record
         self.last_tid = Z64
+        # every record the iterator sent, for the pack forecast (record i, oldest first)
+        self._rec_oid = array("Q")
+        self._rec_txn = array("L")  # its transaction's number in self.txns
+        self._rec_prev = array("q")  # the same object's previous record (-1: none)
+        self._rec_size = array("Q")  # len(data); 0 for a deletion
+        self._rec_flags = bytearray()  # _DELETED, _UNDO (data_txn set), _REFS_UNKNOWN
+        self._rec_back: dict[int, bytes] = {}  # record -> data_txn, for the undo records
+        self._refs_blob = bytearray()  # the records' references, concatenated
+        self._refs_at = array("Q", [0])  # record i's are _refs_blob[_refs_at[i]:_refs_at[i + 1]]
+        self._txn_first = array("Q", [0])  # transaction j's records are _txn_first[j] to [j + 1]
+        self._txn_packed = bytearray()  # 1 where the transaction's status is "p" (written by a pack)
+        self._last_rec: dict[bytes, int] = {}  # oid -> its newest record
 
     @property
     def present(self):
@@ -581,7 +600,13 @@ class ZeoInspector(Model):
         current = self.current
         info = self._current_info
         read = 0
-        for tid, _status, user, description, _extension, records in txns:
+        rec_oid, rec_txn, rec_prev, rec_size = self._rec_oid, self._rec_txn, self._rec_prev, self._rec_size
+        rec_flags, rec_back, last_rec = self._rec_flags, self._rec_back, self._last_rec
+        refs_blob, refs_at = self._refs_blob, self._refs_at
+        u64 = fmt.u64
+        for tid, status, user, description, _extension, records in txns:
+            ntxn = len(self.txns)
+            self._txn_packed.append(status in ("p", b"p"))
             t = tid_time(tid)
             datas = [r[2] for r in records if r[2] is not None]
             found = iter(references_many(datas) if datas else ())
@@ -594,8 +619,16 @@ class ZeoInspector(Model):
             day[0] += size
             day[2] += len(records)
             self.records += len(records)
-            for oid, _tid, data, _data_txn in records:
+            for oid, _tid, data, data_txn in records:
                 rsize = len(data) if data is not None else 0
+                r = len(rec_oid)
+                rec_oid.append(u64(oid))
+                rec_txn.append(ntxn)
+                rec_prev.append(last_rec.get(oid, -1))
+                rec_size.append(rsize)
+                last_rec[oid] = r
+                if data_txn is not None and data is not None:
+                    rec_back[r] = data_txn
                 prev = info.get(oid)
                 if prev is None:
                     day[1] += 1
@@ -621,13 +654,20 @@ class ZeoInspector(Model):
                 self.refs_unknown.discard(oid)
                 if data is None:
                     self.deleted.add(oid)
+                    rec_flags.append(_DELETED)
+                    refs_at.append(len(refs_blob))
                     continue
                 self.deleted.discard(oid)
                 packed = next(found)
+                rec_flags.append((_UNDO if data_txn is not None else 0)
+                                 | (_REFS_UNKNOWN if packed is None else 0))
                 if packed is None:
                     self.refs_unknown.add(oid)
                 elif packed:
                     refs[oid] = packed
+                    refs_blob += packed
+                refs_at.append(len(refs_blob))
+            self._txn_first.append(len(rec_oid))
             self.last_tid = tid
             read += size
             if progress is not None:
@@ -643,39 +683,193 @@ class ZeoInspector(Model):
     def _record_size(self, oid: bytes) -> int:
         return self._current_info[oid][1]
 
-    def forecast(self, days: float, wait: bool = True) -> str:
-        return f"Pack forecast {NOT_THROUGH_ZEO}; the garbage page lists what a pack would collect."
+    def forecast(self, days: float, wait: bool = True) -> info_mod.PackForecast | str | None:
+        """What a pack keeping `days` days before the last transaction would remove, as the file
+        source's forecast decides it (pack's GC), computed from the records indexed; sizes are
+        the pickles' sizes (None while it is computed, with wait=False)."""
+        key = round(float(days), 3)
+
+        def run() -> info_mod.PackForecast | str:
+            last = tid_time(self.last_tid) if self.txns else time.time()
+            try:
+                return self.pack_forecast(last - key * DAY + 1e-3)
+            except RefStorageError as exc:
+                return str(exc)
+        return self._job(("forecast", key), run, wait)
+
+    def pack_forecast(self, pack_time: float) -> info_mod.PackForecast:
+        """What packing to `pack_time`, with garbage collection, would remove: pack's own
+        decisions (refstorage.pack.GC) replayed on the records the iterator sent.
+
+        `bytes_before` and `bytes_after` count the records' data as the iterator sends it (an
+        undo record counts the data it points to), before and after such a pack."""
+        from ..pack import pack_tid_for
+        pack_tid = pack_tid_for(pack_time)
+        total = sum(self._rec_size)
+        f = info_mod.PackForecast(pack_time, pack_tid, bytes_before=total, bytes_after=total)
+        if not self.txns:
+            f.reason = "the storage is empty"
+            return f
+        pack_tid = f.pack_tid = min(pack_tid, self.last_tid)
+        txns = self.txns
+        pack_txn = bisect.bisect_right(txns, pack_tid, key=lambda t: t.tid)  # the first one after
+        if pack_txn < len(txns) and self._txn_packed[pack_txn]:
+            f.reason = "already packed to a later time"
+            return f
+        if pack_txn == 0:
+            f.reason = "no transaction before the pack time"
+            return f
+        no_root = Z64 not in self._last_rec
+        kept, unknown = self._gc(pack_txn, not no_root)
+        if unknown and not no_root:  # pack's decision: anything could be reachable from them
+            kept, _unknown = self._gc(pack_txn, False)
+        first_after = self._txn_first[pack_txn]
+        rec_oid, rec_size, txn_first = self._rec_oid, self._rec_size, self._txn_first
+        kept_oids: set[int] = set()
+        after = total
+        for j in range(pack_txn):
+            nkept = 0
+            for r in range(txn_first[j], txn_first[j + 1]):
+                if kept[r]:
+                    nkept += 1
+                    kept_oids.add(rec_oid[r])
+                else:
+                    after -= rec_size[r]
+            f.revisions_removed += txn_first[j + 1] - txn_first[j] - nkept
+            if not nkept and not (pack_txn == len(txns) and j == pack_txn - 1):
+                f.transactions_removed += 1
+        if not f.revisions_removed and not f.transactions_removed:
+            f.reason = "nothing to remove"
+            return f
+        kept_oids.update(rec_oid[first_after:])
+        f.bytes_after = after
+        f.objects_removed = len(self._last_rec) - len(kept_oids)
+        return f
+
+    def _gc(self, pack_txn: int, gc: bool) -> tuple[bytearray, bool]:
+        """(one byte per record before the pack time: 1 if a pack keeps it, whether a record
+        whose references are unknown was followed), as refstorage.pack.GC decides: with `gc`,
+        the revisions at the pack time of what is reachable from the root and from the records
+        after it; without, the revision at the pack time of every object; in both, the records
+        that undo records after the pack time point to."""
+        first_after = self._txn_first[pack_txn]
+        rec_prev, rec_flags = self._rec_prev, self._rec_flags
+        refs_blob, refs_at = self._refs_blob, self._refs_at
+        last_rec = self._last_rec
+        kept = bytearray(first_after)
+        seen_after: set[int] = set()  # objects changed after the pack time, already visited
+        unknown = False
+        todo: deque[int] = deque()
+
+        def at_pack_time(r: int) -> int:
+            while r >= first_after:
+                r = rec_prev[r]
+            return r
+
+        def discover(packed: bytes) -> None:
+            packed = bytes(packed)
+            for i in range(0, len(packed), 8):
+                r = last_rec.get(packed[i:i + 8])
+                if r is None:
+                    continue  # dangling
+                if r < first_after:
+                    if kept[r]:
+                        continue
+                    kept[r] = 1
+                elif r in seen_after:
+                    continue
+                else:
+                    seen_after.add(r)
+                todo.append(r)
+
+        def visit() -> None:
+            nonlocal unknown
+            while todo:
+                r = todo.popleft()
+                if r >= first_after:
+                    r = at_pack_time(r)
+                    if r < 0 or kept[r]:
+                        continue  # created after the pack time, or kept already
+                    kept[r] = 1
+                flags = rec_flags[r]
+                if flags & _DELETED:  # deleted at the pack time: nothing to keep or follow
+                    kept[r] = 0
+                    continue
+                if flags & _REFS_UNKNOWN:
+                    unknown = True
+                discover(refs_blob[refs_at[r]:refs_at[r + 1]])
+
+        if gc:
+            discover(Z64)
+            visit()
+        future: list[int] = []  # newest records of objects an undo after the pack time revives
+        for r in range(first_after, len(rec_prev)):
+            flags = rec_flags[r]
+            if flags & _DELETED:
+                continue
+            if flags & _UNDO:
+                target = self._undo_target(r)
+                if target < 0 or target >= first_after:
+                    continue  # its data is after the pack time: scanned as well
+                kept[target] = 1
+                future.append(r)
+                r = target
+                flags = rec_flags[r]
+            if gc:
+                if flags & _REFS_UNKNOWN:
+                    unknown = True
+                discover(refs_blob[refs_at[r]:refs_at[r + 1]])
+        visit()
+        if not gc:
+            for r in last_rec.values():
+                r = at_pack_time(r)
+                if r >= 0 and not rec_flags[r] & _DELETED:
+                    kept[r] = 1
+        for r in future:  # keep a deletion current at the pack time under a revived revision
+            r = at_pack_time(r)
+            if r >= 0 and rec_flags[r] & _DELETED:
+                kept[r] = 1
+        return kept, unknown
+
+    def _undo_target(self, r: int) -> int:
+        """The record an undo record `r` takes its data from (the same object's record of its
+        data_txn), or -1."""
+        tid = self._rec_back[r]
+        rec_prev, rec_txn, txns = self._rec_prev, self._rec_txn, self.txns
+        p = rec_prev[r]
+        while p >= 0 and txns[rec_txn[p]].tid > tid:
+            p = rec_prev[p]
+        return p if p >= 0 and txns[rec_txn[p]].tid == tid else -1
 
     def verify_report(self, wait: bool = True) -> str:
         return f"Verify is {NOT_THROUGH_ZEO}."
 
     def txn_records(self, txn: Txn, start: int, count: int) -> list[dict]:
-        """Records `start` to `start + count` of txn (ZEO's iterator sends one record per call:
-        the page reads no further than what it shows)."""
+        """Records `start` to `start + count` of txn, from the records indexed (ZEO's iterator
+        would send every record before them, one round trip each); the class of a record that
+        is no longer current is read with loadSerial (one round trip per record shown)."""
+        from ZODB.POSException import POSKeyError
+        j = txn.pos
+        first, end = self._txn_first[j], self._txn_first[j + 1]
         out = []
-        it = self.storage.iterator(txn.tid, txn.tid)
-        try:
-            for t in it:
-                if t.tid != txn.tid:
-                    break
-                for i, r in enumerate(t):
-                    if i >= start + count:
-                        break
-                    if i < start:
-                        continue
-                    data = r.data
-                    packed = references_one(data) if data is not None else None
-                    out.append({"oid": r.oid, "size": len(data) if data is not None else 0,
-                                "kind": ("deletion" if data is None else
-                                         "backpointer (undo)" if r.data_txn is not None else "data"),
-                                "current": self.current.get(r.oid) == txn.tid,
-                                "class": self.names(data) if data is not None else None,
-                                "refs": len(packed) // 8 if packed else 0})
-                break
-        finally:
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
+        for r in range(first + start, min(end, first + start + count)):
+            oid = fmt.p64(self._rec_oid[r])
+            flags = self._rec_flags[r]
+            current = self._last_rec.get(oid) == r
+            name = None
+            if not flags & _DELETED:
+                if current:
+                    name = self._current_info[oid][0]
+                else:
+                    try:
+                        name = self.names(self.storage.loadSerial(oid, txn.tid))
+                    except POSKeyError:
+                        name = None
+            out.append({"oid": oid, "size": self._rec_size[r],
+                        "kind": ("deletion" if flags & _DELETED else
+                                 "backpointer (undo)" if flags & _UNDO else "data"),
+                        "current": current, "class": name,
+                        "refs": (self._refs_at[r + 1] - self._refs_at[r]) // 8})
         return out
 
     def _txn_of(self, tid: bytes) -> Txn | None:

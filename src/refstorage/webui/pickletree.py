@@ -6,6 +6,12 @@ every opcode builds a node (a constant, a container, a global *name*, a call
 imported, no class is looked up and no callable runs, whatever the pickle
 says.  The tree is then shown as HTML (`to_html`) or as indented text lines
 (`to_lines`, which the history diff compares).
+
+Both renderings are bounded whatever the pickle: MAX_ITEMS items per
+container, MAX_DEPTH levels, MAX_STR characters per string, MAX_NODES
+containers in all, and a container the pickle shares (its memo) is shown
+once, then referred to as "shown above", so a small pickle whose containers
+share each other level after level (a "billion laughs") stays small.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from markupsafe import Markup, escape
 MAX_ITEMS = 200  # items of one container shown (the rest are counted)
 MAX_DEPTH = 40
 MAX_STR = 400  # characters of a string or bytes shown
+MAX_NODES = 5000  # containers and objects one rendering shows (the rest are counted)
+MAX_INT_BITS = 4096  # larger ints are shown by their size (str() refuses beyond 4300 digits)
 
 
 # -- nodes --------------------------------------------------------------------------------
@@ -373,9 +381,15 @@ def oid_label(oid: bytes) -> str:
 
 
 def atom_repr(value) -> str:
+    """repr(value), at most about MAX_STR characters (a huge string is cut before its repr)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > MAX_INT_BITS:
+        return f"<int of {value.bit_length():,} bits>"
+    if isinstance(value, (str, bytes, bytearray)) and len(value) > MAX_STR:
+        r = repr(value[:MAX_STR])[:MAX_STR]
+        return r + f"... ({len(value):,} {'chars' if isinstance(value, str) else 'bytes'})"
     r = repr(value)
     if len(r) > MAX_STR:
-        r = r[:MAX_STR] + f"... ({len(value)} {'bytes' if isinstance(value, bytes) else 'chars'})"
+        r = r[:MAX_STR] + "..."
     return r
 
 
@@ -441,48 +455,77 @@ def _title(node) -> str:
     return short(node)
 
 
-def to_lines(node: Node | None, indent: str = "", label: str = "", seen: set | None = None) -> list[str]:
+class _Budget:
+    """What one rendering may still show: containers shown once each, MAX_NODES in all."""
+
+    def __init__(self) -> None:
+        self.shown: set[int] = set()
+        self.left = MAX_NODES
+        self.cut = 0  # containers not shown for lack of budget
+
+    def take(self, node: Node) -> bool:
+        if self.left <= 0:
+            self.cut += 1
+            return False
+        self.left -= 1
+        self.shown.add(id(node))
+        return True
+
+
+def to_lines(node: Node | None, indent: str = "", label: str = "",
+             budget: _Budget | None = None) -> list[str]:
     """The tree as indented text, one line per leaf or container (for diffs)."""
-    if seen is None:
-        seen = set()
+    top = budget is None
+    if budget is None:
+        budget = _Budget()
     head = f"{indent}{label}: " if label else indent
     if node is None:
         return [head + "(nothing)"]
     if _is_leaf(node):
         return [head + (_empty(node) if isinstance(node, (Seq, Map)) else short(node))]
-    if id(node) in seen or len(indent) > 2 * MAX_DEPTH:
+    if id(node) in budget.shown or len(indent) > 2 * MAX_DEPTH:
         return [head + _title(node) + " (shown above)"]
-    seen = seen | {id(node)}
+    if not budget.take(node):
+        return [head + _title(node) + " (not shown)"]
     out = [head + _title(node)]
     kids = _children(node)
     for lab, child in kids[:MAX_ITEMS]:
-        out.extend(to_lines(child, indent + "  ", lab, seen))
+        out.extend(to_lines(child, indent + "  ", lab, budget))
     if len(kids) > MAX_ITEMS:
         out.append(f"{indent}  ... {len(kids) - MAX_ITEMS} more")
+    if top and budget.cut:
+        out.append(f"... {budget.cut:,} more containers not shown (at most {MAX_NODES:,} are)")
     return out
 
 
 # -- HTML ---------------------------------------------------------------------------------
 
 def to_html(node: Node | None, link: Callable[[bytes], str], depth: int = 0,
-            seen: frozenset = frozenset(), open_depth: int = 3) -> Markup:
+            budget: _Budget | None = None, open_depth: int = 3) -> Markup:
     """The tree as nested <details> lists; persistent references are links made by `link(oid)`."""
+    top = budget is None
+    if budget is None:
+        budget = _Budget()
     if node is None:
         return Markup('<span class="none">(nothing)</span>')
     if _is_leaf(node):
         return _leaf_html(node, link)
-    if id(node) in seen or depth > MAX_DEPTH:
+    if id(node) in budget.shown or depth > MAX_DEPTH:
         return Markup('<span class="muted">') + escape(_title(node)) + Markup(" (shown above)</span>")
-    seen = seen | {id(node)}
+    if not budget.take(node):
+        return Markup('<span class="muted">') + escape(_title(node)) + Markup(" (not shown)</span>")
     kids = _children(node)
     parts = [Markup("<details class=\"node\"{}><summary>{}</summary><ul>").format(
         Markup(" open") if depth < open_depth else Markup(""), _title_html(node, link))]
     for lab, child in kids[:MAX_ITEMS]:
         parts.append(Markup('<li><span class="key">{}</span>: {}</li>').format(
-            lab, to_html(child, link, depth + 1, seen, open_depth)))
+            lab, to_html(child, link, depth + 1, budget, open_depth)))
     if len(kids) > MAX_ITEMS:
         parts.append(Markup('<li class="muted">... {} more</li>').format(len(kids) - MAX_ITEMS))
     parts.append(Markup("</ul></details>"))
+    if top and budget.cut:
+        parts.append(Markup('<p class="muted">... {} more containers not shown (at most {} are)</p>').format(
+            f"{budget.cut:,}", f"{MAX_NODES:,}"))
     return Markup("").join(parts)
 
 
