@@ -14,8 +14,10 @@ copy of the transaction's records (600 bytes each) nor a Python object per
 record (~100 bytes or more each).
 
 verify (and info, dump, recover's reading side) walk a transaction larger than
-log.LARGE_TXN twice, checked then read record by record; pack, convert and
-recover's writing side still hold a whole transaction: xfail (strict) below,
+log.LARGE_TXN twice, checked then read record by record; pack streams a
+transaction's kept records to the new file (its oid table spooled, its header
+patched at the end); convert and recover's writing side still hold a whole
+transaction: xfail (strict) below,
 and so is verify at 1,000,000 (--long): it keeps a dict entry per record.
 """
 
@@ -153,10 +155,6 @@ XFAIL_CONVERT = pytest.mark.xfail(strict=True, reason=(
     "LogReader.txn_records (log.py) reads a whole transaction in one pread for the iterator, "
     "and " + BUFFERED_STORE))
 XFAIL_RECOVER = pytest.mark.xfail(strict=True, reason=BUFFERED_STORE)
-XFAIL_PACK = pytest.mark.xfail(strict=True, reason=(
-    "pack's _Copier._copy_kept/_write_txn join a whole transaction's kept records (parts, oid "
-    "table, positions dict) in memory before writing it"))
-
 
 @pytest.mark.parametrize("op", ["verify", "backup", pytest.param("convert", marks=XFAIL_CONVERT),
                                 pytest.param("recover", marks=XFAIL_RECOVER)])
@@ -183,7 +181,6 @@ def test_big_transaction_bounded(big: tuple[Path, int], tmp_path: Path, op: str,
     assert "limit" in out
 
 
-@XFAIL_PACK
 def test_big_transaction_pack_bounded(big: tuple[Path, int], tmp_path: Path) -> None:
     path, n = big
     copy = tmp_path / "pack.rfs"

@@ -730,9 +730,273 @@ scan_many(PyObject *module, PyObject *datas)
     return result;
 }
 
+/* -- pack: relocating the kept data records of a transaction ------------------
+ *
+ * The C twin of fileformat.relocate_kept (the pure-Python path, which is also
+ * the reference: its docstring is the specification).  It applies the same
+ * checks to each record; where one fails it does not raise but returns
+ * RELOC_BAD at that record, and the caller runs the Python path on it, which
+ * raises the package's error naming the file and offset.  So there is one set
+ * of error messages, and this loop only has to say "not this one".
+ */
+
+#define DATA_HEADER_SIZE 42
+#define CRC_SIZE 4
+#define REF_SIZE 8
+#define FLAG_BACKPOINTER 1
+#define KNOWN_FLAGS 3
+#define MIN_RECORD 46
+
+enum { RELOC_DONE = 0, RELOC_STOP, RELOC_BAD, RELOC_FULL, RELOC_OUTSIDE };
+
+static uint64_t
+be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    int k;
+    for (k = 0; k < 8; k++)
+        v = (v << 8) | p[k];
+    return v;
+}
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static void
+put64(unsigned char *p, uint64_t v)
+{
+    int k;
+    for (k = 7; k >= 0; k--) {
+        p[k] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+/* zlib's crc32, through the zlib module would cost a call per record: a table-driven copy. */
+static uint32_t crc_table[8][256];
+static int crc_ready = 0;
+
+static void
+crc_init(void)
+{
+    uint32_t c;
+    int n, k;
+    for (n = 0; n < 256; n++) {
+        c = (uint32_t)n;
+        for (k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][n] = c;
+    }
+    for (n = 0; n < 256; n++) {
+        c = crc_table[0][n];
+        for (k = 1; k < 8; k++) {
+            c = crc_table[0][c & 0xff] ^ (c >> 8);
+            crc_table[k][n] = c;
+        }
+    }
+    crc_ready = 1;
+}
+
+static uint32_t
+crc32_update(uint32_t crc, const unsigned char *p, Py_ssize_t n)
+{
+    crc = ~crc;
+    while (n >= 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16)
+                             | ((uint32_t)p[3] << 24));
+        uint32_t hi = (uint32_t)p[4] | ((uint32_t)p[5] << 8) | ((uint32_t)p[6] << 16)
+                      | ((uint32_t)p[7] << 24);
+        crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff]
+              ^ crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24]
+              ^ crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff]
+              ^ crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0)
+        crc = crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* Append n bytes to a bytearray; a pointer to them, NULL (exception set) on failure. */
+static unsigned char *
+grow(PyObject *ba, Py_ssize_t n)
+{
+    Py_ssize_t size = PyByteArray_GET_SIZE(ba);
+    if (PyByteArray_Resize(ba, size + n) < 0)
+        return NULL;
+    return (unsigned char *)PyByteArray_AS_STRING(ba) + size;
+}
+
+PyDoc_STRVAR(relocate_doc,
+"relocate(buf, base, starts, i, n, keep, tid, old_tpos, new_tpos, pos, prev_of,\n"
+"         targets, out, table, moved, limit) -> (i, pos, kept, status)\n\n"
+"fileformat.relocate_kept in C (see there); status RELOC_BAD (2) at record i\n"
+"where the Python path raises.");
+
+static PyObject *
+relocate(PyObject *module, PyObject *args)
+{
+    Py_buffer buf, starts, keep, tid, targets = {0};
+    long long base_ll, old_tpos_ll, new_tpos_ll, pos_ll;
+    Py_ssize_t i, n, limit, kept = 0;
+    PyObject *prev_of, *targets_obj, *out, *table, *moved, *result = NULL;
+    int status = RELOC_DONE;
+    uint64_t base, old_tpos, new_tpos, pos;
+    const uint64_t *st;
+    const uint64_t *tg = NULL;
+    Py_ssize_t ntg = 0, nst;
+    unsigned char hdr[DATA_HEADER_SIZE];
+
+    if (!PyArg_ParseTuple(args, "y*Ly*nny*y*LLLOOO!O!O!n:relocate", &buf, &base_ll, &starts, &i,
+                          &n, &keep, &tid, &old_tpos_ll, &new_tpos_ll, &pos_ll, &prev_of,
+                          &targets_obj, &PyByteArray_Type, &out, &PyByteArray_Type, &table,
+                          &PyByteArray_Type, &moved, &limit))
+        return NULL;
+    if (!crc_ready)
+        crc_init();
+    base = (uint64_t)base_ll;
+    old_tpos = (uint64_t)old_tpos_ll;
+    new_tpos = (uint64_t)new_tpos_ll;
+    pos = (uint64_t)pos_ll;
+    if (targets_obj != Py_None) {
+        if (PyObject_GetBuffer(targets_obj, &targets, PyBUF_SIMPLE) < 0)
+            goto done;
+        tg = (const uint64_t *)targets.buf;
+        ntg = targets.len / 8;
+    }
+    st = (const uint64_t *)starts.buf;
+    nst = starts.len / 8;
+    if (tid.len != 8 || n >= nst || i < 0) {
+        PyErr_SetString(PyExc_ValueError, "relocate: bad arguments");
+        goto done;
+    }
+    for (; i < n; i++) {
+        uint64_t at = st[i], next = st[i + 1], slot, rtid_pos, prev = 0;
+        uint64_t length, nrefs, dlen, body_end, off;
+        const unsigned char *rec;
+        unsigned flags;
+        unsigned char *dst;
+        uint32_t crc;
+
+        slot = at / MIN_RECORD;
+        if ((Py_ssize_t)(slot >> 3) >= keep.len
+            || !(((const unsigned char *)keep.buf)[slot >> 3] & (1u << (slot & 7))))
+            continue;  /* not kept */
+        if (next <= at) {
+            status = RELOC_BAD;
+            break;
+        }
+        length = next - at;
+        if (at < base || next - base > (uint64_t)buf.len) {
+            status = RELOC_OUTSIDE;
+            break;
+        }
+        if (length < DATA_HEADER_SIZE) {
+            status = RELOC_BAD;
+            break;
+        }
+        off = at - base;
+        rec = (const unsigned char *)buf.buf + off;
+        flags = ((unsigned)rec[32] << 8) | rec[33];
+        if (flags & FLAG_BACKPOINTER) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (flags & ~KNOWN_FLAGS) {
+            status = RELOC_BAD;
+            break;
+        }
+        nrefs = be32(rec + 34);
+        dlen = be32(rec + 38);
+        body_end = DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen;
+        rtid_pos = be64(rec + 24);
+        if (body_end + CRC_SIZE != length || memcmp(rec + 8, tid.buf, 8) != 0
+            || rtid_pos != old_tpos) {
+            status = RELOC_BAD;
+            break;
+        }
+        if (crc32_update(0, rec, (Py_ssize_t)body_end) != be32(rec + body_end)) {
+            status = RELOC_BAD;
+            break;
+        }
+        if (PyByteArray_GET_SIZE(out) >= limit) {
+            status = RELOC_FULL;
+            break;
+        }
+        if (prev_of != Py_None) {
+            PyObject *oid = PyBytes_FromStringAndSize((const char *)rec, 8);
+            PyObject *p;
+            if (oid == NULL)
+                goto done;
+            p = PyObject_CallFunctionObjArgs(prev_of, oid, NULL);
+            Py_DECREF(oid);
+            if (p == NULL)
+                goto done;
+            prev = PyLong_AsUnsignedLongLong(p);
+            Py_DECREF(p);
+            if (prev == (uint64_t)-1 && PyErr_Occurred())
+                goto done;
+        }
+        memcpy(hdr, rec, DATA_HEADER_SIZE);
+        put64(hdr + 16, prev);
+        put64(hdr + 24, new_tpos);
+        dst = grow(out, (Py_ssize_t)length);
+        if (dst == NULL)
+            goto done;
+        memcpy(dst, hdr, DATA_HEADER_SIZE);
+        memcpy(dst + DATA_HEADER_SIZE, rec + DATA_HEADER_SIZE, (size_t)(body_end - DATA_HEADER_SIZE));
+        crc = crc32_update(crc32_update(0, hdr, DATA_HEADER_SIZE), rec + DATA_HEADER_SIZE,
+                           (Py_ssize_t)(body_end - DATA_HEADER_SIZE));
+        dst[body_end] = (unsigned char)(crc >> 24);
+        dst[body_end + 1] = (unsigned char)(crc >> 16);
+        dst[body_end + 2] = (unsigned char)(crc >> 8);
+        dst[body_end + 3] = (unsigned char)crc;
+        dst = grow(table, 16);
+        if (dst == NULL)
+            goto done;
+        memcpy(dst, rec, 8);
+        put64(dst + 8, pos);
+        if (ntg) {  /* a kept backpointer's target: note old -> new (sorted targets) */
+            Py_ssize_t lo = 0, hi = ntg;
+            while (lo < hi) {
+                Py_ssize_t mid = (lo + hi) / 2;
+                if (tg[mid] < at)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            if (lo < ntg && tg[lo] == at) {
+                uint64_t pair[2];
+                pair[0] = at;
+                pair[1] = pos;
+                dst = grow(moved, 16);
+                if (dst == NULL)
+                    goto done;
+                memcpy(dst, pair, 16);
+            }
+        }
+        pos += length;
+        kept++;
+    }
+    result = Py_BuildValue("nKni", i, (unsigned long long)pos, kept, status);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&keep);
+    PyBuffer_Release(&tid);
+    if (targets.obj != NULL)
+        PyBuffer_Release(&targets);
+    return result;
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O, scan_doc},
     {"scan_many", scan_many, METH_O, scan_many_doc},
+    {"relocate", relocate, METH_VARARGS, relocate_doc},
     {NULL, NULL, 0, NULL}
 };
 
