@@ -993,10 +993,123 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(count_kept_doc,
+"count_kept(starts, n, keep) -> int\n\n"
+"How many of starts[0:n] (an array('Q') of record positions) have their bit\n"
+"pos // 46 set in the bitmap `keep` (a position past the bitmap: not set).");
+
+static PyObject *
+count_kept(PyObject *module, PyObject *args)
+{
+    Py_buffer starts, keep;
+    Py_ssize_t n, i, count = 0;
+    const uint64_t *st;
+    const unsigned char *k;
+
+    if (!PyArg_ParseTuple(args, "y*ny*:count_kept", &starts, &n, &keep))
+        return NULL;
+    st = (const uint64_t *)starts.buf;
+    k = (const unsigned char *)keep.buf;
+    if (n < 0 || n > starts.len / 8)
+        n = starts.len / 8;
+    for (i = 0; i < n; i++) {
+        uint64_t slot = st[i] / MIN_RECORD;
+        if ((Py_ssize_t)(slot >> 3) < keep.len && k[slot >> 3] & (1u << (slot & 7)))
+            count++;
+    }
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&keep);
+    return PyLong_FromSsize_t(count);
+}
+
+#define FLAG_REFS_UNKNOWN 2
+
+PyDoc_STRVAR(gc_refs_doc,
+"gc_refs(window, wpos, positions, i, n, pack_pos, refs) -> (i, status)\n\n"
+"Pack's marking loop over positions[i:n] (ascending record positions), for\n"
+"the common case only: a record before `pack_pos`, wholly in `window` (the\n"
+"file from `wpos`), with stored references and no backpointer.  Its header\n"
+"is checked as fileformat.peek_data_header does and its checksum as\n"
+"decode_data_record does, and its references are appended to `refs`; a\n"
+"record without references is passed over (its header checked).  Stops at\n"
+"the first position it does not handle: status 0 done (i == n), 1 the\n"
+"record at i is for the Python path (after the pack position, a\n"
+"backpointer, references not stored, not wholly in the window, or failing\n"
+"a check: the Python path raises the error), 4 its header is not in the\n"
+"window (read another one).");
+
+static PyObject *
+gc_refs(PyObject *module, PyObject *args)
+{
+    Py_buffer win, positions;
+    long long wpos_ll, pack_pos_ll;
+    Py_ssize_t i, n, np;
+    PyObject *refs;
+    int status = RELOC_DONE;
+    uint64_t wpos, pack_pos;
+    const uint64_t *ps;
+
+    if (!PyArg_ParseTuple(args, "y*Ly*nnLO!:gc_refs", &win, &wpos_ll, &positions, &i, &n,
+                          &pack_pos_ll, &PyByteArray_Type, &refs))
+        return NULL;
+    if (!crc_ready)
+        crc_init();
+    wpos = (uint64_t)wpos_ll;
+    pack_pos = (uint64_t)pack_pos_ll;
+    ps = (const uint64_t *)positions.buf;
+    np = positions.len / 8;
+    if (n > np)
+        n = np;
+    for (; i < n; i++) {
+        uint64_t pos = ps[i], off, length, nrefs, dlen;
+        const unsigned char *rec;
+        unsigned flags;
+        unsigned char *dst;
+
+        if (pos >= pack_pos) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (pos < wpos || pos - wpos + DATA_HEADER_SIZE > (uint64_t)win.len) {
+            status = RELOC_OUTSIDE;
+            break;
+        }
+        off = pos - wpos;
+        rec = (const unsigned char *)win.buf + off;
+        flags = ((unsigned)rec[32] << 8) | rec[33];
+        nrefs = be32(rec + 34);
+        dlen = be32(rec + 38);
+        if (flags & ~KNOWN_FLAGS || flags & (FLAG_BACKPOINTER | FLAG_REFS_UNKNOWN)) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (!nrefs)
+            continue;  /* kept, nothing to follow */
+        length = DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen + CRC_SIZE;
+        if (off + length > (uint64_t)win.len
+            || crc32_update(0, rec, (Py_ssize_t)(length - CRC_SIZE)) != be32(rec + length - CRC_SIZE)) {
+            status = RELOC_STOP;
+            break;
+        }
+        dst = grow(refs, (Py_ssize_t)(REF_SIZE * nrefs));
+        if (dst == NULL) {
+            PyBuffer_Release(&win);
+            PyBuffer_Release(&positions);
+            return NULL;
+        }
+        memcpy(dst, rec + DATA_HEADER_SIZE, (size_t)(REF_SIZE * nrefs));
+    }
+    PyBuffer_Release(&win);
+    PyBuffer_Release(&positions);
+    return Py_BuildValue("ni", i, status);
+}
+
 static PyMethodDef methods[] = {
     {"scan", scan, METH_O, scan_doc},
     {"scan_many", scan_many, METH_O, scan_many_doc},
     {"relocate", relocate, METH_VARARGS, relocate_doc},
+    {"count_kept", count_kept, METH_VARARGS, count_kept_doc},
+    {"gc_refs", gc_refs, METH_VARARGS, gc_refs_doc},
     {NULL, NULL, 0, NULL}
 };
 

@@ -87,6 +87,12 @@ from .errors import CorruptedDataError, CorruptedTransactionError, PackError, St
 from .index import OidIndex
 from .log import LogReader
 
+try:
+    from ._refscan import count_kept as _count_kept_c
+    from ._refscan import gc_refs as _gc_refs
+except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
+    _count_kept_c = _gc_refs = None
+
 __all__ = ["PackReport", "Progress", "pack_storage", "pack_tid_for"]
 
 logger = logging.getLogger("refstorage.pack")
@@ -182,9 +188,11 @@ def _set_bit(bits: bytearray, pos: int) -> None:
     bits[s >> 3] |= 1 << (s & 7)
 
 
-def _count_kept(starts: Iterable[int], keep: bytearray) -> int:
-    """How many of the record positions `starts` have their bit set in `keep` (C-level passes)."""
-    slots = array("Q", map(floordiv, starts, repeat(MIN_RECORD)))
+def _count_kept(starts: array, n: int, keep: bytearray) -> int:
+    """How many of the record positions `starts[:n]` have their bit set in `keep`."""
+    if _count_kept_c is not None:
+        return _count_kept_c(starts, n, keep)
+    slots = array("Q", map(floordiv, islice(starts, n), repeat(MIN_RECORD)))
     return sum(map(and_, map(rshift, map(keep.__getitem__, map(rshift, slots, repeat(3))),
                              map(and_, slots, repeat(7))), repeat(1)))
 
@@ -204,11 +212,11 @@ class _Level:
     def __bool__(self) -> bool:
         return bool(self.regions)
 
-    def ascending(self) -> Iterator[int]:
-        """The positions in file order (each region sorted when reached, then freed)."""
+    def ascending_regions(self) -> Iterator[array]:
+        """The positions in file order, a region at a time (each sorted when reached, then freed)."""
         regions = self.regions
         for key in sorted(regions):
-            yield from sorted(regions.pop(key))
+            yield array("Q", sorted(regions.pop(key)))
 
 
 # -- which records before the pack time to keep ------------------------------------------
@@ -351,59 +359,81 @@ class GC:
 
     def _visit(self, level: _Level) -> _Level:
         """Keep the revisions at the pack time of the objects at `level`; the next level."""
-        keep = self.keep
         pack_pos = self.pack_pos
         read = self.reader.file.read
-        peek = fmt.peek_data_header
-        decode = fmt.decode_data_record
-        path = self.reader.path
-        simple = fmt.FLAG_BACKPOINTER | fmt.FLAG_REFS_UNKNOWN
         hsize = fmt.DATA_HEADER_SIZE
         wbuf, wpos, wsize = b"", 0, PEEK_SIZE
         following = _Level()
         marked = 0
-        for pos in level.ascending():
-            marked += 1
-            off = pos - wpos
-            if off < 0 or off + hsize > len(wbuf):
-                near = 0 <= off < 2 * MAX_WINDOW
-                wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
-                wbuf, wpos, off = read(pos, wsize), pos, 0
-            h = peek(wbuf, off, path, pos)
-            oid, flags, nrefs, length = h.oid, h.flags, h.nrefs, h.length
-            if pos >= pack_pos:  # changed after the pack time: find its revision then
-                found = self._at_pack_time(pos, oid)
-                if found is None:
-                    continue  # created after the pack time
-                pos, flags, nrefs = found
-                s = pos // MIN_RECORD
-                byte, bit = s >> 3, 1 << (s & 7)
-                if keep[byte] & bit:
+        gc_refs = _gc_refs
+        found_refs = bytearray()
+        for positions in level.ascending_regions():
+            i, n = 0, len(positions)
+            slow = False  # positions[i] is for the Python path
+            while i < n:
+                pos = positions[i]
+                off = pos - wpos
+                if off < 0 or off + hsize > len(wbuf):
+                    near = 0 <= off < 2 * MAX_WINDOW
+                    wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
+                    wbuf, wpos, off = read(pos, wsize), pos, 0
+                if gc_refs is not None and not slow:
+                    # the common records in C (see _refscan.gc_refs): stops where this loop is needed
+                    j, status = gc_refs(wbuf, wpos, positions, i, n, pack_pos, found_refs)
+                    marked += j - i
+                    i = j
+                    if found_refs:
+                        self._discover(fmt.split_refs(bytes(found_refs)), following)
+                        found_refs = bytearray()
+                    slow = status == fmt.RELOC_STOP
                     continue
-                keep[byte] |= bit
-                off = -1
-            if not nrefs and not flags & simple:
-                continue  # no references: kept, nothing to follow
-            if 0 <= off and off + length <= len(wbuf):
-                rec = decode(wbuf, off, path, pos, h)
-            else:
-                rec = self.reader.read_data_record(pos, oid)
-            if rec.is_backpointer:
-                if not rec.back:  # deleted at the pack time: nothing to keep or follow
-                    s = pos // MIN_RECORD
-                    keep[s >> 3] &= ~(1 << (s & 7)) & 0xFF
-                    continue
-                self.targets.add(rec.back)
-                rec = self.reader.resolve(rec)
-                if rec is None:
-                    continue
-            refs = rec.refs if rec.refs_known else self.refs_of(rec)
-            if refs:
-                self._discover(fmt.split_refs(refs), following)
+                slow = False
+                marked += 1
+                i += 1
+                self._visit_one(pos, wbuf, off, following)
         self._marked += marked
         if self.progress is not None:
             self.progress("gc", self._marked, len(self.index))
         return following
+
+    def _visit_one(self, pos: int, wbuf: bytes, off: int, following: _Level) -> None:
+        """Keep oid's revision at the pack time from its record at `pos` (header at wbuf[off])
+        and add what it references to `following` (the Python path of `_visit`)."""
+        keep = self.keep
+        pack_pos = self.pack_pos
+        path = self.reader.path
+        simple = fmt.FLAG_BACKPOINTER | fmt.FLAG_REFS_UNKNOWN
+        h = fmt.peek_data_header(wbuf, off, path, pos)
+        oid, flags, nrefs, length = h.oid, h.flags, h.nrefs, h.length
+        if pos >= pack_pos:  # changed after the pack time: find its revision then
+            found = self._at_pack_time(pos, oid)
+            if found is None:
+                return  # created after the pack time
+            pos, flags, nrefs = found
+            s = pos // MIN_RECORD
+            byte, bit = s >> 3, 1 << (s & 7)
+            if keep[byte] & bit:
+                return
+            keep[byte] |= bit
+            off = -1
+        if not nrefs and not flags & simple:
+            return  # no references: kept, nothing to follow
+        if 0 <= off and off + length <= len(wbuf):
+            rec = fmt.decode_data_record(wbuf, off, path, pos, h)
+        else:
+            rec = self.reader.read_data_record(pos, oid)
+        if rec.is_backpointer:
+            if not rec.back:  # deleted at the pack time: nothing to keep or follow
+                s = pos // MIN_RECORD
+                keep[s >> 3] &= ~(1 << (s & 7)) & 0xFF
+                return
+            self.targets.add(rec.back)
+            rec = self.reader.resolve(rec)
+            if rec is None:
+                return
+        refs = rec.refs if rec.refs_known else self.refs_of(rec)
+        if refs:
+            self._discover(fmt.split_refs(refs), following)
 
     def _scan_after(self) -> None:
         """The records after the pack time: more roots, and backpointer targets to keep."""
@@ -710,7 +740,7 @@ class _Copier:
                        and all(map(lt, starts, islice(starts, 1, None))))
             last = starts[-1]
             if ordered and keep is not None and last // MIN_RECORD >> 3 < len(keep):
-                kept += _count_kept(starts, keep)
+                kept += _count_kept(starts, len(starts), keep)
             if self.progress is not None:
                 self.progress("copy", th.pos, self.gc.end)
         tail = self._read(rend + fmt.TABLE_ENTRY_SIZE * nrec, fmt.CRC_SIZE + fmt.TRAILER_SIZE, th.pos)
@@ -756,7 +786,7 @@ class _Copier:
         whole = self._whole(th)
         if whole:
             starts = self._table(th)
-            chosen = _count_kept(islice(starts, th.nrec), keep)
+            chosen = _count_kept(starts, th.nrec, keep)
         else:
             chosen = self._check_large_table(th, keep)
         self.removed_records += th.nrec - chosen
