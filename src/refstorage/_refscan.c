@@ -1025,7 +1025,7 @@ count_kept(PyObject *module, PyObject *args)
 #define FLAG_REFS_UNKNOWN 2
 
 PyDoc_STRVAR(gc_refs_doc,
-"gc_refs(window, wpos, positions, i, n, pack_pos, refs) -> (i, status)\n\n"
+"gc_refs(window, wpos, positions, i, n, pack_pos, refs, check_all=0) -> (i, status)\n\n"
 "Pack's marking loop over positions[i:n] (ascending record positions), for\n"
 "the common case only: a record before `pack_pos`, wholly in `window` (the\n"
 "file from `wpos`), with stored references and no backpointer.  Its header\n"
@@ -1036,7 +1036,8 @@ PyDoc_STRVAR(gc_refs_doc,
 "record at i is for the Python path (after the pack position, a\n"
 "backpointer, references not stored, not wholly in the window, or failing\n"
 "a check: the Python path raises the error), 4 its header is not in the\n"
-"window (read another one).");
+"window (read another one).  With check_all, a record without references\n"
+"is checksummed too (so must be wholly in the window).");
 
 static PyObject *
 gc_refs(PyObject *module, PyObject *args)
@@ -1045,12 +1046,12 @@ gc_refs(PyObject *module, PyObject *args)
     long long wpos_ll, pack_pos_ll;
     Py_ssize_t i, n, np;
     PyObject *refs;
-    int status = RELOC_DONE;
+    int status = RELOC_DONE, check_all = 0;
     uint64_t wpos, pack_pos;
     const uint64_t *ps;
 
-    if (!PyArg_ParseTuple(args, "y*Ly*nnLO!:gc_refs", &win, &wpos_ll, &positions, &i, &n,
-                          &pack_pos_ll, &PyByteArray_Type, &refs))
+    if (!PyArg_ParseTuple(args, "y*Ly*nnLO!|i:gc_refs", &win, &wpos_ll, &positions, &i, &n,
+                          &pack_pos_ll, &PyByteArray_Type, &refs, &check_all))
         return NULL;
     if (!crc_ready)
         crc_init();
@@ -1083,7 +1084,7 @@ gc_refs(PyObject *module, PyObject *args)
             status = RELOC_STOP;
             break;
         }
-        if (!nrefs)
+        if (!nrefs && !check_all)
             continue;  /* kept, nothing to follow */
         length = DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen + CRC_SIZE;
         if (off + length > (uint64_t)win.len
@@ -1091,6 +1092,8 @@ gc_refs(PyObject *module, PyObject *args)
             status = RELOC_STOP;
             break;
         }
+        if (!nrefs)
+            continue;
         dst = grow(refs, (Py_ssize_t)(REF_SIZE * nrefs));
         if (dst == NULL) {
             PyBuffer_Release(&win);
@@ -1104,12 +1107,126 @@ gc_refs(PyObject *module, PyObject *args)
     return Py_BuildValue("ni", i, status);
 }
 
+PyDoc_STRVAR(check_records_doc,
+"check_records(buf, base, table, data_pos, records_end, tid, tpos, info) -> (n, ok)\n\n"
+"verify's record check of one transaction, the C twin of log._checked_records:\n"
+"`buf` holds the file from `base` (the transaction's records at least),\n"
+"`table` its oid table entries (16 bytes each).  Each record must start where\n"
+"the previous one ends (the first at data_pos) and where its entry says, have\n"
+"a consistent header (peek_data_header's rules), end by records_end, pass its\n"
+"checksum and name the entry's oid, `tid` and `tpos`; the records must end\n"
+"exactly at records_end.  For each good record, (prev, backpointer or 0,\n"
+"flags) are appended to `info` as three native Q.  Returns how many records\n"
+"passed and whether all did (ok 0: the Python path names the error).");
+
+static PyObject *
+check_records(PyObject *module, PyObject *args)
+{
+    Py_buffer buf, table, tid;
+    long long base_ll, data_pos_ll, end_ll, tpos_ll;
+    PyObject *info;
+    Py_ssize_t i = 0, nrec;
+    int ok = 1;
+    uint64_t base, pos, end, tpos;
+
+    if (!PyArg_ParseTuple(args, "y*Ly*LLy*LO!:check_records", &buf, &base_ll, &table, &data_pos_ll,
+                          &end_ll, &tid, &tpos_ll, &PyByteArray_Type, &info))
+        return NULL;
+    if (!crc_ready)
+        crc_init();
+    base = (uint64_t)base_ll;
+    pos = (uint64_t)data_pos_ll;
+    end = (uint64_t)end_ll;
+    tpos = (uint64_t)tpos_ll;
+    nrec = table.len / 16;
+    if (tid.len != 8 || pos < base || end - base > (uint64_t)buf.len || end < pos) {
+        ok = 0;
+        goto done;
+    }
+    for (i = 0; i < nrec; i++) {
+        const unsigned char *entry = (const unsigned char *)table.buf + 16 * i;
+        const unsigned char *rec;
+        uint64_t length, nrefs, dlen, out[3];
+        unsigned flags;
+        unsigned char *dst;
+
+        if (pos >= end || pos != be64(entry + 8) || pos + DATA_HEADER_SIZE > end) {
+            ok = 0;
+            break;
+        }
+        rec = (const unsigned char *)buf.buf + (pos - base);
+        flags = ((unsigned)rec[32] << 8) | rec[33];
+        nrefs = be32(rec + 34);
+        dlen = be32(rec + 38);
+        if (flags & ~KNOWN_FLAGS || (flags & FLAG_BACKPOINTER && (dlen || nrefs))) {
+            ok = 0;
+            break;
+        }
+        length = DATA_HEADER_SIZE + REF_SIZE * nrefs + (flags & FLAG_BACKPOINTER ? 8 : dlen) + CRC_SIZE;
+        if (pos + length > end
+            || crc32_update(0, rec, (Py_ssize_t)(length - CRC_SIZE)) != be32(rec + length - CRC_SIZE)
+            || memcmp(rec, entry, 8) != 0 || memcmp(rec + 8, tid.buf, 8) != 0
+            || be64(rec + 24) != tpos) {
+            ok = 0;
+            break;
+        }
+        out[0] = be64(rec + 16);
+        out[1] = flags & FLAG_BACKPOINTER ? be64(rec + DATA_HEADER_SIZE) : 0;
+        out[2] = flags;
+        dst = grow(info, 24);
+        if (dst == NULL) {
+            PyBuffer_Release(&buf);
+            PyBuffer_Release(&table);
+            PyBuffer_Release(&tid);
+            return NULL;
+        }
+        memcpy(dst, out, 24);
+        pos += length;
+    }
+    if (ok && pos != end)
+        ok = 0;
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&tid);
+    return Py_BuildValue("ni", i, ok);
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+PyDoc_STRVAR(sort_positions_doc,
+"sort_positions(positions) -> None\n\n"
+"Sort an array('Q') in place (no list of a million ints on the way).");
+
+static PyObject *
+sort_positions(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "Q") != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "sort_positions() needs an array('Q')");
+        return NULL;
+    }
+    qsort(view.buf, (size_t)(view.len / 8), 8, cmp_u64);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
+    {"sort_positions", sort_positions, METH_O, sort_positions_doc},
     {"scan", scan, METH_O, scan_doc},
     {"scan_many", scan_many, METH_O, scan_many_doc},
     {"relocate", relocate, METH_VARARGS, relocate_doc},
     {"count_kept", count_kept, METH_VARARGS, count_kept_doc},
     {"gc_refs", gc_refs, METH_VARARGS, gc_refs_doc},
+    {"check_records", check_records, METH_VARARGS, check_records_doc},
     {NULL, NULL, 0, NULL}
 };
 
