@@ -37,15 +37,23 @@ How, and what is locked
    end, read the records after t, then mark breadth-first from the roots,
    reading one record header per reachable object, each level in file order
    through a growing window (the history before t is not scanned; only records
-   with references are decoded).  Marks are bitmaps over file positions: a
+   with references are decoded).  The common record (before t, references
+   stored, no backpointer) is read in C (``_refscan.gc_refs``: header and
+   checksum checked, references appended); the others, and any record failing
+   a check, go through the Python path, which raises the error.  Marks are bitmaps over file positions: a
    record takes at least 46 bytes, so ``pos // 46`` is unique -- one bit per
    46 bytes of file.
 3. Copy, no lock, into ``<name>.pack`` (new file id, header pack tid): the
    history before t in large sequential reads, a transaction without any kept
    record skipped at C speed (one count over its bitmap bytes), in the others
-   only the kept records decoded (the oid table says where each starts) and
-   re-encoded; then the transactions after t.  If nothing would be removed,
-   stop: nothing changes.
+   only the kept records checked and rewritten (the oid table says where each
+   starts) by ``fileformat.relocate_kept`` (a C loop when the extension is
+   built; its Python twin names any error); then the transactions after t.
+   Each transaction is streamed: its header written first and patched with its
+   length at the end, its records handed to the writer 1 MiB at a time, its oid
+   table spooled (to a temporary file past 1 MiB), a large one's oid table
+   checked and read in batches: memory does not grow with a transaction.  If
+   nothing would be removed, stop: nothing changes.
 4. Under the commit lock: copy the transactions committed meanwhile (refusing,
    with PackError and nothing changed, if one references an object the pack
    removed: a concurrent undo or a stale cache resurrected it), fsync,

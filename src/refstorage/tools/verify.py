@@ -23,6 +23,15 @@ Then every current record is read once more (in file order) for its stored
 references: a reference to an oid with no current revision, or to a deleted
 object, is a dangling reference (a POSKeyError waiting to happen).  Records
 whose references are not stored (REFS_UNKNOWN) are counted, not judged.
+
+Speed and memory: with the C extension, a transaction up to FAST_TXN is read
+whole and its records checked in C (`_refscan.check_records`, the same checks
+as `log._checked_records`); only a transaction that fails them is decoded in
+Python, which names the error.  The records are then judged from arrays, and
+the references pass reads the current records through `_refscan.gc_refs`.  The
+index is fed in batches (a dict of at most INDEX_BATCH entries, a
+transaction's records RECORD_BATCH at a time), so memory does not grow with a
+transaction.
 """
 
 from __future__ import annotations
