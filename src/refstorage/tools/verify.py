@@ -192,6 +192,7 @@ class _Verifier:
         self.deleted: set[bytes] = set()
         self.damaged: list[tuple[int, int]] = []
         self._checked: tuple[int, bytes, bytearray] | None = None  # see _decode
+        self._top = b""  # the largest oid in the index: a larger one has no earlier record
         self.saved = self._load_saved_index()
 
     # -- the index file ----------------------------------------------------------------
@@ -310,7 +311,8 @@ class _Verifier:
         info = array("Q", raw)
         prevs, backs, flags = info[0::3], info[1::3], info[2::3]
         recent_get, older_get = index.recent.get, index.index.get
-        expected = [older_get(oid, 0) if pos is None else pos
+        top = self._top
+        expected = [pos if pos is not None else 0 if oid > top else older_get(oid, 0)
                     for oid, pos in zip(oids, map(recent_get, oids), strict=True)]
         if prevs.tolist() != expected:
             for k in compress(range(len(oids)), map(ne, prevs, expected)):
@@ -329,6 +331,8 @@ class _Verifier:
                                        repeat(fmt.FLAG_REFS_UNKNOWN)))
         report.records += len(oids)
         index.update(entries)
+        if oids:
+            self._top = max(top, max(oids))
 
     def _records(self, th: fmt.TxnHeader, recs, delta: int) -> None:
         """Judge the decoded records of `th` (prev, backpointers, deletions, blobs), put them in
@@ -357,12 +361,17 @@ class _Verifier:
             local[oid] = rec.pos
             report.records += 1
             if len(local) >= RECORD_BATCH:
-                index.update(local)
+                self._index_update(local)
                 local = {}
-        index.update(local)
+        self._index_update(local)
         if self.blobs is not None:
             for rec in recs:
                 self._blob_revision(rec)
+
+    def _index_update(self, local: dict[bytes, int]) -> None:
+        self.index.update(local)
+        if local:
+            self._top = max(self._top, max(local))
 
     def _blob_revision(self, rec: fmt.DataRecord) -> None:
         report, unmatched, files = self.report, self.blobs.unmatched, self.blobs.files
