@@ -63,7 +63,7 @@ MAX_PROBLEMS = 10_000  # problems kept in the report (all are counted)
 MAX_LISTED = 20
 FAST_TXN = 8 << 20  # a transaction up to this size is read whole and its records checked in C
 INDEX_BATCH = 1 << 18  # index entries merged at once (BatchedIndex): a dict of at most this many
-RECORD_BATCH = 1 << 16  # records of one transaction put in the index at once
+RECORD_BATCH = 1 << 16  # a transaction with more records goes to the index this many at a time
 WINDOW = 1 << 20  # reads of the references pass
 _TABLE_ENTRY = struct.Struct(">8sQ")
 _NO_PACK_POS = (1 << 63) - 1
@@ -340,6 +340,11 @@ class _Verifier:
         report, index, deleted = self.report, self.index, self.deleted
         index_get = index.get
         tpos = th.pos
+        # a large transaction goes straight to the OidIndex, RECORD_BATCH records at a time
+        # (not through the dict batch, which would add up to INDEX_BATCH entries to them)
+        large = len(recs) > RECORD_BATCH
+        if large:
+            index.flush()
         local: dict[bytes, int] = {}
         for rec in recs:
             oid = rec.oid
@@ -361,15 +366,18 @@ class _Verifier:
             local[oid] = rec.pos
             report.records += 1
             if len(local) >= RECORD_BATCH:
-                self._index_update(local)
+                self._index_update(local, large)
                 local = {}
-        self._index_update(local)
+        self._index_update(local, large)
         if self.blobs is not None:
             for rec in recs:
                 self._blob_revision(rec)
 
-    def _index_update(self, local: dict[bytes, int]) -> None:
-        self.index.update(local)
+    def _index_update(self, local: dict[bytes, int], direct: bool = False) -> None:
+        if direct:
+            self.index.index.update(local)
+        else:
+            self.index.update(local)
         if local:
             self._top = max(self._top, max(local))
 
