@@ -21,6 +21,7 @@ def report(path, python: bool, monkeypatch: pytest.MonkeyPatch) -> dict:
             m.setattr(verify_mod, "_check_records", None)
             m.setattr(verify_mod, "_gc_refs", None)
             m.setattr(verify_mod, "_sort_positions", None)
+            m.setattr(verify_mod, "_index_lookup", None)
         elif verify_mod._check_records is None:
             pytest.skip("refstorage._refscan is not built")
         out = verify_mod.verify(str(path)).to_json()
@@ -105,3 +106,24 @@ def test_prev_backpointer_and_reference_problems(tmp_path, monkeypatch):
     kinds = got["problem_counts"]
     assert kinds.get("prev") and kinds.get("backpointer") and kinds.get("dangling"), kinds
     assert any("deleted" in p["message"] for p in got["problems"])
+
+
+def test_index_lookup_answers_as_oid_index_get():
+    """`_refscan.index_lookup` reads OidIndex's blocks (dense and sparse) as OidIndex.get does."""
+    import random
+
+    from refstorage.index import OidIndex
+
+    if verify_mod._index_lookup is None:
+        pytest.skip("refstorage._refscan is not built")
+    r = random.Random(1)
+    keys = {r.randrange(1 << 20).to_bytes(8, "big") for _ in range(3000)}
+    keys |= {i.to_bytes(8, "big") for i in range(600)}  # dense blocks
+    keys |= {r.randrange(1 << 64).to_bytes(8, "big") for _ in range(100)}
+    index = OidIndex({k: r.randrange(1, 1 << 48) for k in keys})
+    stats = index.block_stats()
+    assert stats["dense"] and stats["sparse"]
+    asked = list(keys) + [r.randrange(1 << 21).to_bytes(8, "big") for _ in range(5000)]
+    got = verify_mod._index_lookup(index.blocks(), b"".join(asked))
+    assert got.tolist() == [index.get(k, 0) for k in asked]
+    assert verify_mod._index_lookup(index.blocks(), b"").tolist() == []

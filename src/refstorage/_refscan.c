@@ -1219,7 +1219,94 @@ sort_positions(PyObject *module, PyObject *arg)
     Py_RETURN_NONE;
 }
 
+PyDoc_STRVAR(index_lookup_doc,
+"index_lookup(blocks, oids) -> array('Q')\n\n"
+"OidIndex.get(oid, 0) of each 8-byte oid in `oids` (joined), read from the\n"
+"index's blocks (OidIndex.blocks(): key oid >> 8 -> a dense block of 256\n"
+"6-byte positions, or a sparse one of n suffixes then n positions; see\n"
+"index.py).  A block of any other length counts as absent.");
+
+static PyObject *
+index_lookup(PyObject *module, PyObject *args)
+{
+    PyObject *blocks, *result = NULL, *array_mod = NULL, *arr = NULL;
+    Py_buffer oids;
+    Py_ssize_t i, n;
+    uint64_t *out = NULL;
+
+    if (!PyArg_ParseTuple(args, "O!y*:index_lookup", &PyDict_Type, &blocks, &oids))
+        return NULL;
+    n = oids.len / 8;
+    out = PyMem_Malloc(n ? n * 8 : 8);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        const unsigned char *o = (const unsigned char *)oids.buf + 8 * i;
+        uint64_t v = be64(o), pos = 0;
+        unsigned s = (unsigned)(v & 0xff);
+        PyObject *key = PyLong_FromUnsignedLongLong(v >> 8), *block;
+        if (key == NULL)
+            goto done;
+        block = PyDict_GetItemWithError(blocks, key);
+        Py_DECREF(key);
+        if (block == NULL && PyErr_Occurred())
+            goto done;
+        if (block != NULL) {
+            const unsigned char *b = NULL;
+            Py_ssize_t len = 0;
+            if (PyBytes_Check(block)) {
+                b = (const unsigned char *)PyBytes_AS_STRING(block);
+                len = PyBytes_GET_SIZE(block);
+            } else if (PyByteArray_Check(block)) {
+                b = (const unsigned char *)PyByteArray_AS_STRING(block);
+                len = PyByteArray_GET_SIZE(block);
+            }
+            if (len == 256 * 6) {
+                b += 6 * s;
+            } else if (len > 0 && len % 7 == 0) {
+                Py_ssize_t count = len / 7;
+                const unsigned char *hit = memchr(b, (int)s, (size_t)count);
+                b = hit == NULL ? NULL : b + count + 6 * (hit - b);
+            } else {
+                b = NULL;
+            }
+            if (b != NULL)
+                pos = ((uint64_t)b[0] << 40) | ((uint64_t)b[1] << 32) | ((uint64_t)b[2] << 24)
+                      | ((uint64_t)b[3] << 16) | ((uint64_t)b[4] << 8) | b[5];
+        }
+        out[i] = pos;
+    }
+    array_mod = PyImport_ImportModule("array");
+    if (array_mod == NULL)
+        goto done;
+    arr = PyObject_CallMethod(array_mod, "array", "s", "Q");
+    if (arr == NULL)
+        goto done;
+    {
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)out, n * 8);
+        PyObject *r;
+        if (raw == NULL)
+            goto done;
+        r = PyObject_CallMethod(arr, "frombytes", "O", raw);
+        Py_DECREF(raw);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    result = arr;
+    arr = NULL;
+done:
+    PyMem_Free(out);
+    Py_XDECREF(arr);
+    Py_XDECREF(array_mod);
+    PyBuffer_Release(&oids);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"index_lookup", index_lookup, METH_VARARGS, index_lookup_doc},
     {"sort_positions", sort_positions, METH_O, sort_positions_doc},
     {"scan", scan, METH_O, scan_doc},
     {"scan_many", scan_many, METH_O, scan_many_doc},

@@ -55,9 +55,10 @@ from .walk import Damage, walk
 try:
     from .._refscan import check_records as _check_records
     from .._refscan import gc_refs as _gc_refs
+    from .._refscan import index_lookup as _index_lookup
     from .._refscan import sort_positions as _sort_positions
 except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
-    _check_records = _gc_refs = _sort_positions = None
+    _check_records = _gc_refs = _index_lookup = _sort_positions = None
 
 MAX_PROBLEMS = 10_000  # problems kept in the report (all are counted)
 MAX_LISTED = 20
@@ -312,8 +313,16 @@ class _Verifier:
         prevs, backs, flags = info[0::3], info[1::3], info[2::3]
         recent_get, older_get = index.recent.get, index.index.get
         top = self._top
-        expected = [pos if pos is not None else 0 if oid > top else older_get(oid, 0)
-                    for oid, pos in zip(oids, map(recent_get, oids), strict=True)]
+        if _index_lookup is not None:  # the OidIndex's answers, in one C pass over its blocks
+            expected = list(map(recent_get, oids))
+            missed = [oid for oid, pos in zip(oids, expected, strict=True) if pos is None and oid <= top]
+            if missed:
+                found = iter(_index_lookup(index.index.blocks(), b"".join(missed)))
+            expected = [pos if pos is not None else 0 if oid > top else next(found)
+                        for oid, pos in zip(oids, expected, strict=True)]
+        else:
+            expected = [pos if pos is not None else 0 if oid > top else older_get(oid, 0)
+                        for oid, pos in zip(oids, map(recent_get, oids), strict=True)]
         if prevs.tolist() != expected:
             for k in compress(range(len(oids)), map(ne, prevs, expected)):
                 rec = self.reader.read_data_record(entries[k][1], oids[k])
@@ -459,6 +468,7 @@ class _Verifier:
         listening = progress is not None and hasattr(progress, "phase")
         read = reader.file.read
         contains = index.__contains__
+        lookup, blocks = _index_lookup, index.blocks()
         deleted = self.deleted
         fast = _gc_refs is not None and self.blobs is None
         found = bytearray()
@@ -478,11 +488,15 @@ class _Verifier:
                         wbuf = read(pos, WINDOW)
                     j, status = _gc_refs(wbuf, wpos, positions, i, n, _NO_PACK_POS, found, 1)
                     if found:
-                        refs = fmt.split_refs(bytes(found))
-                        found = bytearray()
-                        if not all(map(contains, refs)) or not deleted.isdisjoint(refs):
+                        raw = bytes(found)
+                        if lookup is not None:
+                            absent = 0 in lookup(blocks, raw)
+                        else:
+                            absent = not all(map(contains, fmt.split_refs(raw)))
+                        if absent or deleted and not deleted.isdisjoint(fmt.split_refs(raw)):
                             for k in range(i, j):
                                 self._check_current(reader.read_data_record(positions[k]))
+                        found = bytearray()
                     if listening and (j >> 12) != (i >> 12):
                         progress(j)
                     slow = status == fmt.RELOC_STOP or (status == fmt.RELOC_OUTSIDE and j == i
