@@ -1,6 +1,7 @@
 """The on-disk format: the golden file decoded field by field, and each decoder's errors."""
 
 import importlib.util
+import os
 import pathlib
 import struct
 
@@ -242,7 +243,30 @@ def test_decode_data_payload_agrees_with_decode_data_record():
             assert info.value.offset >= 9000
 
 
-def test_relocate_data_records_is_decode_and_encode():
+@pytest.fixture(params=["c", "python"])
+def relocate_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """relocate_kept through the C loop (if built) or the pure-Python one."""
+    if request.param == "c":
+        if fmt._relocate_c is None:
+            if os.environ.get("REFSTORAGE_REQUIRE_SPEEDUPS"):
+                raise AssertionError("refstorage._refscan is not built")
+            pytest.skip("refstorage._refscan is not built")
+    else:
+        monkeypatch.setattr(fmt, "_relocate_c", None)
+    return request.param
+
+
+def _keep_bits(positions) -> bytearray:
+    keep = bytearray(4096)
+    for p in positions:
+        s = p // fmt.MIN_RECORD
+        keep[s >> 3] |= 1 << (s & 7)
+    return keep
+
+
+def test_relocate_kept_is_decode_and_encode(relocate_impl: str):
+    from array import array
+
     plain = [(oid(i), bytes([i]) * (10 + i), b"".join(oid(j) for j in range(i % 3))) for i in range(12)]
     old_tpos, new_tpos = 20000, 8000
     raws = [fmt.encode_data_record(o, T1, 1234, old_tpos, r, d, 0, i % 4 != 1)
@@ -252,29 +276,61 @@ def test_relocate_data_records_is_decode_and_encode():
     starts = [base]
     for raw in raws:
         starts.append(starts[-1] + len(raw))
+    starts = array("Q", starts)
     buf = b"".join(raws)
     chosen = [0, 2, 3, 5, 6, 9, 12]  # 5 is the backpointer
-    parts, table, positions = [], [], {}
-    k, end = fmt.relocate_data_records(buf, base, starts, chosen, 0, T1, old_tpos, new_tpos, 9000, "f",
-                                       None, parts, table, positions)
-    assert k == 3  # stopped before the backpointer
-    expected, pos = [], 9000
-    for i in chosen[:3]:
-        rec = fmt.decode_data_record(buf, starts[i] - base, "f", starts[i])
+    keep = _keep_bits(starts[i] for i in chosen)
+    n = len(raws)
+    targets = array("Q", sorted([starts[3], starts[9], 5]))
+    out, table, moved = bytearray(), bytearray(), bytearray()
+    i, end, kept, status = fmt.relocate_kept(buf, base, starts, 0, n, keep, T1, old_tpos, new_tpos, 9000,
+                                             None, targets, out, table, moved, 1 << 20, "f")
+    assert (i, kept, status) == (5, 3, fmt.RELOC_STOP)  # stopped at the backpointer
+    expected, pos, entries = [], 9000, []
+    for j in chosen[:3]:
+        rec = fmt.decode_data_record(buf, starts[j] - base, "f", starts[j])
         expected.append(fmt.encode_data_record(rec.oid, T1, 0, new_tpos, rec.refs, rec.data, 0,
                                                rec.refs_known))
+        entries.append(fmt.oid_table_entry(rec.oid, pos))
+        if j == 3:
+            assert array("Q", moved).tolist() == [starts[3], pos]
         pos += len(expected[-1])
-    assert b"".join(parts) == b"".join(expected) and end == pos
-    k, end = fmt.relocate_data_records(buf, base, starts, chosen, 4, T1, old_tpos, new_tpos, end, "f",
-                                       lambda o: 4242, parts, table, positions)
-    assert k == len(chosen)
-    rec = fmt.decode_data_record(b"".join(parts), len(b"".join(expected)), "f", 0)
+    assert bytes(out) == b"".join(expected) and end == pos and bytes(table) == b"".join(entries)
+    i, end, kept, status = fmt.relocate_kept(buf, base, starts, 6, n, keep, T1, old_tpos, new_tpos, end,
+                                             lambda o: 4242, None, out, table, moved, 1 << 20, "f")
+    assert (i, kept, status) == (n, 3, fmt.RELOC_DONE)
+    rec = fmt.decode_data_record(bytes(out), len(b"".join(expected)), "f", 0)
     assert (rec.oid, rec.prev, rec.tpos) == (oid(5), 4242, new_tpos)
-    # damage in a chosen record: an error naming its position, never a bad copy
-    for at, flip in ((starts[3] + 50, 1), (starts[3] + 24, 4), (starts[3] + 8, 1)):
+    # a full output buffer, a record outside the buffer
+    got = fmt.relocate_kept(buf, base, starts, 0, n, keep, T1, old_tpos, new_tpos, 9000, None, None,
+                            bytearray(b"x" * 10), bytearray(), bytearray(), 10, "f")
+    assert (got[0], got[2], got[3]) == (0, 0, fmt.RELOC_FULL)
+    got = fmt.relocate_kept(buf[:starts[3] - base + 10], base, starts, 0, n, keep, T1, old_tpos, new_tpos,
+                            9000, None, None, bytearray(), bytearray(), bytearray(), 1 << 20, "f")
+    assert (got[0], got[2], got[3]) == (3, 2, fmt.RELOC_OUTSIDE)
+    # damage in a kept record: an error naming its position, never a bad copy
+    errors_seen: list[str] = []
+    for at, flip in ((starts[3] + 50, 1), (starts[3] + 24, 4), (starts[3] + 8, 1), (starts[3] + 33, 4),
+                     (starts[3] + 41, 1), (starts[4] - 1, 1)):
         bad = bytearray(buf)
         bad[at - base] ^= flip
         with pytest.raises(errors.CorruptedDataError) as info:
-            fmt.relocate_data_records(bytes(bad), base, starts, chosen, 0, T1, old_tpos, new_tpos, 9000,
-                                      "f", None, [], [], {})
-        assert info.value.offset == starts[3]
+            fmt.relocate_kept(bytes(bad), base, starts, 0, n, keep, T1, old_tpos, new_tpos, 9000,
+                              None, None, bytearray(), bytearray(), bytearray(), 1 << 20, "f")
+        assert starts[3] <= info.value.offset < starts[4] and info.value.path == "f"
+        errors_seen.append(str(info.value))
+    # the same errors, word for word, from the C loop and the Python one
+    assert errors_seen == [
+        "f at offset 20295: data record checksum mismatch (oid 0000000000000003)",
+        "f at offset 20295: data record does not match its transaction",
+        "f at offset 20295: data record does not match its transaction",
+        "f at offset 20327: unknown data record flags 0x4",
+        "f at offset 20295: data record does not match its transaction",
+        "f at offset 20295: data record checksum mismatch (oid 0000000000000003)"]
+    # a table whose starts do not increase, or claim a record shorter than a header
+    for bad_starts in ([starts[0], starts[0], starts[2]], [starts[0], starts[0] + 20, starts[2]]):
+        with pytest.raises(errors.CorruptedDataError) as info:
+            fmt.relocate_kept(buf, base, array("Q", bad_starts), 0, 2, _keep_bits([starts[0]]), T1,
+                              old_tpos, new_tpos, 9000, None, None, bytearray(), bytearray(),
+                              bytearray(), 1 << 20, "f")
+        assert info.value.offset == starts[0]

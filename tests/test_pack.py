@@ -410,6 +410,68 @@ def test_last_transaction_stays_even_if_it_keeps_nothing(storage, path):
     s.close()
 
 
+def _history_for_equivalence(path: str) -> None:
+    """Kept and dropped records, backpointers before and after the pack time (kept, dropped
+    targets), deletions, references through several transactions, a 1 KiB+ record."""
+    s = refstorage.FileStorage(path, create=True)
+    try:
+        objs = {o(i): record(f"v{i}" * (i % 7 + 1), o(i + 1)) for i in range(1, 40)}
+        objs[o(40)] = record("x" * 1500)
+        objs.update({o(i): record(f"garbage {i}") for i in range(50, 60)})
+        commit(s, {o(0): record("root", o(1)), **objs}, at(1))
+        t2 = commit(s, {o(i): record(f"w{i}", o(i + 1)) for i in range(1, 20)}, at(2))
+        undo(s, t2, at(3))  # backpointers to at(1)'s records, current at the pack time
+        commit(s, {o(5): record("w5b", o(6)), o(0): record("root2", o(1), o(45))}, at(4))
+        commit(s, {o(45): record("new"), o(30): None}, at(5))
+        t6 = commit(s, {o(i): record(f"late{i}", o(i + 1)) for i in range(10, 15)}, at(6))
+        undo(s, t6, at(7))
+        commit(s, {o(0): record("root3", o(1))}, at(8))
+    finally:
+        s.close()
+
+
+def test_pack_paths_write_the_same_file(tmp_path, monkeypatch):
+    """Pack writes the same bytes through the C loops (gc marking, relocation), the pure-Python
+    ones, and the
+    large-transaction path (oid table checked and read in batches, records streamed through
+    a small window, the table spooled to a file, the header patched after a flush)."""
+    from refstorage import pack as pack_mod
+
+    base = str(tmp_path / "base.rfs")
+    _history_for_equivalence(base)
+    results = {}
+    for mode in ("c", "python", "large"):
+        with monkeypatch.context() as m:
+            if mode == "python":
+                m.setattr(fmt, "_relocate_c", None)
+                m.setattr(pack_mod, "_gc_refs", None)
+                m.setattr(pack_mod, "_count_kept_c", None)
+            if mode == "large":
+                m.setattr(pack_mod, "WHOLE_TXN", 0)
+                m.setattr(pack_mod, "TABLE_BATCH", 3)
+                m.setattr(pack_mod, "OUT_LIMIT", 200)
+                m.setattr(pack_mod, "SPOOL_MEMORY", 40)
+                m.setattr(pack_mod, "WRITE_CHUNK", 300)
+                m.setattr(pack_mod, "READ_CHUNK", 500)
+            path = str(tmp_path / f"{mode}.rfs")
+            shutil.copyfile(base, path)
+            files = []
+            s = refstorage.FileStorage(path)
+            try:
+                for t in (BASE + 3.5, BASE + 6.5):
+                    assert packed(s, t, referencesf).packed
+                    with open(path, "rb") as f:
+                        files.append(f.read()[fmt.HEADER_SIZE:])
+                expected = snapshot(s, [o(i) for i in range(0, 60)])
+            finally:
+                s.close()
+            check_reopen(path, expected)
+            results[mode] = files, expected
+    assert results["python"] == results["c"]
+    assert results["large"] == results["c"]
+    assert len(os.listdir(tmp_path)) == len([n for n in os.listdir(tmp_path) if ".pack" not in n])
+
+
 def test_read_only_storage_refuses_to_pack(storage, path):
     commit(storage, {o(0): record("r")}, at(1))
     storage.close()
@@ -993,11 +1055,20 @@ def test_pack_command(tmp_path):
     st.close()
 
 
-@pytest.mark.parametrize("where", ["data", "tpos"])
-def test_pack_refuses_a_damaged_kept_record_and_changes_nothing(tmp_path, where):
+@pytest.mark.parametrize("impl", ["c", "python"])
+@pytest.mark.parametrize("where", ["data", "tpos", "root-data", "root-flags"])
+def test_pack_refuses_a_damaged_kept_record_and_changes_nothing(tmp_path, where, impl, monkeypatch):
     """A kept record that fails its checksum (or names another transaction)
-    stops the pack with an error naming its offset; the file is left as it was."""
+    stops the pack with an error naming its offset; the file is left as it was.
+    The same through the C loops and the Python ones (root-*: a record with references,
+    which the gc marking reads)."""
+    from refstorage import pack as pack_mod
     from refstorage.errors import CorruptedDataError
+
+    if impl == "python":
+        monkeypatch.setattr(fmt, "_relocate_c", None)
+        monkeypatch.setattr(pack_mod, "_gc_refs", None)
+        monkeypatch.setattr(pack_mod, "_count_kept_c", None)
 
     path = str(tmp_path / "d.rfs")
     db = ZODB.DB(refstorage.FileStorage(path))
@@ -1016,9 +1087,16 @@ def test_pack_refuses_a_damaged_kept_record_and_changes_nothing(tmp_path, where)
     root["b"] = PersistentMapping()
     transaction.commit()
     storage = db.storage
-    pos = storage._state.index.get(oid)  # a's revision at t: kept by the pack
+    if where.startswith("root"):
+        oid = z64
+        pos = storage._state.reader.read_data_record(storage._state.index.get(oid), oid).prev
+    else:
+        pos = storage._state.index.get(oid)  # a's revision at t: kept by the pack
     rec = storage._state.reader.read_data_record(pos, oid)
-    offset = pos + fmt.DATA_HEADER_SIZE + len(rec.refs) + 3 if where == "data" else pos + 24
+    assert rec.refs if where.startswith("root") else not rec.refs
+    offset = {"data": pos + fmt.DATA_HEADER_SIZE + len(rec.refs) + 3, "tpos": pos + 24,
+              "root-data": pos + fmt.DATA_HEADER_SIZE + len(rec.refs) + 3,
+              "root-flags": pos + fmt.DATA_FLAGS_OFFSET}[where]
     with open(path, "r+b") as f:
         f.seek(offset)
         byte = f.read(1)
@@ -1028,7 +1106,13 @@ def test_pack_refuses_a_damaged_kept_record_and_changes_nothing(tmp_path, where)
         before = f.read()
     with pytest.raises(CorruptedDataError) as err:
         storage.pack(t, referencesf)
-    assert err.value.offset == pos and path in str(err.value)
+    assert err.value.offset == (pos + fmt.DATA_FLAGS_OFFSET if where == "root-flags" else pos)
+    assert path in str(err.value)
+    assert str(err.value).split(": ", 1)[1] == {
+        "data": f"data record checksum mismatch (oid {oid.hex()})",
+        "tpos": "data record does not match its transaction",
+        "root-data": f"data record checksum mismatch (oid {oid.hex()})",
+        "root-flags": "unknown data record flags 0x4000"}[where]
     with open(path, "rb") as f:
         assert f.read() == before
     assert not os.path.exists(path + ".pack") and not os.path.exists(path + ".old")

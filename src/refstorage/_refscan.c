@@ -730,9 +730,590 @@ scan_many(PyObject *module, PyObject *datas)
     return result;
 }
 
+/* -- pack: relocating the kept data records of a transaction ------------------
+ *
+ * The C twin of fileformat.relocate_kept (the pure-Python path, which is also
+ * the reference: its docstring is the specification).  It applies the same
+ * checks to each record; where one fails it does not raise but returns
+ * RELOC_BAD at that record, and the caller runs the Python path on it, which
+ * raises the package's error naming the file and offset.  So there is one set
+ * of error messages, and this loop only has to say "not this one".
+ */
+
+#define DATA_HEADER_SIZE 42
+#define CRC_SIZE 4
+#define REF_SIZE 8
+#define FLAG_BACKPOINTER 1
+#define KNOWN_FLAGS 3
+#define MIN_RECORD 46
+
+enum { RELOC_DONE = 0, RELOC_STOP, RELOC_BAD, RELOC_FULL, RELOC_OUTSIDE };
+
+static uint64_t
+be64(const unsigned char *p)
+{
+    uint64_t v = 0;
+    int k;
+    for (k = 0; k < 8; k++)
+        v = (v << 8) | p[k];
+    return v;
+}
+
+static uint32_t
+be32(const unsigned char *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+static void
+put64(unsigned char *p, uint64_t v)
+{
+    int k;
+    for (k = 7; k >= 0; k--) {
+        p[k] = (unsigned char)(v & 0xff);
+        v >>= 8;
+    }
+}
+
+/* zlib's crc32, through the zlib module would cost a call per record: a table-driven copy. */
+static uint32_t crc_table[8][256];
+static int crc_ready = 0;
+
+static void
+crc_init(void)
+{
+    uint32_t c;
+    int n, k;
+    for (n = 0; n < 256; n++) {
+        c = (uint32_t)n;
+        for (k = 0; k < 8; k++)
+            c = c & 1 ? 0xEDB88320u ^ (c >> 1) : c >> 1;
+        crc_table[0][n] = c;
+    }
+    for (n = 0; n < 256; n++) {
+        c = crc_table[0][n];
+        for (k = 1; k < 8; k++) {
+            c = crc_table[0][c & 0xff] ^ (c >> 8);
+            crc_table[k][n] = c;
+        }
+    }
+    crc_ready = 1;
+}
+
+static uint32_t
+crc32_update(uint32_t crc, const unsigned char *p, Py_ssize_t n)
+{
+    crc = ~crc;
+    while (n >= 8) {
+        uint32_t lo = crc ^ ((uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16)
+                             | ((uint32_t)p[3] << 24));
+        uint32_t hi = (uint32_t)p[4] | ((uint32_t)p[5] << 8) | ((uint32_t)p[6] << 16)
+                      | ((uint32_t)p[7] << 24);
+        crc = crc_table[7][lo & 0xff] ^ crc_table[6][(lo >> 8) & 0xff]
+              ^ crc_table[5][(lo >> 16) & 0xff] ^ crc_table[4][lo >> 24]
+              ^ crc_table[3][hi & 0xff] ^ crc_table[2][(hi >> 8) & 0xff]
+              ^ crc_table[1][(hi >> 16) & 0xff] ^ crc_table[0][hi >> 24];
+        p += 8;
+        n -= 8;
+    }
+    while (n-- > 0)
+        crc = crc_table[0][(crc ^ *p++) & 0xff] ^ (crc >> 8);
+    return ~crc;
+}
+
+/* Append n bytes to a bytearray; a pointer to them, NULL (exception set) on failure. */
+static unsigned char *
+grow(PyObject *ba, Py_ssize_t n)
+{
+    Py_ssize_t size = PyByteArray_GET_SIZE(ba);
+    if (PyByteArray_Resize(ba, size + n) < 0)
+        return NULL;
+    return (unsigned char *)PyByteArray_AS_STRING(ba) + size;
+}
+
+PyDoc_STRVAR(relocate_doc,
+"relocate(buf, base, starts, i, n, keep, tid, old_tpos, new_tpos, pos, prev_of,\n"
+"         targets, out, table, moved, limit) -> (i, pos, kept, status)\n\n"
+"fileformat.relocate_kept in C (see there); status RELOC_BAD (2) at record i\n"
+"where the Python path raises.");
+
+static PyObject *
+relocate(PyObject *module, PyObject *args)
+{
+    Py_buffer buf, starts, keep, tid, targets = {0};
+    long long base_ll, old_tpos_ll, new_tpos_ll, pos_ll;
+    Py_ssize_t i, n, limit, kept = 0;
+    PyObject *prev_of, *targets_obj, *out, *table, *moved, *result = NULL;
+    int status = RELOC_DONE;
+    uint64_t base, old_tpos, new_tpos, pos;
+    const uint64_t *st;
+    const uint64_t *tg = NULL;
+    Py_ssize_t ntg = 0, nst;
+    unsigned char hdr[DATA_HEADER_SIZE];
+
+    if (!PyArg_ParseTuple(args, "y*Ly*nny*y*LLLOOO!O!O!n:relocate", &buf, &base_ll, &starts, &i,
+                          &n, &keep, &tid, &old_tpos_ll, &new_tpos_ll, &pos_ll, &prev_of,
+                          &targets_obj, &PyByteArray_Type, &out, &PyByteArray_Type, &table,
+                          &PyByteArray_Type, &moved, &limit))
+        return NULL;
+    if (!crc_ready)
+        crc_init();
+    base = (uint64_t)base_ll;
+    old_tpos = (uint64_t)old_tpos_ll;
+    new_tpos = (uint64_t)new_tpos_ll;
+    pos = (uint64_t)pos_ll;
+    if (targets_obj != Py_None) {
+        if (PyObject_GetBuffer(targets_obj, &targets, PyBUF_SIMPLE) < 0)
+            goto done;
+        tg = (const uint64_t *)targets.buf;
+        ntg = targets.len / 8;
+    }
+    st = (const uint64_t *)starts.buf;
+    nst = starts.len / 8;
+    if (tid.len != 8 || n >= nst || i < 0) {
+        PyErr_SetString(PyExc_ValueError, "relocate: bad arguments");
+        goto done;
+    }
+    for (; i < n; i++) {
+        uint64_t at = st[i], next = st[i + 1], slot, rtid_pos, prev = 0;
+        uint64_t length, nrefs, dlen, body_end, off;
+        const unsigned char *rec;
+        unsigned flags;
+        unsigned char *dst;
+        uint32_t crc;
+
+        slot = at / MIN_RECORD;
+        if ((Py_ssize_t)(slot >> 3) >= keep.len
+            || !(((const unsigned char *)keep.buf)[slot >> 3] & (1u << (slot & 7))))
+            continue;  /* not kept */
+        if (next <= at) {
+            status = RELOC_BAD;
+            break;
+        }
+        length = next - at;
+        if (at < base || next - base > (uint64_t)buf.len) {
+            status = RELOC_OUTSIDE;
+            break;
+        }
+        if (length < DATA_HEADER_SIZE) {
+            status = RELOC_BAD;
+            break;
+        }
+        off = at - base;
+        rec = (const unsigned char *)buf.buf + off;
+        flags = ((unsigned)rec[32] << 8) | rec[33];
+        if (flags & FLAG_BACKPOINTER) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (flags & ~KNOWN_FLAGS) {
+            status = RELOC_BAD;
+            break;
+        }
+        nrefs = be32(rec + 34);
+        dlen = be32(rec + 38);
+        body_end = DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen;
+        rtid_pos = be64(rec + 24);
+        if (body_end + CRC_SIZE != length || memcmp(rec + 8, tid.buf, 8) != 0
+            || rtid_pos != old_tpos) {
+            status = RELOC_BAD;
+            break;
+        }
+        if (crc32_update(0, rec, (Py_ssize_t)body_end) != be32(rec + body_end)) {
+            status = RELOC_BAD;
+            break;
+        }
+        if (PyByteArray_GET_SIZE(out) >= limit) {
+            status = RELOC_FULL;
+            break;
+        }
+        if (prev_of != Py_None) {
+            PyObject *oid = PyBytes_FromStringAndSize((const char *)rec, 8);
+            PyObject *p;
+            if (oid == NULL)
+                goto done;
+            p = PyObject_CallFunctionObjArgs(prev_of, oid, NULL);
+            Py_DECREF(oid);
+            if (p == NULL)
+                goto done;
+            prev = PyLong_AsUnsignedLongLong(p);
+            Py_DECREF(p);
+            if (prev == (uint64_t)-1 && PyErr_Occurred())
+                goto done;
+        }
+        memcpy(hdr, rec, DATA_HEADER_SIZE);
+        put64(hdr + 16, prev);
+        put64(hdr + 24, new_tpos);
+        dst = grow(out, (Py_ssize_t)length);
+        if (dst == NULL)
+            goto done;
+        memcpy(dst, hdr, DATA_HEADER_SIZE);
+        memcpy(dst + DATA_HEADER_SIZE, rec + DATA_HEADER_SIZE, (size_t)(body_end - DATA_HEADER_SIZE));
+        crc = crc32_update(crc32_update(0, hdr, DATA_HEADER_SIZE), rec + DATA_HEADER_SIZE,
+                           (Py_ssize_t)(body_end - DATA_HEADER_SIZE));
+        dst[body_end] = (unsigned char)(crc >> 24);
+        dst[body_end + 1] = (unsigned char)(crc >> 16);
+        dst[body_end + 2] = (unsigned char)(crc >> 8);
+        dst[body_end + 3] = (unsigned char)crc;
+        dst = grow(table, 16);
+        if (dst == NULL)
+            goto done;
+        memcpy(dst, rec, 8);
+        put64(dst + 8, pos);
+        if (ntg) {  /* a kept backpointer's target: note old -> new (sorted targets) */
+            Py_ssize_t lo = 0, hi = ntg;
+            while (lo < hi) {
+                Py_ssize_t mid = (lo + hi) / 2;
+                if (tg[mid] < at)
+                    lo = mid + 1;
+                else
+                    hi = mid;
+            }
+            if (lo < ntg && tg[lo] == at) {
+                uint64_t pair[2];
+                pair[0] = at;
+                pair[1] = pos;
+                dst = grow(moved, 16);
+                if (dst == NULL)
+                    goto done;
+                memcpy(dst, pair, 16);
+            }
+        }
+        pos += length;
+        kept++;
+    }
+    result = Py_BuildValue("nKni", i, (unsigned long long)pos, kept, status);
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&keep);
+    PyBuffer_Release(&tid);
+    if (targets.obj != NULL)
+        PyBuffer_Release(&targets);
+    return result;
+}
+
+PyDoc_STRVAR(count_kept_doc,
+"count_kept(starts, n, keep) -> int\n\n"
+"How many of starts[0:n] (an array('Q') of record positions) have their bit\n"
+"pos // 46 set in the bitmap `keep` (a position past the bitmap: not set).");
+
+static PyObject *
+count_kept(PyObject *module, PyObject *args)
+{
+    Py_buffer starts, keep;
+    Py_ssize_t n, i, count = 0;
+    const uint64_t *st;
+    const unsigned char *k;
+
+    if (!PyArg_ParseTuple(args, "y*ny*:count_kept", &starts, &n, &keep))
+        return NULL;
+    st = (const uint64_t *)starts.buf;
+    k = (const unsigned char *)keep.buf;
+    if (n < 0 || n > starts.len / 8)
+        n = starts.len / 8;
+    for (i = 0; i < n; i++) {
+        uint64_t slot = st[i] / MIN_RECORD;
+        if ((Py_ssize_t)(slot >> 3) < keep.len && k[slot >> 3] & (1u << (slot & 7)))
+            count++;
+    }
+    PyBuffer_Release(&starts);
+    PyBuffer_Release(&keep);
+    return PyLong_FromSsize_t(count);
+}
+
+#define FLAG_REFS_UNKNOWN 2
+
+PyDoc_STRVAR(gc_refs_doc,
+"gc_refs(window, wpos, positions, i, n, pack_pos, refs, check_all=0) -> (i, status)\n\n"
+"Pack's marking loop over positions[i:n] (ascending record positions), for\n"
+"the common case only: a record before `pack_pos`, wholly in `window` (the\n"
+"file from `wpos`), with stored references and no backpointer.  Its header\n"
+"is checked as fileformat.peek_data_header does and its checksum as\n"
+"decode_data_record does, and its references are appended to `refs`; a\n"
+"record without references is passed over (its header checked).  Stops at\n"
+"the first position it does not handle: status 0 done (i == n), 1 the\n"
+"record at i is for the Python path (after the pack position, a\n"
+"backpointer, references not stored, not wholly in the window, or failing\n"
+"a check: the Python path raises the error), 4 its header is not in the\n"
+"window (read another one).  With check_all, a record without references\n"
+"is checksummed too (so must be wholly in the window).");
+
+static PyObject *
+gc_refs(PyObject *module, PyObject *args)
+{
+    Py_buffer win, positions;
+    long long wpos_ll, pack_pos_ll;
+    Py_ssize_t i, n, np;
+    PyObject *refs;
+    int status = RELOC_DONE, check_all = 0;
+    uint64_t wpos, pack_pos;
+    const uint64_t *ps;
+
+    if (!PyArg_ParseTuple(args, "y*Ly*nnLO!|i:gc_refs", &win, &wpos_ll, &positions, &i, &n,
+                          &pack_pos_ll, &PyByteArray_Type, &refs, &check_all))
+        return NULL;
+    if (!crc_ready)
+        crc_init();
+    wpos = (uint64_t)wpos_ll;
+    pack_pos = (uint64_t)pack_pos_ll;
+    ps = (const uint64_t *)positions.buf;
+    np = positions.len / 8;
+    if (n > np)
+        n = np;
+    for (; i < n; i++) {
+        uint64_t pos = ps[i], off, length, nrefs, dlen;
+        const unsigned char *rec;
+        unsigned flags;
+        unsigned char *dst;
+
+        if (pos >= pack_pos) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (pos < wpos || pos - wpos + DATA_HEADER_SIZE > (uint64_t)win.len) {
+            status = RELOC_OUTSIDE;
+            break;
+        }
+        off = pos - wpos;
+        rec = (const unsigned char *)win.buf + off;
+        flags = ((unsigned)rec[32] << 8) | rec[33];
+        nrefs = be32(rec + 34);
+        dlen = be32(rec + 38);
+        if (flags & ~KNOWN_FLAGS || flags & (FLAG_BACKPOINTER | FLAG_REFS_UNKNOWN)) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (!nrefs && !check_all)
+            continue;  /* kept, nothing to follow */
+        length = DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen + CRC_SIZE;
+        if (off + length > (uint64_t)win.len
+            || crc32_update(0, rec, (Py_ssize_t)(length - CRC_SIZE)) != be32(rec + length - CRC_SIZE)) {
+            status = RELOC_STOP;
+            break;
+        }
+        if (!nrefs)
+            continue;
+        dst = grow(refs, (Py_ssize_t)(REF_SIZE * nrefs));
+        if (dst == NULL) {
+            PyBuffer_Release(&win);
+            PyBuffer_Release(&positions);
+            return NULL;
+        }
+        memcpy(dst, rec + DATA_HEADER_SIZE, (size_t)(REF_SIZE * nrefs));
+    }
+    PyBuffer_Release(&win);
+    PyBuffer_Release(&positions);
+    return Py_BuildValue("ni", i, status);
+}
+
+PyDoc_STRVAR(check_records_doc,
+"check_records(buf, base, table, data_pos, records_end, tid, tpos, info) -> (n, ok)\n\n"
+"verify's record check of one transaction, the C twin of log._checked_records:\n"
+"`buf` holds the file from `base` (the transaction's records at least),\n"
+"`table` its oid table entries (16 bytes each).  Each record must start where\n"
+"the previous one ends (the first at data_pos) and where its entry says, have\n"
+"a consistent header (peek_data_header's rules), end by records_end, pass its\n"
+"checksum and name the entry's oid, `tid` and `tpos`; the records must end\n"
+"exactly at records_end.  For each good record, (prev, backpointer or 0,\n"
+"flags) are appended to `info` as three native Q.  Returns how many records\n"
+"passed and whether all did (ok 0: the Python path names the error).");
+
+static PyObject *
+check_records(PyObject *module, PyObject *args)
+{
+    Py_buffer buf, table, tid;
+    long long base_ll, data_pos_ll, end_ll, tpos_ll;
+    PyObject *info;
+    Py_ssize_t i = 0, nrec;
+    int ok = 1;
+    uint64_t base, pos, end, tpos;
+
+    if (!PyArg_ParseTuple(args, "y*Ly*LLy*LO!:check_records", &buf, &base_ll, &table, &data_pos_ll,
+                          &end_ll, &tid, &tpos_ll, &PyByteArray_Type, &info))
+        return NULL;
+    if (!crc_ready)
+        crc_init();
+    base = (uint64_t)base_ll;
+    pos = (uint64_t)data_pos_ll;
+    end = (uint64_t)end_ll;
+    tpos = (uint64_t)tpos_ll;
+    nrec = table.len / 16;
+    if (tid.len != 8 || pos < base || end - base > (uint64_t)buf.len || end < pos) {
+        ok = 0;
+        goto done;
+    }
+    for (i = 0; i < nrec; i++) {
+        const unsigned char *entry = (const unsigned char *)table.buf + 16 * i;
+        const unsigned char *rec;
+        uint64_t length, nrefs, dlen, out[3];
+        unsigned flags;
+        unsigned char *dst;
+
+        if (pos >= end || pos != be64(entry + 8) || pos + DATA_HEADER_SIZE > end) {
+            ok = 0;
+            break;
+        }
+        rec = (const unsigned char *)buf.buf + (pos - base);
+        flags = ((unsigned)rec[32] << 8) | rec[33];
+        nrefs = be32(rec + 34);
+        dlen = be32(rec + 38);
+        if (flags & ~KNOWN_FLAGS || (flags & FLAG_BACKPOINTER && (dlen || nrefs))) {
+            ok = 0;
+            break;
+        }
+        length = DATA_HEADER_SIZE + REF_SIZE * nrefs + (flags & FLAG_BACKPOINTER ? 8 : dlen) + CRC_SIZE;
+        if (pos + length > end
+            || crc32_update(0, rec, (Py_ssize_t)(length - CRC_SIZE)) != be32(rec + length - CRC_SIZE)
+            || memcmp(rec, entry, 8) != 0 || memcmp(rec + 8, tid.buf, 8) != 0
+            || be64(rec + 24) != tpos) {
+            ok = 0;
+            break;
+        }
+        out[0] = be64(rec + 16);
+        out[1] = flags & FLAG_BACKPOINTER ? be64(rec + DATA_HEADER_SIZE) : 0;
+        out[2] = flags;
+        dst = grow(info, 24);
+        if (dst == NULL) {
+            PyBuffer_Release(&buf);
+            PyBuffer_Release(&table);
+            PyBuffer_Release(&tid);
+            return NULL;
+        }
+        memcpy(dst, out, 24);
+        pos += length;
+    }
+    if (ok && pos != end)
+        ok = 0;
+done:
+    PyBuffer_Release(&buf);
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&tid);
+    return Py_BuildValue("ni", i, ok);
+}
+
+static int
+cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+PyDoc_STRVAR(sort_positions_doc,
+"sort_positions(positions) -> None\n\n"
+"Sort an array('Q') in place (no list of a million ints on the way).");
+
+static PyObject *
+sort_positions(PyObject *module, PyObject *arg)
+{
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_WRITABLE | PyBUF_FORMAT) < 0)
+        return NULL;
+    if (view.itemsize != 8 || view.format == NULL || strcmp(view.format, "Q") != 0) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_TypeError, "sort_positions() needs an array('Q')");
+        return NULL;
+    }
+    qsort(view.buf, (size_t)(view.len / 8), 8, cmp_u64);
+    PyBuffer_Release(&view);
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(index_lookup_doc,
+"index_lookup(blocks, oids) -> array('Q')\n\n"
+"OidIndex.get(oid, 0) of each 8-byte oid in `oids` (joined), read from the\n"
+"index's blocks (OidIndex.blocks(): key oid >> 8 -> a dense block of 256\n"
+"6-byte positions, or a sparse one of n suffixes then n positions; see\n"
+"index.py).  A block of any other length counts as absent.");
+
+static PyObject *
+index_lookup(PyObject *module, PyObject *args)
+{
+    PyObject *blocks, *result = NULL, *array_mod = NULL, *arr = NULL;
+    Py_buffer oids;
+    Py_ssize_t i, n;
+    uint64_t *out = NULL;
+
+    if (!PyArg_ParseTuple(args, "O!y*:index_lookup", &PyDict_Type, &blocks, &oids))
+        return NULL;
+    n = oids.len / 8;
+    out = PyMem_Malloc(n ? n * 8 : 8);
+    if (out == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    for (i = 0; i < n; i++) {
+        const unsigned char *o = (const unsigned char *)oids.buf + 8 * i;
+        uint64_t v = be64(o), pos = 0;
+        unsigned s = (unsigned)(v & 0xff);
+        PyObject *key = PyLong_FromUnsignedLongLong(v >> 8), *block;
+        if (key == NULL)
+            goto done;
+        block = PyDict_GetItemWithError(blocks, key);
+        Py_DECREF(key);
+        if (block == NULL && PyErr_Occurred())
+            goto done;
+        if (block != NULL) {
+            const unsigned char *b = NULL;
+            Py_ssize_t len = 0;
+            if (PyBytes_Check(block)) {
+                b = (const unsigned char *)PyBytes_AS_STRING(block);
+                len = PyBytes_GET_SIZE(block);
+            } else if (PyByteArray_Check(block)) {
+                b = (const unsigned char *)PyByteArray_AS_STRING(block);
+                len = PyByteArray_GET_SIZE(block);
+            }
+            if (len == 256 * 6) {
+                b += 6 * s;
+            } else if (len > 0 && len % 7 == 0) {
+                Py_ssize_t count = len / 7;
+                const unsigned char *hit = memchr(b, (int)s, (size_t)count);
+                b = hit == NULL ? NULL : b + count + 6 * (hit - b);
+            } else {
+                b = NULL;
+            }
+            if (b != NULL)
+                pos = ((uint64_t)b[0] << 40) | ((uint64_t)b[1] << 32) | ((uint64_t)b[2] << 24)
+                      | ((uint64_t)b[3] << 16) | ((uint64_t)b[4] << 8) | b[5];
+        }
+        out[i] = pos;
+    }
+    array_mod = PyImport_ImportModule("array");
+    if (array_mod == NULL)
+        goto done;
+    arr = PyObject_CallMethod(array_mod, "array", "s", "Q");
+    if (arr == NULL)
+        goto done;
+    {
+        PyObject *raw = PyBytes_FromStringAndSize((const char *)out, n * 8);
+        PyObject *r;
+        if (raw == NULL)
+            goto done;
+        r = PyObject_CallMethod(arr, "frombytes", "O", raw);
+        Py_DECREF(raw);
+        if (r == NULL)
+            goto done;
+        Py_DECREF(r);
+    }
+    result = arr;
+    arr = NULL;
+done:
+    PyMem_Free(out);
+    Py_XDECREF(arr);
+    Py_XDECREF(array_mod);
+    PyBuffer_Release(&oids);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"index_lookup", index_lookup, METH_VARARGS, index_lookup_doc},
+    {"sort_positions", sort_positions, METH_O, sort_positions_doc},
     {"scan", scan, METH_O, scan_doc},
     {"scan_many", scan_many, METH_O, scan_many_doc},
+    {"relocate", relocate, METH_VARARGS, relocate_doc},
+    {"count_kept", count_kept, METH_VARARGS, count_kept_doc},
+    {"gc_refs", gc_refs, METH_VARARGS, gc_refs_doc},
+    {"check_records", check_records, METH_VARARGS, check_records_doc},
     {NULL, NULL, 0, NULL}
 };
 

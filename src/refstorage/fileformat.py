@@ -31,6 +31,8 @@ from __future__ import annotations
 
 import struct
 import zlib
+from array import array
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import NamedTuple
 
@@ -450,58 +452,112 @@ def peek_data_header(buf, offset: int, path: str, pos: int) -> DataHeader:
     return _new_tuple(DataHeader, (oid, tid, prev, tpos, flags, nrefs, dlen, length))
 
 
-def relocate_data_records(buf, base: int, starts: Sequence[int], chosen: Sequence[int], k: int,
-                          tid: bytes, old_tpos: int, new_tpos: int, pos: int, path: str,
-                          prev_of: Callable[[bytes], int] | None, parts: list[bytes],
-                          table: list[bytes], positions: dict[bytes, int]) -> tuple[int, int]:
-    """Copy data records of one transaction into a new file position, checked.
+RELOC_DONE, RELOC_STOP, RELOC_BAD, RELOC_FULL, RELOC_OUTSIDE = range(5)
+"""What `relocate_kept` stopped at (RELOC_BAD: only the C loop returns it, see there)."""
+MIN_RECORD = _FIXED_LENGTH  # 46: the shortest record, so ``pos // MIN_RECORD`` is unique per record
 
-    Record i of the transaction starts at file position ``starts[i]`` and
-    ends at ``starts[i + 1]`` (its oid table says so); ``buf[p - base]`` holds
-    file position p.  For i in ``chosen[k:]``, each record is decoded as
-    `decode_data_record` would (header consistency, checksum) and must have
-    the length, tid and tpos its transaction says; it is written again with
-    tpos `new_tpos` and prev ``prev_of(oid)`` (0 without `prev_of`), at
-    `pos` and on: its bytes go to `parts`, its oid-table entry to `table`,
-    ``positions[oid]`` is set.  Data and refs are copied as they are.
 
-    Stops before a backpointer record (the caller decides what it becomes).
-    Returns (index into `chosen` to continue from, position after the last
-    record written).  This is pack's inner loop, kept tight."""
+def _relocate_kept_py(buf, base: int, starts, i: int, n: int, keep, tid: bytes, old_tpos: int,
+                      new_tpos: int, pos: int, prev_of: Callable[[bytes], int] | None, targets,
+                      out: bytearray, table: bytearray, moved: bytearray, limit: int,
+                      path: str) -> tuple[int, int, int, int]:
+    """The pure-Python `relocate_kept`, and the one that names what is wrong (it raises)."""
     unpack_header, pack_header, pack_crc = _DATA_HEADER.unpack_from, _DATA_HEADER.pack, _CRC.pack
     unpack_crc, pack_entry = _CRC.unpack_from, _TABLE_ENTRY.pack
-    add, entry = parts.append, table.append
-    n = len(chosen)
-    while k < n:
-        i = chosen[k]
+    nkeep = len(keep)
+    kept = 0
+    status = RELOC_DONE
+    while i < n:
         at = starts[i]
-        length = starts[i + 1] - at
+        s = at // MIN_RECORD
+        if s >> 3 >= nkeep or not keep[s >> 3] >> (s & 7) & 1:
+            i += 1
+            continue
+        nxt = starts[i + 1]
+        length = nxt - at
+        if length <= 0:
+            raise CorruptedDataError(path, "data record does not match its transaction", at)
+        if at < base or nxt - base > len(buf):
+            status = RELOC_OUTSIDE
+            break
         off = at - base
-        if len(buf) - off < DATA_HEADER_SIZE:
-            peek_data_header(buf, off, path, at)  # raises: cut short
+        if length < DATA_HEADER_SIZE:
+            raise CorruptedDataError(path, "data record does not match its transaction", at)
         oid, rtid, _prev, rtpos, flags, nrefs, dlen = unpack_header(buf, off)
         if flags & FLAG_BACKPOINTER:
+            status = RELOC_STOP
             break
         if flags & ~KNOWN_FLAGS:
             peek_data_header(buf, off, path, at)  # raises with the reason
         body_end = off + DATA_HEADER_SIZE + REF_SIZE * nrefs + dlen
         if body_end + CRC_SIZE - off != length or rtid != tid or rtpos != old_tpos:
             raise CorruptedDataError(path, "data record does not match its transaction", at)
-        if len(buf) < body_end + CRC_SIZE:
-            raise CorruptedDataError(path, f"data record cut short ({len(buf) - off} of {length} bytes)", at)
         body = buf[off + DATA_HEADER_SIZE:body_end]
         if crc32(body, crc32(buf[off:off + DATA_HEADER_SIZE])) != unpack_crc(buf, body_end)[0]:
             raise CorruptedDataError(path, f"data record checksum mismatch (oid {oid.hex()})", at)
+        if len(out) >= limit:
+            status = RELOC_FULL
+            break
         header = pack_header(oid, tid, prev_of(oid) if prev_of is not None else 0, new_tpos, flags,
                              nrefs, dlen)
-        add(header)
-        add(body)
-        add(pack_crc(crc32(body, crc32(header))))
-        entry(pack_entry(oid, pos))
-        positions[oid] = pos
+        out += header
+        out += body
+        out += pack_crc(crc32(body, crc32(header)))
+        table += pack_entry(oid, pos)
+        if targets is not None:
+            t = bisect_left(targets, at)
+            if t < len(targets) and targets[t] == at:
+                moved += array("Q", (at, pos)).tobytes()
         pos += length
-        k += 1
-    return k, pos
+        kept += 1
+        i += 1
+    return i, pos, kept, status
+
+
+try:
+    from ._refscan import relocate as _relocate_c
+except ImportError:  # pragma: no cover - depends on the build (setup.py: the extension is optional)
+    _relocate_c = None
+
+
+def relocate_kept(buf, base: int, starts, i: int, n: int, keep, tid: bytes, old_tpos: int,
+                  new_tpos: int, pos: int, prev_of: Callable[[bytes], int] | None, targets,
+                  out: bytearray, table: bytearray, moved: bytearray, limit: int,
+                  path: str) -> tuple[int, int, int, int]:
+    """Copy the kept data records of one transaction to a new position, checked: pack's inner loop.
+
+    Record i of the transaction starts at file position ``starts[i]`` (an
+    ``array('Q')``) and ends at ``starts[i + 1]`` (its oid table says so);
+    ``buf[p - base]`` holds file position p.  For i in ``range(i, n)`` whose
+    bit ``starts[i] // MIN_RECORD`` is set in the bitmap `keep`, the record
+    is checked as `decode_data_record` would (header consistency, checksum)
+    and must have the length, tid and tpos (`old_tpos`) its transaction says;
+    it is written again with tpos `new_tpos` and prev ``prev_of(oid)`` (0
+    without `prev_of`) at file position `pos` and on: its bytes are appended
+    to `out`, its oid-table entry to `table`, and if its old position is in
+    `targets` (a sorted ``array('Q')`` or None) the pair (old, new) to `moved`
+    (two native ``Q``).  Data and refs are copied as they are.
+
+    Returns (i, pos, kept, status): where it stopped, the position after the
+    last record written, how many it wrote, and why it stopped: RELOC_DONE
+    (i == n), RELOC_STOP (record i is a backpointer: the caller decides what
+    it becomes), RELOC_FULL (`out` holds `limit` bytes or more: write it out
+    and call again), RELOC_OUTSIDE (record i is not wholly in `buf`).  A bad
+    record raises CorruptedDataError naming `path` and its position.
+
+    With the C extension the loop runs in C (`_refscan.relocate`), which
+    returns RELOC_BAD at a record failing a check instead of raising; this
+    Python loop then runs on that record and raises the error."""
+    if _relocate_c is None:
+        return _relocate_kept_py(buf, base, starts, i, n, keep, tid, old_tpos, new_tpos, pos, prev_of,
+                                 targets, out, table, moved, limit, path)
+    i, end, kept, status = _relocate_c(buf, base, starts, i, n, keep, tid, old_tpos, new_tpos, pos,
+                                       prev_of, targets, out, table, moved, limit)
+    if status == RELOC_BAD:
+        _relocate_kept_py(buf, base, starts, i, i + 1, keep, tid, old_tpos, new_tpos, end, prev_of,
+                          None, bytearray(), bytearray(), bytearray(), 1 << 62, path)
+        raise CorruptedDataError(path, "data record does not match its transaction", starts[i])
+    return i, end, kept, status
 
 
 def decode_data_record(buf, offset: int, path: str, pos: int,

@@ -37,15 +37,23 @@ How, and what is locked
    end, read the records after t, then mark breadth-first from the roots,
    reading one record header per reachable object, each level in file order
    through a growing window (the history before t is not scanned; only records
-   with references are decoded).  Marks are bitmaps over file positions: a
+   with references are decoded).  The common record (before t, references
+   stored, no backpointer) is read in C (``_refscan.gc_refs``: header and
+   checksum checked, references appended); the others, and any record failing
+   a check, go through the Python path, which raises the error.  Marks are bitmaps over file positions: a
    record takes at least 46 bytes, so ``pos // 46`` is unique -- one bit per
    46 bytes of file.
 3. Copy, no lock, into ``<name>.pack`` (new file id, header pack tid): the
    history before t in large sequential reads, a transaction without any kept
    record skipped at C speed (one count over its bitmap bytes), in the others
-   only the kept records decoded (the oid table says where each starts) and
-   re-encoded; then the transactions after t.  If nothing would be removed,
-   stop: nothing changes.
+   only the kept records checked and rewritten (the oid table says where each
+   starts) by ``fileformat.relocate_kept`` (a C loop when the extension is
+   built; its Python twin names any error); then the transactions after t.
+   Each transaction is streamed: its header written first and patched with its
+   length at the end, its records handed to the writer 1 MiB at a time, its oid
+   table spooled (to a temporary file past 1 MiB), a large one's oid table
+   checked and read in batches: memory does not grow with a transaction.  If
+   nothing would be removed, stop: nothing changes.
 4. Under the commit lock: copy the transactions committed meanwhile (refusing,
    with PackError and nothing changed, if one references an object the pack
    removed: a concurrent undo or a stale cache resurrected it), fsync,
@@ -64,6 +72,9 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
+import struct
+import tempfile
 import threading
 import time
 import uuid
@@ -72,7 +83,7 @@ from array import array
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from itertools import compress, islice, repeat
+from itertools import islice, repeat
 from operator import and_, floordiv, itemgetter, lt, rshift
 
 from persistent.TimeStamp import TimeStamp
@@ -83,6 +94,12 @@ from .core import StorageCore
 from .errors import CorruptedDataError, CorruptedTransactionError, PackError, StorageIOError
 from .index import OidIndex
 from .log import LogReader
+
+try:
+    from ._refscan import count_kept as _count_kept_c
+    from ._refscan import gc_refs as _gc_refs
+except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
+    _count_kept_c = _gc_refs = None
 
 __all__ = ["PackReport", "Progress", "pack_storage", "pack_tid_for"]
 
@@ -98,6 +115,11 @@ MIN_RECORD = fmt.record_length(0, 0, 0)  # 46: no two records share pos // MIN_R
 PROGRESS_EVERY = 1 << 16
 PEEK_SIZE = 512  # bytes read to look at a record's header ...
 MAX_WINDOW = 64 << 10  # ... or more while the reads are close to each other
+OUT_LIMIT = 1 << 20  # records of one transaction handed to the writer at once
+SPOOL_MEMORY = 1 << 20  # a transaction's oid table kept in memory up to this, then in a file
+TABLE_BATCH = 1 << 16  # oid-table entries of a large transaction handled at once (1 MiB)
+_TABLE_ENTRY = struct.Struct(">8sQ")
+_CRC = struct.Struct(">I")
 
 
 @dataclass
@@ -174,6 +196,15 @@ def _set_bit(bits: bytearray, pos: int) -> None:
     bits[s >> 3] |= 1 << (s & 7)
 
 
+def _count_kept(starts: array, n: int, keep: bytearray) -> int:
+    """How many of the record positions `starts[:n]` have their bit set in `keep`."""
+    if _count_kept_c is not None:
+        return _count_kept_c(starts, n, keep)
+    slots = array("Q", map(floordiv, islice(starts, n), repeat(MIN_RECORD)))
+    return sum(map(and_, map(rshift, map(keep.__getitem__, map(rshift, slots, repeat(3))),
+                             map(and_, slots, repeat(7))), repeat(1)))
+
+
 def _bitmap(end: int) -> bytearray:
     return bytearray((end // MIN_RECORD >> 3) + 1)
 
@@ -189,11 +220,11 @@ class _Level:
     def __bool__(self) -> bool:
         return bool(self.regions)
 
-    def ascending(self) -> Iterator[int]:
-        """The positions in file order (each region sorted when reached, then freed)."""
+    def ascending_regions(self) -> Iterator[array]:
+        """The positions in file order, a region at a time (each sorted when reached, then freed)."""
         regions = self.regions
         for key in sorted(regions):
-            yield from sorted(regions.pop(key))
+            yield array("Q", sorted(regions.pop(key)))
 
 
 # -- which records before the pack time to keep ------------------------------------------
@@ -336,59 +367,81 @@ class GC:
 
     def _visit(self, level: _Level) -> _Level:
         """Keep the revisions at the pack time of the objects at `level`; the next level."""
-        keep = self.keep
         pack_pos = self.pack_pos
         read = self.reader.file.read
-        peek = fmt.peek_data_header
-        decode = fmt.decode_data_record
-        path = self.reader.path
-        simple = fmt.FLAG_BACKPOINTER | fmt.FLAG_REFS_UNKNOWN
         hsize = fmt.DATA_HEADER_SIZE
         wbuf, wpos, wsize = b"", 0, PEEK_SIZE
         following = _Level()
         marked = 0
-        for pos in level.ascending():
-            marked += 1
-            off = pos - wpos
-            if off < 0 or off + hsize > len(wbuf):
-                near = 0 <= off < 2 * MAX_WINDOW
-                wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
-                wbuf, wpos, off = read(pos, wsize), pos, 0
-            h = peek(wbuf, off, path, pos)
-            oid, flags, nrefs, length = h.oid, h.flags, h.nrefs, h.length
-            if pos >= pack_pos:  # changed after the pack time: find its revision then
-                found = self._at_pack_time(pos, oid)
-                if found is None:
-                    continue  # created after the pack time
-                pos, flags, nrefs = found
-                s = pos // MIN_RECORD
-                byte, bit = s >> 3, 1 << (s & 7)
-                if keep[byte] & bit:
+        gc_refs = _gc_refs
+        found_refs = bytearray()
+        for positions in level.ascending_regions():
+            i, n = 0, len(positions)
+            slow = False  # positions[i] is for the Python path
+            while i < n:
+                pos = positions[i]
+                off = pos - wpos
+                if off < 0 or off + hsize > len(wbuf):
+                    near = 0 <= off < 2 * MAX_WINDOW
+                    wsize = min(wsize * 2, MAX_WINDOW) if near else max(wsize // 2, PEEK_SIZE)
+                    wbuf, wpos, off = read(pos, wsize), pos, 0
+                if gc_refs is not None and not slow:
+                    # the common records in C (see _refscan.gc_refs): stops where this loop is needed
+                    j, status = gc_refs(wbuf, wpos, positions, i, n, pack_pos, found_refs)
+                    marked += j - i
+                    i = j
+                    if found_refs:
+                        self._discover(fmt.split_refs(bytes(found_refs)), following)
+                        found_refs = bytearray()
+                    slow = status == fmt.RELOC_STOP
                     continue
-                keep[byte] |= bit
-                off = -1
-            if not nrefs and not flags & simple:
-                continue  # no references: kept, nothing to follow
-            if 0 <= off and off + length <= len(wbuf):
-                rec = decode(wbuf, off, path, pos, h)
-            else:
-                rec = self.reader.read_data_record(pos, oid)
-            if rec.is_backpointer:
-                if not rec.back:  # deleted at the pack time: nothing to keep or follow
-                    s = pos // MIN_RECORD
-                    keep[s >> 3] &= ~(1 << (s & 7)) & 0xFF
-                    continue
-                self.targets.add(rec.back)
-                rec = self.reader.resolve(rec)
-                if rec is None:
-                    continue
-            refs = rec.refs if rec.refs_known else self.refs_of(rec)
-            if refs:
-                self._discover(fmt.split_refs(refs), following)
+                slow = False
+                marked += 1
+                i += 1
+                self._visit_one(pos, wbuf, off, following)
         self._marked += marked
         if self.progress is not None:
             self.progress("gc", self._marked, len(self.index))
         return following
+
+    def _visit_one(self, pos: int, wbuf: bytes, off: int, following: _Level) -> None:
+        """Keep oid's revision at the pack time from its record at `pos` (header at wbuf[off])
+        and add what it references to `following` (the Python path of `_visit`)."""
+        keep = self.keep
+        pack_pos = self.pack_pos
+        path = self.reader.path
+        simple = fmt.FLAG_BACKPOINTER | fmt.FLAG_REFS_UNKNOWN
+        h = fmt.peek_data_header(wbuf, off, path, pos)
+        oid, flags, nrefs, length = h.oid, h.flags, h.nrefs, h.length
+        if pos >= pack_pos:  # changed after the pack time: find its revision then
+            found = self._at_pack_time(pos, oid)
+            if found is None:
+                return  # created after the pack time
+            pos, flags, nrefs = found
+            s = pos // MIN_RECORD
+            byte, bit = s >> 3, 1 << (s & 7)
+            if keep[byte] & bit:
+                return
+            keep[byte] |= bit
+            off = -1
+        if not nrefs and not flags & simple:
+            return  # no references: kept, nothing to follow
+        if 0 <= off and off + length <= len(wbuf):
+            rec = fmt.decode_data_record(wbuf, off, path, pos, h)
+        else:
+            rec = self.reader.read_data_record(pos, oid)
+        if rec.is_backpointer:
+            if not rec.back:  # deleted at the pack time: nothing to keep or follow
+                s = pos // MIN_RECORD
+                keep[s >> 3] &= ~(1 << (s & 7)) & 0xFF
+                return
+            self.targets.add(rec.back)
+            rec = self.reader.resolve(rec)
+            if rec is None:
+                return
+        refs = rec.refs if rec.refs_known else self.refs_of(rec)
+        if refs:
+            self._discover(fmt.split_refs(refs), following)
 
     def _scan_after(self) -> None:
         """The records after the pack time: more roots, and backpointer targets to keep."""
@@ -438,33 +491,140 @@ class GC:
 # -- writing the packed copy ------------------------------------------------------------
 
 class _Writer:
-    """Appends to the new file through a buffer."""
+    """Appends to the new file through a buffer; `patch` rewrites bytes already written."""
 
     def __init__(self, file: fileio.DataFile, header: bytes):
         self.file = file
-        self.parts = [header]
-        self.buffered = len(header)
+        self.buf = bytearray(header)
         self.flushed = 0
         self.pos = len(header)  # logical end, buffered bytes included
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         self.pos += len(data)
         if len(data) >= WRITE_CHUNK:  # large: no copy into the buffer
             self.flush()
             self.file.write_at(self.flushed, data)
             self.flushed += len(data)
             return
-        self.parts.append(data)
-        self.buffered += len(data)
-        if self.buffered >= WRITE_CHUNK:
+        self.buf += data
+        if len(self.buf) >= WRITE_CHUNK:
+            self.flush()
+
+    def patch(self, pos: int, data: bytes) -> None:
+        """Overwrite the bytes at [pos, pos + len(data)), written already (flushed or not)."""
+        end = pos + len(data)
+        if end > self.pos:
+            raise ValueError("patch past the end of what was written")
+        if pos < self.flushed:
+            self.file.write_at(pos, data[:min(end, self.flushed) - pos])
+        if end > self.flushed:
+            start = max(pos, self.flushed)
+            self.buf[start - self.flushed:end - self.flushed] = data[start - pos:]
+
+    def flush(self) -> None:
+        if self.buf:
+            data, self.buf = self.buf, bytearray()
+            self.file.write_at(self.flushed, data)
+            self.flushed += len(data)
+
+
+class _Spool:
+    """Bytes appended in order, held in memory up to SPOOL_MEMORY, then in a temporary file
+    (a huge transaction's oid table, written after its records)."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.mem = bytearray()
+        self.file = None
+        self.size = 0
+        self.crc = 0
+
+    def append(self, data: bytes | bytearray) -> None:
+        self.crc = fmt.crc32(data, self.crc)
+        self.size += len(data)
+        self.mem += data
+        if len(self.mem) >= SPOOL_MEMORY:
+            if self.file is None:
+                self.file = tempfile.TemporaryFile(dir=self.directory, prefix=".pack-table-")
+            self.file.write(self.mem)
+            self.mem = bytearray()
+
+    def chunks(self) -> Iterator[bytes | bytearray]:
+        if self.file is not None:
+            self.file.seek(0)
+            while chunk := self.file.read(SPOOL_MEMORY):
+                yield chunk
+        yield self.mem
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+        self.mem = bytearray()
+
+
+class _TxnOut:
+    """One transaction being written to the new file, streamed: its header first (its length
+    patched in at the end), the records as they come, its oid table spooled then appended.
+    Memory does not grow with the transaction (but for the new index)."""
+
+    def __init__(self, copier: _Copier, th: fmt.TxnHeader, status: bytes):
+        self.copier = copier
+        self.writer = w = copier.writer
+        self.th = th
+        self.status = status
+        self.tpos = w.pos
+        w.write(self._header(0, 0))  # placeholder: same length
+        self.pos = w.pos  # where the next record goes
+        self.out = bytearray()  # records not yet handed to the writer
+        self.table = _Spool(copier.spool_dir)
+        self.pending = bytearray()  # oid-table entries not yet in the new index
+        self.nrec = 0
+
+    def _header(self, tlen: int, nrec: int) -> bytes:
+        th = self.th
+        return fmt.encode_txn_header(th.tid, tlen, self.status, th.user, th.description, th.extension,
+                                     nrec)
+
+    def add(self, oid: bytes, raw: bytes) -> None:
+        """Append one encoded record (written at self.pos)."""
+        entry = fmt.oid_table_entry(oid, self.pos)
+        self.out += raw
+        self.pending += entry
+        self.pos += len(raw)
+        self.nrec += 1
+        if len(self.out) >= OUT_LIMIT:
+            self.flush()
+
+    def added(self, table: bytearray, count: int, end: int) -> None:
+        """`count` records were appended to self.out by relocate_kept, their entries to `table`."""
+        self.pending += table
+        self.nrec += count
+        self.pos = end
+        if len(self.out) >= OUT_LIMIT:
             self.flush()
 
     def flush(self) -> None:
-        if self.parts:
-            data = b"".join(self.parts)
-            self.parts, self.buffered = [], 0
-            self.file.write_at(self.flushed, data)
-            self.flushed += len(data)
+        if self.out:
+            self.writer.write(self.out)
+            self.out = bytearray()
+        if self.pending:
+            pending, self.pending = self.pending, bytearray()
+            self.table.append(pending)
+            self.copier.index.update_log_order(list(_TABLE_ENTRY.iter_unpack(pending)))
+
+    def finish(self) -> None:
+        self.flush()
+        w = self.writer
+        tlen = self.pos - self.tpos + fmt.oid_table_size(self.nrec)
+        try:
+            for chunk in self.table.chunks():
+                w.write(chunk)
+        finally:
+            self.table.close()
+        w.write(_CRC.pack(self.table.crc))
+        w.write(fmt.encode_trailer(tlen))
+        w.patch(self.tpos, self._header(tlen, self.nrec))
 
 
 class _Copier:
@@ -479,6 +639,7 @@ class _Copier:
         self.refs_of = refs_of
         self.progress = progress
         self.index = OidIndex()  # oid -> newest position in the new file
+        self.spool_dir = os.path.dirname(os.path.abspath(writer.file.path))
         # old -> new position of the records a backpointer may point to (kept
         # backpointer targets before the pack time, every record after it),
         # appended in increasing old position
@@ -489,6 +650,7 @@ class _Copier:
         self._buf = b""
         self._buf_pos = 0
         self._limit = 0
+        self._targets_sorted: array | None = None
 
     def release(self) -> None:
         """Drop what only the copy needed (the read buffer, the gc's bitmaps)."""
@@ -529,25 +691,76 @@ class _Copier:
         buf, off = self._view(th.end, fmt.TRAILER_SIZE)
         fmt.check_trailer(buf, off, th, self.path)
 
-    def _table(self, th: fmt.TxnHeader) -> tuple[array, bool]:
-        """(record starts + records end, whole) of `th`, from its checked oid table.
+    def _whole(self, th: fmt.TxnHeader) -> bool:
+        """Whether `th` is small enough to be read whole into the buffer."""
+        return th.tlen + fmt.TRAILER_SIZE <= WHOLE_TXN
 
-        whole: the whole transaction is in the read buffer (if it is small)."""
+    def _table(self, th: fmt.TxnHeader) -> array:
+        """Record starts + records end of a whole (small) `th`, from its checked oid table;
+        the whole transaction is in the read buffer after it."""
         path = self.path
         rend = th.records_end
-        whole = th.tlen + fmt.TRAILER_SIZE <= WHOLE_TXN
-        if whole:  # one view for the whole transaction
-            self._view(th.pos, th.tlen + fmt.TRAILER_SIZE)
+        self._view(th.pos, th.tlen + fmt.TRAILER_SIZE)
         tbuf, toff = self._view(rend, fmt.oid_table_size(th.nrec) + fmt.TRAILER_SIZE)
         starts = array("Q", map(itemgetter(1), fmt.decode_oid_table(tbuf, toff, th.nrec, path, rend)))
         fmt.check_trailer(tbuf, toff + fmt.oid_table_size(th.nrec), th, path)
         starts.append(rend)
         if starts[0] != th.data_pos or not all(map(lt, starts, islice(starts, 1, None))):
             raise CorruptedTransactionError(path, "oid table does not match the records", rend)
-        return starts, whole
+        return starts
+
+    def _read(self, pos: int, n: int, txn_pos: int) -> bytes:
+        """n bytes of the old file at `pos` (inside the transaction at `txn_pos`), unbuffered."""
+        if pos + n > self._limit:
+            raise CorruptedTransactionError(self.path, "transaction runs past the end of the log", txn_pos)
+        data = self.reader.file.read(pos, n)
+        if len(data) < n:
+            raise CorruptedTransactionError(self.path, "file ends inside a transaction", txn_pos)
+        return data
+
+    def _table_batch(self, th: fmt.TxnHeader, j: int) -> array:
+        """Record starts of records [j, j + TABLE_BATCH) of a large `th`, and the next start."""
+        count = min(TABLE_BATCH, th.nrec - j)
+        more = j + count < th.nrec
+        data = self._read(th.records_end + fmt.TABLE_ENTRY_SIZE * j,
+                          fmt.TABLE_ENTRY_SIZE * (count + more), th.pos)
+        starts = array("Q", map(itemgetter(1), _TABLE_ENTRY.iter_unpack(data)))
+        if not more:
+            starts.append(th.records_end)
+        return starts
+
+    def _check_large_table(self, th: fmt.TxnHeader, keep: bytearray | None) -> int:
+        """Check the oid table and trailer of a large `th` in batches, as `_table` does;
+        how many of its records have their bit set in `keep`."""
+        path, rend, nrec = self.path, th.records_end, th.nrec
+        if th.next_pos > self._limit:
+            raise CorruptedTransactionError(path, "transaction runs past the end of the log", th.pos)
+        crc = 0
+        ordered = True
+        last = th.data_pos - 1
+        kept = 0
+        for j in range(0, nrec, TABLE_BATCH):
+            count = min(TABLE_BATCH, nrec - j)
+            data = self._read(rend + fmt.TABLE_ENTRY_SIZE * j, fmt.TABLE_ENTRY_SIZE * count, th.pos)
+            crc = fmt.crc32(data, crc)
+            starts = array("Q", map(itemgetter(1), _TABLE_ENTRY.iter_unpack(data)))
+            ordered = (ordered and (starts[0] == th.data_pos if not j else starts[0] > last)
+                       and all(map(lt, starts, islice(starts, 1, None))))
+            last = starts[-1]
+            if ordered and keep is not None and last // MIN_RECORD >> 3 < len(keep):
+                kept += _count_kept(starts, len(starts), keep)
+            if self.progress is not None:
+                self.progress("copy", th.pos, self.gc.end)
+        tail = self._read(rend + fmt.TABLE_ENTRY_SIZE * nrec, fmt.CRC_SIZE + fmt.TRAILER_SIZE, th.pos)
+        if crc != _CRC.unpack_from(tail)[0]:
+            raise CorruptedTransactionError(path, "oid table checksum mismatch", rend)
+        fmt.check_trailer(tail, fmt.CRC_SIZE, th, path)
+        if not ordered or last >= rend:
+            raise CorruptedTransactionError(path, "oid table does not match the records", rend)
+        return kept
 
     def _record(self, th: fmt.TxnHeader, starts: array, i: int) -> fmt.DataRecord:
-        """Record i of the transaction, checked against its oid table entry."""
+        """Record i of `starts`, checked against its oid table entry."""
         pos = starts[i]
         length = starts[i + 1] - pos
         buf, off = self._view(pos, length)
@@ -557,88 +770,99 @@ class _Copier:
         return rec
 
     def _records(self, th: fmt.TxnHeader) -> Iterator[fmt.DataRecord]:
-        """Every record of `th`, checked."""
-        starts, _whole = self._table(th)
-        for i in range(th.nrec):
-            yield self._record(th, starts, i)
+        """Every record of `th`, checked (a large one's table first, then in batches)."""
+        if self._whole(th):
+            starts = self._table(th)
+            for i in range(th.nrec):
+                yield self._record(th, starts, i)
+            return
+        self._check_large_table(th, None)
+        for j in range(0, th.nrec, TABLE_BATCH):
+            starts = self._table_batch(th, j)
+            for i in range(len(starts) - 1):
+                yield self._record(th, starts, i)
 
     def _copy_kept(self, th: fmt.TxnHeader, keep: bytearray, keep_empty: bool) -> bool:
         """Copy the records of `th` (before the pack time) whose bit is set in `keep`.
 
         The oid table says where each record starts: a record not kept is not
-        even looked at; kept ones are decoded (checksummed) and re-encoded
-        with the new tpos.  Before the pack time an object has one kept
-        record, unless a later backpointer kept more (gc.future_oids): prev is
-        0 without a lookup.  Returns False if nothing was written."""
-        path = self.path
-        starts, whole = self._table(th)
-        # the records whose bit is set, with C-level passes only
-        slots = array("Q", map(floordiv, islice(starts, th.nrec), repeat(MIN_RECORD)))
-        bits = map(and_, map(rshift, map(keep.__getitem__, map(rshift, slots, repeat(3))),
-                             map(and_, slots, repeat(7))), repeat(1))
-        chosen = list(compress(range(th.nrec), bits))
-        del slots
-        self.removed_records += th.nrec - len(chosen)
+        even looked at; kept ones are checked and rewritten with the new tpos
+        by `fmt.relocate_kept` (in C when the extension is built), streamed to
+        the new file.  Before the pack time an object has one kept record,
+        unless a later backpointer kept more (gc.future_oids): prev is 0
+        without a lookup.  Returns False if nothing was written."""
+        whole = self._whole(th)
+        if whole:
+            starts = self._table(th)
+            chosen = _count_kept(starts, th.nrec, keep)
+        else:
+            chosen = self._check_large_table(th, keep)
+        self.removed_records += th.nrec - chosen
         if not chosen and not keep_empty:
             return False
-        decode, encode = fmt.decode_data_record, fmt.encode_data_record
-        relocate = fmt.relocate_data_records
-        bp, unknown = fmt.FLAG_BACKPOINTER, fmt.FLAG_REFS_UNKNOWN
-        pack_entry = fmt.oid_table_entry
-        index_get = self.index.get
-        future, targets = self.gc.future_oids, self.gc.targets
-        moved_old, moved_new = self._moved_old, self._moved_new
-        buf, base = self._buf, self._buf_pos
-        tid, old_tpos = th.tid, th.pos
-        tpos = self.writer.pos
-        new = tpos + th.header_len
-        parts = [b""]
-        table: list[bytes] = []
-        positions: dict[bytes, int] = {}
-
-        def prev_of(oid: bytes) -> int:
-            return index_get(oid, 0) if oid in future else 0
-
-        k, n = 0, len(chosen)
-        while k < n:
-            if whole:  # the plain records, in one tight loop
-                k0, new0 = k, new
-                k, new = relocate(buf, base, starts, chosen, k, tid, old_tpos, tpos, new, path,
-                                  prev_of if future else None, parts, table, positions)
-                if targets:
-                    for j in range(k0, k):
-                        old = starts[chosen[j]]
-                        if old in targets:
-                            moved_old.append(old)
-                            moved_new.append(new0)
-                        new0 += starts[chosen[j] + 1] - old
-                if k == n:
-                    break
-            # a backpointer (or a record of a transaction too big to be read whole)
-            i = chosen[k]
-            k += 1
-            pos = starts[i]
-            if whole:
-                rec = decode(buf, pos - base, path, pos)
-            else:
-                rec = self._record(th, starts, i)
-            oid, flags, refs, data = rec.oid, rec.flags, rec.refs, rec.data
-            if rec.length != starts[i + 1] - pos or rec.tid != tid or rec.tpos != old_tpos:
-                raise CorruptedDataError(path, "data record does not match its transaction", pos)
-            if flags & bp:
-                data, refs, known, back = self._backpointer(rec, None)
-            else:
-                known, back = not flags & unknown, 0
-            if targets and pos in targets:
-                moved_old.append(pos)
-                moved_new.append(new)
-            raw = encode(oid, tid, prev_of(oid) if future else 0, tpos, refs, data, back, known)
-            table.append(pack_entry(oid, new))
-            positions[oid] = new
-            parts.append(raw)
-            new += len(raw)
-        self._finish_txn(th, fmt.STATUS_PACKED, tpos, new, parts, table, positions)
+        txn = _TxnOut(self, th, fmt.STATUS_PACKED)
+        if whole:
+            self._relocate(th, txn, starts, keep, self._buf, self._buf_pos)
+        else:
+            for j in range(0, th.nrec, TABLE_BATCH):
+                self._relocate(th, txn, self._table_batch(th, j), keep, b"", 0)
+        txn.finish()
         return True
+
+    def _relocate(self, th: fmt.TxnHeader, txn: _TxnOut, starts: array, keep: bytearray,
+                  buf, base: int) -> None:
+        """Write the kept records of `starts` (all but its last item start one) to `txn`.
+
+        `buf` holds the old file from `base`; a record outside it is read (with
+        those after it, READ_CHUNK at least) when reached."""
+        path = self.path
+        future, targets = self.gc.future_oids, self.gc.targets
+        index_get = self.index.get
+        sorted_targets = self._sorted_targets() if targets else None
+        tid, old_tpos, tpos = th.tid, th.pos, txn.tpos
+        moved = bytearray()
+        prev_of = (lambda oid: index_get(oid, 0) if oid in future else 0) if future else None
+        i, n = 0, len(starts) - 1
+        relocate = fmt.relocate_kept
+        while i < n:
+            table = bytearray()
+            i, end, count, status = relocate(buf, base, starts, i, n, keep, tid, old_tpos, tpos, txn.pos,
+                                             prev_of, sorted_targets, txn.out, table, moved, OUT_LIMIT,
+                                             path)
+            txn.added(table, count, end)
+            if moved:
+                pairs = array("Q", moved)
+                self._moved_old.extend(pairs[0::2])
+                self._moved_new.extend(pairs[1::2])
+                moved = bytearray()
+            if status == fmt.RELOC_OUTSIDE:  # read on from record i
+                pos = starts[i]
+                length = starts[i + 1] - pos
+                buf = b""  # let the old window go first
+                buf = self._read(pos, min(max(length, READ_CHUNK), starts[n] - pos), th.pos)
+                base = pos
+                if self.progress is not None:
+                    self.progress("copy", pos, self.gc.end)
+            elif status == fmt.RELOC_STOP:  # a backpointer
+                pos = starts[i]
+                rec = fmt.decode_data_record(buf, pos - base, path, pos)
+                if rec.length != starts[i + 1] - pos or rec.tid != tid or rec.tpos != old_tpos:
+                    raise CorruptedDataError(path, "data record does not match its transaction", pos)
+                data, refs, known, back = self._backpointer(rec, None)
+                if targets and pos in targets:
+                    self._moved_old.append(pos)
+                    self._moved_new.append(txn.pos)
+                oid = rec.oid
+                txn.add(oid, fmt.encode_data_record(oid, tid, prev_of(oid) if prev_of else 0, tpos,
+                                                    refs, data, back, known))
+                i += 1
+            elif status == fmt.RELOC_FULL:
+                txn.flush()
+
+    def _sorted_targets(self) -> array:
+        if self._targets_sorted is None or len(self._targets_sorted) != len(self.gc.targets):
+            self._targets_sorted = array("Q", sorted(self.gc.targets))
+        return self._targets_sorted
 
     # -- writing
 
@@ -665,18 +889,14 @@ class _Copier:
 
     def _write_txn(self, th: fmt.TxnHeader, recs: Iterable[fmt.DataRecord],
                    check: list[bytes] | None = None) -> None:
-        """Write a whole transaction from after the pack time (status kept).
+        """Write a whole transaction from after the pack time (status kept), streamed.
 
         Adds to `check` the refs of the data written."""
-        tpos = self.writer.pos
-        new = tpos + th.header_len
+        txn = _TxnOut(self, th, th.status)
+        tpos = txn.tpos
         encode = fmt.encode_data_record
         index_get = self.index.get
         moved_old, moved_new = self._moved_old, self._moved_new
-        pack_entry = fmt.oid_table_entry
-        parts = [b""]
-        table: list[bytes] = []
-        positions: dict[bytes, int] = {}
         for rec in recs:
             oid = rec.oid
             if rec.is_backpointer:
@@ -686,25 +906,9 @@ class _Copier:
                 if check is not None:
                     check.append(refs if known else self.refs_of(rec))
             moved_old.append(rec.pos)
-            moved_new.append(new)
-            raw = encode(oid, rec.tid, index_get(oid, 0), tpos, refs, data, back, known)
-            table.append(pack_entry(oid, new))
-            positions[oid] = new
-            parts.append(raw)
-            new += len(raw)
-        self._finish_txn(th, th.status, tpos, new, parts, table, positions)
-
-    def _finish_txn(self, th: fmt.TxnHeader, status: bytes, tpos: int, end: int, parts: list[bytes],
-                    table: list[bytes], positions: dict[bytes, int]) -> None:
-        """Write a transaction: parts[0] is left for its header, the records follow;
-        `table` holds their oid-table entries, `positions` each oid's last position."""
-        tlen = end - tpos + fmt.oid_table_size(len(table))
-        parts[0] = fmt.encode_txn_header(th.tid, tlen, status, th.user, th.description, th.extension,
-                                         len(table))
-        parts.append(fmt.encode_oid_table_entries(table))
-        parts.append(fmt.encode_trailer(tlen))
-        self.writer.write(b"".join(parts))
-        self.index.update(positions)
+            moved_new.append(txn.pos)
+            txn.add(oid, encode(oid, rec.tid, index_get(oid, 0), tpos, refs, data, back, known))
+        txn.finish()
 
     # -- the regions
 

@@ -23,14 +23,26 @@ Then every current record is read once more (in file order) for its stored
 references: a reference to an oid with no current revision, or to a deleted
 object, is a dangling reference (a POSKeyError waiting to happen).  Records
 whose references are not stored (REFS_UNKNOWN) are counted, not judged.
+
+Speed and memory: with the C extension, a transaction up to FAST_TXN is read
+whole and its records checked in C (`_refscan.check_records`, the same checks
+as `log._checked_records`); only a transaction that fails them is decoded in
+Python, which names the error.  The records are then judged from arrays, and
+the references pass reads the current records through `_refscan.gc_refs`.  The
+index is fed in batches (a dict of at most INDEX_BATCH entries, a
+transaction's records RECORD_BATCH at a time), so memory does not grow with a
+transaction.
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import time
 from array import array
 from dataclasses import dataclass, field
+from itertools import compress, repeat
+from operator import and_, eq, itemgetter, ne
 
 from .. import fileformat as fmt
 from .. import fileio
@@ -40,8 +52,22 @@ from ..recovery import check_saved_index
 from .common import BatchedIndex, Log, Progress, oid_repr, phase, tid_repr
 from .walk import Damage, walk
 
+try:
+    from .._refscan import check_records as _check_records
+    from .._refscan import gc_refs as _gc_refs
+    from .._refscan import index_lookup as _index_lookup
+    from .._refscan import sort_positions as _sort_positions
+except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
+    _check_records = _gc_refs = _index_lookup = _sort_positions = None
+
 MAX_PROBLEMS = 10_000  # problems kept in the report (all are counted)
 MAX_LISTED = 20
+FAST_TXN = 8 << 20  # a transaction up to this size is read whole and its records checked in C
+INDEX_BATCH = 1 << 18  # index entries merged at once (BatchedIndex): a dict of at most this many
+RECORD_BATCH = 1 << 16  # a transaction with more records goes to the index this many at a time
+WINDOW = 1 << 20  # reads of the references pass
+_TABLE_ENTRY = struct.Struct(">8sQ")
+_NO_PACK_POS = (1 << 63) - 1
 
 
 @dataclass
@@ -163,9 +189,11 @@ class _Verifier:
         self.blobs = blobs
         self.reader = log.reader
         self.report = report
-        self.index = BatchedIndex()
+        self.index = BatchedIndex(INDEX_BATCH)
         self.deleted: set[bytes] = set()
         self.damaged: list[tuple[int, int]] = []
+        self._checked: tuple[int, bytes, bytearray] | None = None  # see _decode
+        self._top = b""  # the largest oid in the index: a larger one has no earlier record
         self.saved = self._load_saved_index()
 
     # -- the index file ----------------------------------------------------------------
@@ -216,65 +244,33 @@ class _Verifier:
 
     def run(self, progress: Progress | None) -> None:
         log, report, reader = self.log, self.report, self.reader
-        index = self.index
-        index_get = index.get
-        deleted = self.deleted
         last_tid = None
         moved = 0
         if self.saved is not None and self.saved.pos == fmt.HEADER_SIZE:
             self._compare_saved(None)
-        for item in walk(reader, fmt.HEADER_SIZE, log.size, True, progress):
+        for item in walk(reader, fmt.HEADER_SIZE, log.size, self._decode, progress):
             if isinstance(item, Damage):
                 self._damage(item)
                 continue
             th, recs, delta = item
             report.transactions += 1
             last_tid = th.tid
-            tpos = th.pos
             if delta != moved:
                 moved = delta
                 self._moved(th, delta)
-            local = {}
-            for rec in recs:
-                oid = rec.oid
-                expected = index_get(oid, 0)
-                if rec.prev != expected and not delta:
-                    self._bad_prev(rec, expected)
-                if rec.flags & fmt.FLAG_BACKPOINTER:
-                    report.backpointers += 1
-                    if rec.back:
-                        if not delta:
-                            self._check_backpointer(rec, tpos)
-                        deleted.discard(oid)
-                    else:
-                        deleted.add(oid)
-                else:
-                    deleted.discard(oid)
-                    if rec.flags & fmt.FLAG_REFS_UNKNOWN:
-                        report.refs_unknown += 1
-                local[oid] = rec.pos
-            report.records += len(recs)
-            index.update(local)
-            if self.blobs is not None:
-                unmatched, files = self.blobs.unmatched, self.blobs.files
-                for rec in recs:
-                    tids = unmatched.get(rec.oid)
-                    if tids is not None:
-                        tids.pop(rec.tid, None)
-                    # every revision of a blob has its file (loadBlob(oid, tid) of an
-                    # older one, history and undo need it); backpointers: below, if current
-                    if rec.data and _is_blob_record(rec.data) and rec.tid not in files.get(rec.oid, ()):
-                        report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
-                                   f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
+            if recs is None:
+                self._checked_txn(th)
+            else:
+                self._records(th, recs, delta)
             if self.saved is not None and th.next_pos == self.saved.pos:
                 self._compare_saved(last_tid)
         if self.saved is not None:
             report.index_file = "mismatch"
             report.add("index", f"{log.path}.index covers up to {self.saved.pos}, "
                        "which is not the end of a good transaction")
-        self.index = index.flush()
+        self.index = self.index.flush()
         report.objects = len(self.index)
-        report.deleted = len(deleted)
+        report.deleted = len(self.deleted)
         self._check_references(progress)
         if self.blobs is not None:
             for oid, tids in sorted(self.blobs.unmatched.items()):
@@ -282,6 +278,128 @@ class _Verifier:
                     report.add("blob", f"blob file {blob} (oid {oid_repr(oid)}, tid {tid_repr(tid)}) "
                                "has no record in the data file: left by a transaction that never "
                                "committed (a pack removes it)", oid=oid)
+
+    def _decode(self, th: fmt.TxnHeader) -> bool:
+        """walk's question: decode this transaction's records in Python?  No when the C check
+        (`_refscan.check_records`, the twin of `log._checked_records`) passes them all: the
+        walk then checks the oid table and trailer, and `_checked_txn` takes what the C check
+        found.  Yes when it finds anything wrong: the Python path names the error (and
+        tells damage from a moved transaction)."""
+        self._checked = None
+        size = th.tlen + fmt.TRAILER_SIZE
+        if _check_records is None or self.blobs is not None or size > FAST_TXN:
+            return True
+        buf = self.reader.file.read(th.pos, size)
+        if len(buf) < size:
+            return True
+        start = th.records_end - th.pos
+        table = buf[start:start + fmt.TABLE_ENTRY_SIZE * th.nrec]
+        info = bytearray()
+        _n, ok = _check_records(buf, th.pos, table, th.data_pos, th.records_end, th.tid, th.pos, info)
+        if not ok:
+            return True
+        self._checked = (th.pos, table, info)
+        return False
+
+    def _checked_txn(self, th: fmt.TxnHeader) -> None:
+        """What `_records` does, for a transaction whose records the C check passed: the same
+        judgements from (oid, position) and (prev, backpointer, flags) arrays, with C-level
+        passes over them (a record is decoded again only to report it)."""
+        (_pos, table, raw), self._checked = self._checked, None  # set by _decode for th
+        report, index, deleted = self.report, self.index, self.deleted
+        entries = list(_TABLE_ENTRY.iter_unpack(table))
+        oids = list(map(itemgetter(0), entries))
+        info = array("Q", raw)
+        prevs, backs, flags = info[0::3], info[1::3], info[2::3]
+        recent_get, older_get = index.recent.get, index.index.get
+        top = self._top
+        if _index_lookup is not None:  # the OidIndex's answers, in one C pass over its blocks
+            expected = list(map(recent_get, oids))
+            missed = [oid for oid, pos in zip(oids, expected, strict=True) if pos is None and oid <= top]
+            if missed:
+                found = iter(_index_lookup(index.index.blocks(), b"".join(missed)))
+            expected = [pos if pos is not None else 0 if oid > top else next(found)
+                        for oid, pos in zip(oids, expected, strict=True)]
+        else:
+            expected = [pos if pos is not None else 0 if oid > top else older_get(oid, 0)
+                        for oid, pos in zip(oids, map(recent_get, oids), strict=True)]
+        if prevs.tolist() != expected:
+            for k in compress(range(len(oids)), map(ne, prevs, expected)):
+                rec = self.reader.read_data_record(entries[k][1], oids[k])
+                self._bad_prev(rec, expected[k])
+        if deleted:
+            deleted.difference_update(oids)
+        bp = fmt.FLAG_BACKPOINTER
+        for k in compress(range(len(oids)), map(and_, flags, repeat(bp))):
+            report.backpointers += 1
+            if backs[k]:
+                self._check_backpointer(self.reader.read_data_record(entries[k][1], oids[k]), th.pos)
+            else:
+                deleted.add(oids[k])
+        report.refs_unknown += sum(map(eq, map(and_, flags, repeat(bp | fmt.FLAG_REFS_UNKNOWN)),
+                                       repeat(fmt.FLAG_REFS_UNKNOWN)))
+        report.records += len(oids)
+        index.update(entries)
+        if oids:
+            self._top = max(top, max(oids))
+
+    def _records(self, th: fmt.TxnHeader, recs, delta: int) -> None:
+        """Judge the decoded records of `th` (prev, backpointers, deletions, blobs), put them in
+        the index RECORD_BATCH at a time (memory does not grow with the transaction)."""
+        report, index, deleted = self.report, self.index, self.deleted
+        index_get = index.get
+        tpos = th.pos
+        # a large transaction goes straight to the OidIndex, RECORD_BATCH records at a time
+        # (not through the dict batch, which would add up to INDEX_BATCH entries to them)
+        large = len(recs) > RECORD_BATCH
+        if large:
+            index.flush()
+        local: dict[bytes, int] = {}
+        for rec in recs:
+            oid = rec.oid
+            expected = index_get(oid, 0)
+            if rec.prev != expected and not delta:
+                self._bad_prev(rec, expected)
+            if rec.flags & fmt.FLAG_BACKPOINTER:
+                report.backpointers += 1
+                if rec.back:
+                    if not delta:
+                        self._check_backpointer(rec, tpos)
+                    deleted.discard(oid)
+                else:
+                    deleted.add(oid)
+            else:
+                deleted.discard(oid)
+                if rec.flags & fmt.FLAG_REFS_UNKNOWN:
+                    report.refs_unknown += 1
+            local[oid] = rec.pos
+            report.records += 1
+            if len(local) >= RECORD_BATCH:
+                self._index_update(local, large)
+                local = {}
+        self._index_update(local, large)
+        if self.blobs is not None:
+            for rec in recs:
+                self._blob_revision(rec)
+
+    def _index_update(self, local: dict[bytes, int], direct: bool = False) -> None:
+        if direct:
+            self.index.index.update(local)
+        else:
+            self.index.update(local)
+        if local:
+            self._top = max(self._top, max(local))
+
+    def _blob_revision(self, rec: fmt.DataRecord) -> None:
+        report, unmatched, files = self.report, self.blobs.unmatched, self.blobs.files
+        tids = unmatched.get(rec.oid)
+        if tids is not None:
+            tids.pop(rec.tid, None)
+        # every revision of a blob has its file (loadBlob(oid, tid) of an
+        # older one, history and undo need it); backpointers: below, if current
+        if rec.data and _is_blob_record(rec.data) and rec.tid not in files.get(rec.oid, ()):
+            report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
+                       f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
 
     def _damage(self, d: Damage) -> None:
         report = self.report
@@ -340,47 +458,93 @@ class _Verifier:
     # -- references between current objects --------------------------------------------
 
     def _check_references(self, progress: Progress | None = None) -> None:
-        report, reader, index, deleted = self.report, self.reader, self.index, self.deleted
-        positions = array("Q", sorted(pos for _oid, pos in index.items()))
+        report, reader, index = self.report, self.reader, self.index
+        positions = array("Q", map(itemgetter(1), index.items()))
+        if _sort_positions is not None:
+            _sort_positions(positions)
+        else:
+            positions = array("Q", sorted(positions))
         phase(progress, "verify: references", len(positions), "objects")
         listening = progress is not None and hasattr(progress, "phase")
+        read = reader.file.read
+        contains = index.__contains__
+        lookup, blocks = _index_lookup, index.blocks()
+        deleted = self.deleted
+        fast = _gc_refs is not None and self.blobs is None
+        found = bytearray()
+        wbuf, wpos = b"", 0
+        i, n = 0, len(positions)
+        slow = False  # positions[i] is for the Python path
         try:
-            for done, rec in enumerate(reader.read_data_records(positions), 1):
-                if listening and not done % 4096:
-                    progress(done)
-                data_rec = rec
-                if rec.flags & fmt.FLAG_BACKPOINTER:
-                    if not rec.back:
-                        continue
-                    try:
-                        data_rec = reader.resolve(rec)
-                    except CorruptedError:
-                        continue  # reported by the walk
-                    if data_rec is None:
-                        continue
-                if (self.blobs is not None and data_rec is not rec and data_rec.data
-                        and _is_blob_record(data_rec.data)
-                        and rec.tid not in self.blobs.files.get(rec.oid, ())):
-                    report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
-                               f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
-                if data_rec.flags & fmt.FLAG_REFS_UNKNOWN:
-                    report.refs_unknown_current_count += 1
-                    if len(report.refs_unknown_current) < MAX_PROBLEMS:
-                        report.refs_unknown_current.append((rec.oid, rec.pos))
+            while i < n:
+                if fast and not slow:
+                    # current records with stored references, in C (`_refscan.gc_refs`, every
+                    # record checksummed); their references judged in bulk; a record it leaves
+                    # (backpointer, references not stored, damage) or a chunk holding a
+                    # dangling reference goes through the Python path below
+                    pos = positions[i]
+                    if pos < wpos or pos + fmt.DATA_HEADER_SIZE > wpos + len(wbuf):
+                        wbuf, wpos = b"", pos
+                        wbuf = read(pos, WINDOW)
+                    j, status = _gc_refs(wbuf, wpos, positions, i, n, _NO_PACK_POS, found, 1)
+                    if found:
+                        raw = bytes(found)
+                        if lookup is not None:
+                            absent = 0 in lookup(blocks, raw)
+                        else:
+                            absent = not all(map(contains, fmt.split_refs(raw)))
+                        if absent or deleted and not deleted.isdisjoint(fmt.split_refs(raw)):
+                            for k in range(i, j):
+                                self._check_current(reader.read_data_record(positions[k]))
+                        found = bytearray()
+                    if listening and (j >> 12) != (i >> 12):
+                        progress(j)
+                    slow = status == fmt.RELOC_STOP or (status == fmt.RELOC_OUTSIDE and j == i
+                                                        and wpos == positions[j])
+                    i = j
                     continue
-                if not data_rec.refs:
-                    continue
-                for ref in fmt.split_refs(data_rec.refs):
-                    if ref not in index:
-                        why = "which does not exist"
-                    elif ref in deleted:
-                        why = "which is deleted"
-                    else:
-                        continue
-                    report.add("dangling", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) references "
-                               f"oid {oid_repr(ref)}, {why}", rec.pos, ref, rec.oid)
+                slow = False
+                self._check_current(reader.read_data_record(positions[i]))
+                i += 1
+                if listening and not i % 4096:
+                    progress(i)
         except CorruptedError as exc:  # a current record the walk could not have checked
             report.add("damage", f"current record unreadable: {exc.detail}", exc.offset)
+
+    def _check_current(self, rec: fmt.DataRecord) -> None:
+        """The references of one current record (and a current backpointer's blob file)."""
+        report, reader, index, deleted = self.report, self.reader, self.index, self.deleted
+        data_rec = rec
+        if rec.flags & fmt.FLAG_BACKPOINTER:
+            if not rec.back:
+                return
+            try:
+                data_rec = reader.resolve(rec)
+            except CorruptedError:
+                return  # reported by the walk
+            if data_rec is None:
+                return
+        if (self.blobs is not None and data_rec is not rec and data_rec.data
+                and _is_blob_record(data_rec.data)
+                and rec.tid not in self.blobs.files.get(rec.oid, ())):
+            report.add("blob", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) is a blob whose "
+                       f"file for tid {tid_repr(rec.tid)} is missing", rec.pos, rec.oid)
+        if data_rec.flags & fmt.FLAG_REFS_UNKNOWN:
+            report.refs_unknown_current_count += 1
+            if len(report.refs_unknown_current) < MAX_PROBLEMS:
+                report.refs_unknown_current.append((rec.oid, rec.pos))
+            return
+        if not data_rec.refs:
+            return
+        for ref in fmt.split_refs(data_rec.refs):
+            if ref not in index:
+                why = "which does not exist"
+            elif ref in deleted:
+                why = "which is deleted"
+            else:
+                continue
+            report.add("dangling", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) references "
+                       f"oid {oid_repr(ref)}, {why}", rec.pos, ref, rec.oid)
 
 
 def _is_blob_record(data: bytes) -> bool:
@@ -400,6 +564,8 @@ def _index_diffs(saved: OidIndex, scanned: OidIndex) -> tuple[int, list[str]]:
         if len(listed) < 5:
             listed.append(msg)
 
+    if len(saved) == len(scanned) and saved.blocks() == scanned.blocks():
+        return 0, listed  # the same blocks: the same entries (different blocks may still be)
     a, b = saved.items(), scanned.items()
     x, y = next(a, None), next(b, None)
     while x is not None or y is not None:
