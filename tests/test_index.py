@@ -1019,3 +1019,39 @@ def test_version_1_index_is_used_and_replaced_by_version_2(tmp_path):
     s.close()  # a changed index is saved in the current version
     assert Path(path + ".index").read_bytes()[8:10] == b"\0\2"
     assert len(load_index(path + ".index")[0]) == 301
+
+
+@pytest.mark.parametrize("where", ["past the end", "another record"])
+def test_a_wrong_dense_position_is_never_served(tmp_path, where):
+    """Version 2 does not read dense payloads at open; a position there is checked on use."""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import p64 as zp64
+
+    from refstorage.errors import CorruptedDataError
+    from refstorage.storage import FileStorage
+
+    path = str(tmp_path / "d.rfs")
+    s = FileStorage(path)
+    t = TransactionMetaData()
+    s.tpc_begin(t)
+    for i in range(256):
+        s.store(zp64(i), zp64(0), b"v%d" % i, "", t)
+    s.tpc_vote(t)
+    s.tpc_finish(t)
+    s.close()
+    data = bytearray(Path(path + ".index").read_bytes()[:-4])
+    nd = int.from_bytes(data[52:56], "big")
+    assert nd == 1 and data[60:68] == p64(0)
+    pay = 60 + 16 * nd
+    wrong = (Path(path).stat().st_size + 100 if where == "past the end"
+             else int.from_bytes(data[pay + 6 * 6:pay + 6 * 7], "big"))  # oid 6's record
+    data[pay + 6 * 5:pay + 6 * 6] = wrong.to_bytes(6, "big")  # oid 5, maxima left as they are
+    Path(path + ".index").write_bytes(with_crc(bytes(data)))
+    s = FileStorage(path, read_only=True)
+    try:
+        assert s.load(zp64(4))[0] == b"v4"
+        with pytest.raises(CorruptedDataError) as info:
+            s.load(zp64(5))
+        assert info.value.offset == wrong and path in str(info.value)
+    finally:
+        s.close()
