@@ -392,19 +392,71 @@ class OidIndex:
             return
         self._bulk_update(oids, _join(oids), poss.tolist(), ascending=True)
 
-    def _bulk_update(self, oids: list[bytes], joined: bytes, poss: list[int],
-                     ascending: bool = False) -> None:
+    def update_table(self, raw: bytes | bytearray) -> None:
+        """Set the entries of `raw`, oid tables' entries in log order (where an oid repeats, the last wins).
+
+        `raw` is the concatenation of 16-byte entries, an 8-byte oid then its
+        8-byte big-endian position (the data file's oid table, see
+        docs/format.md): the open-time scan's batch.  The entries are handled
+        as arrays (8 bytes an oid, 8 a position, plus transient lists of ints
+        when the oids are not ascending), never as a Python tuple per entry.
+        ValueError (index untouched) for a position not in 1..2**48-1."""
+        n, rest = divmod(len(raw), 16)
+        if rest:
+            raise ValueError(f"a table of {len(raw)} bytes is not made of 16-byte entries")
+        if n < _SMALL:
+            self.update_log_order([(bytes(raw[i:i + 8]), _fb(raw[i + 8:i + 16], "big"))
+                                   for i in range(0, 16 * n, 16)])
+            return
+        joined = bytearray(8 * n)
+        packed = bytearray(8 * n)
+        for k in range(8):
+            joined[k::8] = raw[k::16]
+            packed[k::8] = raw[8 + k::16]
+        oa = array("Q", joined)
+        poss = array("Q", packed)
+        del packed
+        if _LITTLE:
+            oa.byteswap()
+            poss.byteswap()
+        if not (min(poss) > 0 and max(poss) <= MAX_POS):
+            i = next(i for i, p in enumerate(poss) if not 0 < p <= MAX_POS)
+            oid = joined[8 * i:8 * i + 8].hex()
+            raise ValueError(f"position {poss[i]} of oid {oid} is not in 1..2**48-1")
+        if not all(map(lt, oa, islice(oa, 1, None))):
+            # sort by oid (stable: an oid's entries stay in log order), keep each run's last
+            order = sorted(range(n), key=oa.__getitem__)
+            so = array("Q", map(oa.__getitem__, order))
+            order = list(compress(order, chain(map(ne, so, islice(so, 1, None)), (True,))))
+            del so
+            oa = array("Q", map(oa.__getitem__, order))
+            poss = array("Q", map(poss.__getitem__, order))
+            del order
+            be = array("Q", oa)
+            if _LITTLE:
+                be.byteswap()
+            joined = be.tobytes()
+            del be
+        keys = array("Q", map(rshift, oa, repeat(8)))
+        del oa
+        self._bulk_update(None, bytes(joined), poss, ascending=True, keys=keys)
+
+    def _bulk_update(self, oids: list[bytes] | None, joined: bytes, poss: list[int] | array,
+                     ascending: bool = False, keys: array | None = None) -> None:
         """Set `oids` (distinct, 8 bytes; `joined` is their concatenation) to `poss`.
 
         `ascending`: the caller has checked that the oids strictly increase.
+        `keys`: their block keys, given by a caller that has them (then `oids`
+        may be None, and `ascending` must be true).
 
         Per entry only C-level passes (map, zip, compress...) run; Python code
         runs per block.  Every block is built completely, then stored.
         """
-        total = len(oids)
-        keys = list(map(rshift, map(_fb, oids, repeat("big")), repeat(8)))
+        total = len(poss)
+        if keys is None:
+            keys = list(map(rshift, map(_fb, oids or (), repeat("big")), repeat(8)))
         sufs = joined[7::8]
-        if not ascending and not all(map(lt, oids, islice(oids, 1, None))):
+        if not ascending and oids is not None and not all(map(lt, oids, islice(oids, 1, None))):
             # The sparse case: no two oids share a block, so each makes a block alone.
             singles = dict(zip(keys, single_blocks(sufs, pack6(poss)), strict=True))
             if len(singles) == total:

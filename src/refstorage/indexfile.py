@@ -41,6 +41,7 @@ from .index import (
     OidIndex,
     block_map,
     dense_block,
+    pack6,
     single_blocks,
     sparse_block,
     unpack6,
@@ -49,7 +50,8 @@ from .index import (
 __all__ = ["save_index", "load_index", "INDEX_MAGIC", "INDEX_VERSION"]
 
 INDEX_MAGIC = b"\x89RFX\r\n\x1a\n"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
+READ_VERSIONS = (1, 2)  # version 1 (no per-block counts and maxima) is still read
 
 _HEADER = struct.Struct(">8sHH16sQ8sQII")
 _HEADER_SIZE = _HEADER.size  # 60
@@ -113,13 +115,18 @@ def save_index(path: str, index: OidIndex, *, file_id: bytes, pos: int, tid: byt
         ssufs = _join(map(bytes.__getitem__, sparse, map(slice, scounts)))
         spos = _join(map(bytes.__getitem__, sparse, map(slice, scounts, repeat(None))))
     darr = unpack6(dpay)
-    count = len(darr) - darr.count(0) + len(ssufs)
-    top = max(max(darr, default=0), max(unpack6(spos), default=0))
+    dcounts = [256 - darr[i:i + 256].count(0) for i in range(0, len(darr), 256)]
+    dmax = [max(darr[i:i + 256]) for i in range(0, len(darr), 256)]
+    del darr
+    sarr = unpack6(spos)
+    count = sum(dcounts) + len(ssufs)
+    top = max(max(dmax, default=0), max(sarr, default=0))
+    del sarr
     if count and top >= pos:
         raise ValueError(f"the index holds position {top}, not below its end position {pos}")
     header = _HEADER.pack(INDEX_MAGIC, INDEX_VERSION, 0, file_id, pos, tid, count, len(dkeys), len(skeys))
-    chunks = [header, _be_bytes("Q", dkeys), dpay, _be_bytes("Q", skeys), _be_bytes("H", scounts),
-              ssufs, spos]
+    chunks = [header, _be_bytes("Q", dkeys), _be_bytes("H", dcounts), pack6(dmax), dpay,
+              _be_bytes("Q", skeys), _be_bytes("H", scounts), ssufs, spos]
     crc = 0
     for chunk in chunks:
         crc = zlib.crc32(chunk, crc)
@@ -161,8 +168,9 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
     if size < _HEADER_SIZE + 4:
         raise bad(f"truncated: {size} bytes, shorter than the {_HEADER_SIZE + 4}-byte minimum", size)
     magic, version, flags, file_id, pos, tid, count, nd, ns = _HEADER.unpack_from(data)
-    if version != INDEX_VERSION:
-        raise bad(f"index format version {version}, this code reads {INDEX_VERSION}", 8)
+    if version not in READ_VERSIONS:
+        raise bad(f"index format version {version}, this code reads versions "
+                  f"{', '.join(map(str, READ_VERSIONS))}", 8)
     end = size - 4
     if zlib.crc32(memoryview(data)[:end]) != _fb(data[end:], "big"):
         raise bad("checksum mismatch (the file is truncated or damaged)", end)
@@ -180,8 +188,15 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
         return data[start:off]
 
     dkeys = _be_array("Q", take(8 * nd, "dense block keys"))
+    if version >= 2:
+        dcounts_at = off
+        dcounts_a = _be_array("H", take(2 * nd, "dense block counts"))
+        dmax = unpack6(take(6 * nd, "dense block maxima"))
     dpay_at = off
-    dpay = take(DENSE_SIZE * nd, "dense block payloads")
+    if DENSE_SIZE * nd > end - off:
+        raise bad(f"dense block payloads: {DENSE_SIZE * nd} bytes needed, {end - off} left before the "
+                  "checksum", off)
+    off += DENSE_SIZE * nd
     skeys_at = off
     skeys = _be_array("Q", take(8 * ns, "sparse block keys"))
     scounts_at = off
@@ -200,11 +215,22 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
     if max(skeys, default=0) >= KEY_LIMIT:
         raise bad("a sparse block key is not below 2**56", skeys_at)
 
-    # Dense blocks: per-block entry counts, none empty.
-    darr = unpack6(dpay)
-    dcounts = [256 - darr[i:i + 256].count(0) for i in range(0, 256 * nd, 256)]
-    if dcounts and min(dcounts) == 0:
-        raise bad("an empty dense block", dpay_at + DENSE_SIZE * dcounts.index(0))
+    view = memoryview(data)
+    if version >= 2:
+        # The per-block counts and maxima stand for the payloads (the writer computes
+        # them from the blocks; the crc covers them): nothing per entry is read here.
+        dcounts: list[int] | array = dcounts_a
+        if dcounts and not (min(dcounts) >= 1 and max(dcounts) <= 256):
+            raise bad("a dense block count is not in 1..256", dcounts_at)
+        dtop = max(dmax, default=0)
+    else:
+        # Version 1: per-block entry counts and the maximum from the payloads themselves.
+        darr = unpack6(view[dpay_at:dpay_at + DENSE_SIZE * nd])
+        dcounts = [256 - darr[i:i + 256].count(0) for i in range(0, 256 * nd, 256)]
+        if dcounts and min(dcounts) == 0:
+            raise bad("an empty dense block", dpay_at + DENSE_SIZE * dcounts.index(0))
+        dtop = max(darr, default=0)
+        del darr
 
     sarr = unpack6(spos)
     if 0 in sarr:
@@ -212,7 +238,7 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
     total = sum(dcounts) + nsp
     if total != count:
         raise bad(f"the header counts {count} entries but the blocks hold {total}", 44)
-    top = max(max(darr, default=0), max(sarr, default=0))
+    top = max(dtop, max(sarr, default=0))
     if total and top >= pos:
         raise bad(f"position {top} is not below the index's end position {pos}", 28)
 
@@ -235,12 +261,14 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
         for key, c in zip(skeys.tolist(), scounts, strict=True):
             if c > SPARSE_MAX:
                 blocks[key] = dense_block(block_map(blocks[key]))
-    for i, (key, c) in enumerate(zip(dkeys.tolist(), dcounts, strict=True)):
-        if c < DENSE_MIN:
-            arr = darr[256 * i:256 * (i + 1)]
-            blocks[key] = sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
-        else:
-            blocks[key] = bytearray(dpay[DENSE_SIZE * i:DENSE_SIZE * (i + 1)])
+    dk = dkeys.tolist()
+    bounds = range(dpay_at, dpay_at + DENSE_SIZE * nd + 1, DENSE_SIZE)
+    blocks.update(zip(dk, map(bytearray, map(view.__getitem__, map(slice, bounds, islice(bounds, 1, None)))),
+                      strict=True))
+    if nd and min(dcounts) < DENSE_MIN:
+        for i in compress(range(nd), map(lt, dcounts, repeat(DENSE_MIN))):
+            arr = unpack6(blocks[dk[i]])
+            blocks[dk[i]] = sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
     if len(blocks) != nd + ns:
         raise bad("a block key appears twice", _HEADER_SIZE)
     return OidIndex.from_blocks(blocks, total), file_id, pos, tid

@@ -15,6 +15,7 @@ it never decodes bytes itself.  It knows how to
 from __future__ import annotations
 
 import re
+import struct
 from bisect import bisect_right
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -26,6 +27,8 @@ from .fileio import DataFile
 # One read fetches this much; most records and transaction headers fit.
 READ_AHEAD = 4096
 SCAN_CHUNK = 8 << 20
+# The open-time scan merges oid-table entries into the index this many at a time; a
+# batch is held as the tables' raw bytes (16 bytes an entry), not as Python objects.
 INDEX_BATCH = 1 << 20
 # A record or transaction header longer than this is checksummed in reads of
 # CHECK_CHUNK bytes before it is read whole: a damaged length field (not yet
@@ -37,6 +40,7 @@ CHECK_CHUNK = 1 << 20
 # A transaction whose records take more bytes than this is read twice by the tools that
 # walk a file (checked, then read record by record), never held whole in memory.
 LARGE_TXN = 32 << 20
+_TABLE_ENTRY = struct.Struct(">8sQ")  # an oid table entry (fileformat's layout)
 LIMITS_CACHED = 4096  # transaction bounds remembered by records_limit
 
 
@@ -290,11 +294,13 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
     # entries are merged into the index in large batches, in log order: the
     # index builds each block once per merge, which is slow per transaction
     # when a transaction's oids are scattered over many blocks
-    batch: list[tuple[bytes, int]] = []
-    merge = getattr(index, "update_log_order", None) or (lambda entries: index.update(dict(entries)))
+    # The batch holds the oid tables' raw entries (16 bytes each: oid, position).
+    batch = bytearray()
+    merge = getattr(index, "update_table", None) or (
+        lambda raw: index.update(dict(_TABLE_ENTRY.iter_unpack(raw))))
     # the last good transaction, its entries held back from `batch` until the
     # next one is good too (see above); checked: its records were verified
-    held: list[tuple[bytes, int]] = []
+    held = b""
     held_pos, held_checked, tid_before_held = None, True, last_tid
     while pos < file_size:
         try:
@@ -325,37 +331,41 @@ def scan(reader: LogReader, start: int, file_size: int, index=None, verify: bool
                 fmt.check_trailer(raw, th.end - tstart, th, path)
                 for _ in _checked_records(reader, th, table, keep=False):
                     pass
+                raw_table = raw[:fmt.TABLE_ENTRY_SIZE * th.nrec]
             elif checked:
                 # decode every record; the last transaction is always checked
                 # fully, as the only one a crash can leave half written
                 if tend - bufpos > len(buf):
                     buf = reader.file.read(pos, SCAN_CHUNK)
                     bufpos = pos
-                table = list(fmt.decode_oid_table(buf, th.records_end - bufpos, th.nrec, path,
-                                                  th.records_end))
+                toff = th.records_end - bufpos
+                table = list(fmt.decode_oid_table(buf, toff, th.nrec, path, th.records_end))
                 fmt.check_trailer(buf, th.end - bufpos, th, path)
                 _check_records(buf, bufpos, th, table, path)
+                raw_table = buf[toff:toff + fmt.TABLE_ENTRY_SIZE * th.nrec]
             else:
                 # only the oid table and the trailer are read
                 tstart = th.records_end
                 if tend - bufpos > len(buf):
                     buf = reader.file.read(tstart, tend - tstart)
                     bufpos = tstart
-                table = fmt.decode_oid_table(buf, tstart - bufpos, th.nrec, path, tstart)
+                toff = tstart - bufpos
+                fmt.decode_oid_table(buf, toff, th.nrec, path, tstart)
                 fmt.check_trailer(buf, th.end - bufpos, th, path)
+                raw_table = buf[toff:toff + fmt.TABLE_ENTRY_SIZE * th.nrec]
             if index is not None:
                 batch += held
-                held = list(table)
-                if len(batch) >= INDEX_BATCH:
+                held = raw_table
+                if len(batch) >= INDEX_BATCH * fmt.TABLE_ENTRY_SIZE:
                     merge(batch)
-                    batch = []
+                    batch = bytearray()
         except CorruptedError as exc:
             error = exc
             if held_pos is not None and not held_checked:
                 try:
                     check_txn(reader, held_pos, file_size)
                 except CorruptedError as earlier:  # the damage starts there
-                    pos, error, held = held_pos, earlier, []
+                    pos, error, held = held_pos, earlier, b""
                     last_tid = tid_before_held
                     ntxn -= 1
             batch += held
