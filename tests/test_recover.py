@@ -300,3 +300,31 @@ def test_bytes_inserted_inside_a_transaction_keep_its_records_under_its_tid(src,
     assert report.outcome == "losses" and not report.rebuilt
     assert all(x.oid is None or not x.oid_certain for x in report.lost)
     assert txns(tmp_path / "New.rfs") == template[2]
+
+
+def test_lost_record_says_whether_it_was_the_newest_revision(tmp_path):
+    """LostRecord.newest comes from the new file's index (recover holds no oid -> tid map)."""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import z64
+
+    path = tmp_path / "n.rfs"
+    st = refstorage.FileStorage(str(path), create=True)
+    serials = {}
+    for rev in range(2):
+        t = TransactionMetaData()
+        st.tpc_begin(t)
+        for i in (1, 2):
+            st.store(p64(i), serials.get(i, z64), b"rev %d of %d " % (rev, i) * 20, "", t)
+        st.tpc_vote(t)
+        tid = st.tpc_finish(t)
+        serials = {1: tid, 2: tid}
+    st.close()
+    recs = {(r["oid"], t["tid"]): r for t in layout(path) for r in t["records"]}
+    first, second = sorted({tid for _oid, tid in recs})
+    old1 = recs[(p64(1).hex(), first)]
+    new2 = recs[(p64(2).hex(), second)]
+    for rec in (old1, new2):
+        flip_bit(path, rec["pos"] + rec["length"] - 10)
+    report = recover(str(path), str(tmp_path / "out.rfs"))
+    got = {(x.oid, x.newest) for x in report.lost}
+    assert got == {(p64(1), False), (p64(2), True)}

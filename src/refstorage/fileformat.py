@@ -268,6 +268,17 @@ def encode_oid_table_entries(entries: list[bytes]) -> bytes:
     return body + _CRC.pack(crc32(body))
 
 
+def oid_table_crc(body: bytes | bytearray) -> bytes:
+    """The checksum that ends an oid table whose entries are `body` (for a table written in
+    pieces: `body` then this is `encode_oid_table_entries` of the same entries)."""
+    return _CRC.pack(crc32(body))
+
+
+def iter_oid_table_entries(body: bytes | bytearray) -> Iterator[tuple[bytes, int]]:
+    """The (oid, position) entries of packed oid-table entries (no checksum, unchecked)."""
+    return _TABLE_ENTRY.iter_unpack(body)
+
+
 def decode_oid_table(buf, offset: int, nrec: int, path: str, pos: int) -> Iterator[tuple[bytes, int]]:
     """The checked (oid, position) entries of the table at buf[offset] (file position pos).
 

@@ -12,7 +12,9 @@ The modules that work on the storage (undo, blobs, pack) use it only through
 the storage core's interface, `core.StorageCore` (read snapshots, the commit
 lock and buffer, installing a packed file), implemented here.
 
-Commit.  store() buffers records in memory (never in the data file).  tpc_vote
+Commit.  store() buffers records (never in the data file): in memory, or for
+a large transaction in an unnamed temporary file beside the data file, with
+16 bytes a record in memory (`core.Pending`, `core.Spool`).  tpc_vote
 appends the whole transaction at once with status 'c'; tpc_finish flips the
 status to ' ', fsyncs once, and only then publishes and returns.  tpc_abort,
 or a vote that fails (disk full, I/O error), truncates back to where the
@@ -82,6 +84,8 @@ logger = logging.getLogger("refstorage")
 INDEX_SAVE_BYTES = 32 << 20
 # Flush a voting transaction to the file in pieces of about this size.
 WRITE_CHUNK = 1 << 20
+# A spooled transaction's index entries are published this many at a time.
+PUBLISH_SLICE = 1 << 16
 # How long close() waits for a commit in progress before leaving the closing to it.
 CLOSE_WAIT = 5.0
 
@@ -457,7 +461,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                                               or {}).extension_bytes
                 self._pending = Pending(
                     transaction, tid, status, _as_bytes(transaction.user),
-                    _as_bytes(transaction.description), _as_bytes(ext), self._end)
+                    _as_bytes(transaction.description), _as_bytes(ext), self._end,
+                    fileio._dir_of(self._file_name), self._file_name + " (commit spool)")
                 self._pending_ts = ts
                 self._resolved = []
                 self._transaction = transaction
@@ -470,9 +475,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         """Buffer a record of the transaction being committed (core interface, see core.py)."""
         if prev is None:
             prev = self._state.index.get(oid, 0)
-        pending.records.append((oid, data, back, prev))
+        pending.add(oid, data, back, prev)
         if self._quota is not None:
-            pending.size += 8 if data is None else len(data)
             self._check_quota(pending.size)
         if oid > self._oid:
             self.set_max_oid(oid)
@@ -500,9 +504,14 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 data = self.tryToResolveConflict(oid, committed, serial, data)
                 self._resolved.append(oid)
         # add_record, inlined for the commit-heavy path
-        pending.records.append((oid, data, 0, pos or 0))
-        if self._quota is not None:
+        if pending.spool is None and data is not None:
+            pending.records.append((oid, data, 0, pos or 0))
             pending.size += len(data)
+            if pending.size > pending.spool_bytes or len(pending.records) > pending.spool_records:
+                pending.spill()
+        else:
+            pending.add(oid, data, 0, pos or 0)
+        if self._quota is not None:
             self._check_quota(pending.size)
         if oid > self._oid:
             with self._lock:
@@ -527,7 +536,13 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
         The records are written first, in chunks, and the header last, once
         the length is known; until the trailer is written the transaction is
-        a torn tail to any reader."""
+        a torn tail to any reader.  A spooled transaction is read back from its
+        spool in bounded chunks; its oid table (16 bytes a record) is the only
+        thing that grows with it, and it is what `_publish` updates the index
+        from."""
+        if pending.spool is not None:
+            self._write_spooled(pending)
+            return
         records = pending.records
         untransform = self._untransform if self._untransform is not _identity else None
         refs_iter = iter(references_many([r[1] for r in records if r[1] is not None], untransform))
@@ -571,6 +586,49 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         pending.voted = True
         pending.size = tlen + fmt.TRAILER_SIZE
         self._new_positions = positions
+
+    def _write_spooled(self, pending: Pending) -> None:
+        """`_write_pending` of a spooled transaction: the same bytes, read from the spool
+        in chunks of bounded size, references computed chunk by chunk."""
+        untransform = self._untransform if self._untransform is not _identity else None
+        hlen = fmt.txn_header_len(pending.user, pending.description, pending.extension)
+        file = self._state.file
+        tpos, tid = pending.tpos, pending.tid
+        nrec = len(pending)
+        table_body = bytearray()  # the packed oid-table entries: 16 bytes a record
+        written = pos = tpos + hlen
+        encode = fmt.encode_data_records
+        try:
+            fileio.point("commit.vote-start")
+            for records in pending.chunks():
+                refs_iter = iter(references_many([r[1] for r in records if r[1] is not None],
+                                                 untransform))
+                table: list[bytes] = []
+                positions: dict[bytes, int] = {}
+                done = 0
+                while done < len(records):
+                    chunk, done = encode(tid, tpos, pos, records, done, WRITE_CHUNK, refs_iter,
+                                         table, positions)
+                    pos += len(chunk)
+                    self._check_size(tpos, pos - tpos)
+                    file.write_at(written, chunk)
+                    written = pos
+                table_body += b"".join(table)
+                del records, table, positions, refs_iter
+            tlen = pos - tpos + fmt.oid_table_size(nrec)
+            self._check_size(tpos, tlen)
+            file.write_at(written, table_body)
+            file.write_at(written + len(table_body),
+                          fmt.oid_table_crc(table_body) + fmt.encode_trailer(tlen))
+            file.write_at(tpos, fmt.encode_txn_header(tid, tlen, fmt.STATUS_CHECKPOINT, pending.user,
+                                                      pending.description, pending.extension, nrec))
+            fileio.point("commit.after-data-write")
+        except BaseException:
+            self._truncate_back(pending)
+            raise
+        pending.voted = True
+        pending.size = tlen + fmt.TRAILER_SIZE
+        self._new_positions = table_body
 
     def _check_size(self, tpos: int, tlen: int) -> None:
         """Refuse (before anything is durable) a transaction the quota or the format cannot hold."""
@@ -652,7 +710,14 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         self._ts = self._pending_ts
         self._blob_tpc_finish()
         try:
-            self._state.index.update(self._new_positions)
+            positions = self._new_positions
+            if isinstance(positions, dict):
+                self._state.index.update(positions)
+            else:  # a spooled transaction's oid table: in slices (later entries win)
+                step = PUBLISH_SLICE * fmt.TABLE_ENTRY_SIZE
+                for start in range(0, len(positions), step):
+                    self._state.index.update(
+                        dict(fmt.iter_oid_table_entries(positions[start:start + step])))
         except BaseException as exc:
             self._break(f"transaction {pending.tid.hex()} is committed but could not be "
                         f"published ({exc!r}); reopen the storage")
@@ -701,6 +766,8 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
     def _clear_pending(self) -> None:
         with self._lock:
+            if self._pending is not None:
+                self._pending.close()
             self._pending = None
             self._transaction = None
             self._new_positions = {}
@@ -1006,6 +1073,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
                 self._truncate_back(pending)
             self._blob_tpc_abort()
         finally:
+            pending.close()
             self._clear_pending()
         return True
 

@@ -176,7 +176,6 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
         if fileio.same_file(src, dst):
             raise ToolError(f"{dst} is the damaged file itself; recover writes a new file")
     report = RecoverReport(src, dst)
-    newest: dict[bytes, bytes] = {}  # oid -> tid of its newest revision written to dst
     # Written under a temporary name and renamed when complete: an interrupted
     # recover never leaves a partial file under DST's name (it would verify clean).
     tmp = dst + ".recovering"
@@ -187,7 +186,7 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
         storage = FileStorage(tmp, create=True)
         done = False
         try:
-            copier = _Copier(storage, log.reader, report, newest)
+            copier = _Copier(storage, log.reader, report)
             for item in walk(log.reader, fmt.HEADER_SIZE, log.size, True, progress):
                 if isinstance(item, Damage):
                     copier.damage(item, log.size)
@@ -198,6 +197,11 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
                 th = item.header
                 copier.copy(th.tid, th.status, TransactionMetaData(th.user, th.description, th.extension),
                             item.records)
+            # whether each lost record was its oid's newest revision: the new file's index
+            # says which revision is (no oid -> tid map held over the whole copy)
+            for lost in report.lost:
+                if lost.oid is not None and lost.tid is not None:
+                    lost.newest = _newest_tid(storage, lost.oid) < lost.tid
             done = True
         finally:
             storage.close()
@@ -209,14 +213,20 @@ def recover(src: str, dst: str, progress: Progress | None = None, force: bool = 
     else:
         fileio.remove_if_exists(dst + ".index")
     fileio.remove_if_exists(tmp + ".lock")
-    for lost in report.lost:
-        if lost.oid is not None and lost.tid is not None:
-            lost.newest = newest.get(lost.oid, b"") < lost.tid
     report.verify = verify(dst)
     lost_oids = {x.oid for x in report.lost}
     report.dangling = [(p.referrer, p.oid, p.oid in lost_oids) for p in report.verify.problems
                        if p.kind == "dangling" and p.referrer is not None and p.oid is not None]
     return report
+
+
+def _newest_tid(storage, oid: bytes) -> bytes:
+    """The tid of the newest revision of `oid` written to `storage` (b"" if none)."""
+    snap = storage.read_snapshot()
+    pos = snap.index.get(oid)
+    if not pos:
+        return b""
+    return snap.reader.read_data_record(pos, oid).tid
 
 
 def _remove_storage_files(path: str) -> None:
@@ -227,11 +237,10 @@ def _remove_storage_files(path: str) -> None:
 class _Copier:
     """Writes transactions and salvaged pieces to the new storage, in tid order."""
 
-    def __init__(self, storage, reader, report: RecoverReport, newest: dict[bytes, bytes]):
+    def __init__(self, storage, reader, report: RecoverReport):
         self.storage = storage
         self.reader = reader
         self.report = report
-        self.newest = newest
         self.damaged: list[tuple[int, int]] = []
         self.deltas = [0]  # shifts of the moved stretches met so far (see walk.Txn.delta)
         self.last_tid = fmt.Z64
@@ -318,8 +327,6 @@ class _Copier:
             storage.tpc_abort(meta)
             raise
         self.last_tid, self.last_status = tid, status
-        for rec in recs:
-            self.newest[rec.oid] = tid
         report.transactions += 1
         report.records += len(recs)
 
