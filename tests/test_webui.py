@@ -9,6 +9,7 @@ import collections
 import io
 import pickle
 import re
+import os
 import subprocess
 import sys
 import urllib.error
@@ -701,5 +702,9 @@ def test_history_is_paged_and_any_two_revisions_can_be_compared(tmp_path):
         diff = re.search(r'<div class="diff" id="diff">(.*?)</div>\n', html, re.S).group(1)
         assert "-    &#39;counter&#39;: 0" in diff and "+    &#39;counter&#39;: 229" in diff
         assert c.get(f"/object/0x00?a={revisions[0].pos + 1}&b={revisions[0].pos}").status_code == 404
+        for bad in (-1, -(1 << 70), 1 << 64, 1 << 200, 10 ** 30):  # not a position: 404, not 500
+            assert c.get(f"/object/0x00?a={bad}&b={revisions[0].pos}").status_code == 404
+            assert c.get(f"/object/0x00?a={revisions[0].pos}&b={bad}").status_code == 404
+        assert c.get(f"/object/0x00?a={os.path.getsize(path) - 10}&b={revisions[0].pos}").status_code == 404
     finally:
         ins.close()

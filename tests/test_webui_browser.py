@@ -207,6 +207,66 @@ def test_no_token_no_page(server, browser):
     assert "403" in drv.find_element(By.TAG_NAME, "body").text
 
 
+# Plotly reads <a href>, <b>, <span style> in labels: a class name from the database must show
+# as text.  No dots in it, so the graph's short label (the name after the last dot) holds it all.
+MARKUP_NAME = '<a href="http://localhost:1/x">Evil</a><b style="font-size:90px">Big</b>'
+
+
+def test_class_names_are_text_in_the_plots(tmp_path, browser):
+    from webui_db import _dumps_meta
+
+    import refstorage
+    from refstorage.tools.common import oid_repr
+
+    path = str(tmp_path / "markup.rfs")
+    st = refstorage.FileStorage(path)
+    try:
+        import transaction as txn_mod
+        oid = (1).to_bytes(8, "big")
+        t = txn_mod.Transaction()
+        st.tpc_begin(t)
+        st.store(oid, b"\0" * 8, _dumps_meta("evil", MARKUP_NAME) + b"\x80\x03}q\x00.", "", t)
+        # the root: a PersistentMapping whose data references the object
+        root = (_dumps_meta("persistent.mapping", "PersistentMapping")
+                + b"\x80\x03}q\x00X\x04\x00\x00\x00dataq\x01}q\x02X\x01\x00\x00\x00xq\x03C\x08"
+                + oid + b"q\x04N\x86q\x05Qss.")
+        st.store(b"\0" * 8, b"\0" * 8, root, "", t)
+        st.tpc_vote(t)
+        st.tpc_finish(t)
+    finally:
+        st.close()
+    ins = Inspector(path)
+    ins.index()
+    srv = Server(ins, "127.0.0.1", 0)
+    srv.start()
+    drv = browser
+    try:
+        drv.get(srv.url)
+        drv.get(srv.url.split("?")[0] + "classes")
+        _wait(drv, "#classes-plot .bars path", 2)
+        labels = drv.execute_script(
+            "return Array.from(document.querySelectorAll('#classes-plot .ytick text')).map(e => e.textContent)")
+        assert "evil." + MARKUP_NAME in labels
+        for plot in ("#classes-plot", "#graph-plot"):
+            if plot == "#graph-plot":
+                drv.get(srv.url.split("?")[0] + "object/" + oid_repr(b"\0" * 8))
+                _wait(drv, "#graph-plot .scatterlayer .textpoint", 2)
+                texts = drv.execute_script(
+                    "return Array.from(document.querySelectorAll('#graph-plot .textpoint text'))"
+                    ".map(e => e.textContent)")
+                assert any(MARKUP_NAME in x for x in texts), texts
+            links = drv.execute_script(
+                f"return document.querySelectorAll('{plot} svg a').length")
+            bold = drv.execute_script(
+                f"return Array.from(document.querySelectorAll('{plot} svg tspan'))"
+                ".filter(e => (e.getAttribute('style') || '').includes('font-size:90px')).length")
+            assert (links, bold) == (0, 0), plot
+        _no_js_errors(drv)
+    finally:
+        srv.stop()
+        ins.close()
+
+
 # -- a zeo:// source: a ZEO server over a copy of the demo database ------------------------
 
 @pytest.fixture(scope="module")

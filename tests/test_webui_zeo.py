@@ -125,6 +125,8 @@ def test_object_page_through_zeo_shows_references_referrers_and_a_diff(served_de
     same = client.get(f"/object/{oid_repr(revised)}?a={hist[-1].pos}&b={hist[-1].pos}")
     assert "the two revisions have the same state" in same.get_data(as_text=True)
     assert client.get(f"/object/{oid_repr(revised)}?a=1&b=2").status_code == 404
+    for bad in (-1, 1 << 64, 10 ** 30):  # not a tid: 404, not 500 (p64 would raise)
+        assert client.get(f"/object/{oid_repr(revised)}?a={bad}&b={hist[-1].pos}").status_code == 404
     graph = client.get(f"/object/{oid_repr(revised)}/graph").get_json()
     levels = {n["oid"]: n["level"] for n in graph["nodes"]}
     assert levels[oid_repr(revised)] == 0 and levels[oid_repr(ins.references(revised)[0])] == 1

@@ -240,6 +240,8 @@ def create_app(inspector: Model, token: str) -> Flask:
             b = int(request.args["b"]) if "b" in request.args else None
         except ValueError:
             a = b = None
+        if any(x is not None and not 0 <= x < 1 << 64 for x in (a, b)):
+            abort(404)  # no revision is there (a file position or a tid: 64 bits unsigned)
         if a is None or b is None:
             if len(with_data) < 2:
                 return None, None, None

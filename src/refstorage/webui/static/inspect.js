@@ -18,6 +18,13 @@ function pollStatus(url) {
 
 const PLOT_CONFIG = {displaylogo: false, responsive: true};
 
+// Plotly reads a subset of HTML in text, labels and hover text (<a href>, <b>,
+// <span style>, <br>); strings from the database (class names, any bytes a
+// pickle holds) are shown as text, never as that markup.
+function plotText(s) {
+  return String(s).replace(/&/g, "&amp;").replace(/</g, "&lt;").replace(/>/g, "&gt;");
+}
+
 function plotGrowth(id, g) {
   Plotly.newPlot(id, [
     {x: g.day, y: g.bytes, type: "bar", name: "bytes written per day", marker: {color: "#4a7ab5"}},
@@ -31,9 +38,10 @@ function plotGrowth(id, g) {
 }
 
 function plotClasses(id, p) {
+  const names = p.names.map(plotText);
   Plotly.newPlot(id, [
-    {y: p.names, x: p.current, type: "bar", orientation: "h", name: "current bytes", marker: {color: "#4a7ab5"}},
-    {y: p.names, x: p.historical, type: "bar", orientation: "h", name: "historical bytes", marker: {color: "#c9c9c9"}},
+    {y: names, x: p.current, type: "bar", orientation: "h", name: "current bytes", marker: {color: "#4a7ab5"}},
+    {y: names, x: p.historical, type: "bar", orientation: "h", name: "historical bytes", marker: {color: "#c9c9c9"}},
   ], {barmode: "stack", margin: {t: 20, r: 20, b: 40, l: 280}, legend: {orientation: "h", y: 1.1},
       height: Math.max(260, 22 * p.names.length + 80)}, PLOT_CONFIG);
 }
@@ -52,8 +60,8 @@ function plotGraph(id, url) {
     g.edges.forEach(([a, b]) => { ex.push(pos[a][0], pos[b][0], null); ey.push(pos[a][1], pos[b][1], null); });
     const node = {
       x: g.nodes.map(n => pos[n.oid][0]), y: g.nodes.map(n => pos[n.oid][1]),
-      text: g.nodes.map(n => n.oid + "<br>" + n["class"].split(".").slice(-1)[0]),
-      hovertext: g.nodes.map(n => n.oid + " " + n["class"]), customdata: g.nodes.map(n => n.url),
+      text: g.nodes.map(n => plotText(n.oid) + "<br>" + plotText(n["class"].split(".").slice(-1)[0])),
+      hovertext: g.nodes.map(n => plotText(n.oid + " " + n["class"])), customdata: g.nodes.map(n => n.url),
       mode: "markers+text", type: "scatter", textposition: "top center", hoverinfo: "text",
       marker: {size: g.nodes.map(n => n.level === 0 ? 18 : 11),
                color: g.nodes.map(n => n.level === 0 ? "#d4752c" : (n.level < 0 ? "#6a3d9a" : "#4a7ab5"))},
