@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import collections
 import io
+import os
 import pickle
 import re
-import os
 import subprocess
 import sys
 import urllib.error

@@ -213,10 +213,9 @@ MARKUP_NAME = '<a href="http://localhost:1/x">Evil</a><b style="font-size:90px">
 
 
 def test_class_names_are_text_in_the_plots(tmp_path, browser):
-    from webui_db import _dumps_meta
-
     import refstorage
     from refstorage.tools.common import oid_repr
+    from webui_db import _dumps_meta
 
     path = str(tmp_path / "markup.rfs")
     st = refstorage.FileStorage(path)
@@ -245,7 +244,8 @@ def test_class_names_are_text_in_the_plots(tmp_path, browser):
         drv.get(srv.url.split("?")[0] + "classes")
         _wait(drv, "#classes-plot .bars path", 2)
         labels = drv.execute_script(
-            "return Array.from(document.querySelectorAll('#classes-plot .ytick text')).map(e => e.textContent)")
+            "return Array.from(document.querySelectorAll('#classes-plot .ytick text'))"
+            ".map(e => e.textContent)")
         assert "evil." + MARKUP_NAME in labels
         for plot in ("#classes-plot", "#graph-plot"):
             if plot == "#graph-plot":
