@@ -279,6 +279,79 @@ def test_spool_errors_name_the_spool(tmp_path: Path, monkeypatch: pytest.MonkeyP
         core.Spool(str(tmp_path / "missing"), "d.rfs (commit spool)")
 
 
+@pytest.mark.parametrize("fail_at", ["header", "data"])
+def test_a_failed_spool_write_refuses_the_rest_of_the_transaction(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: str) -> None:
+    """A write to the spool that fails part way (disk full) leaves the spool unusable: a
+    caller that catches the store's error and goes on storing gets errors, never another
+    record's bytes committed as its data (outside review)."""
+    monkeypatch.setattr(core, "SPOOL_RECORDS", 4)
+    real_temporary_file = core.tempfile.TemporaryFile
+    plan = {"writes": 0, "fail_on": None}
+
+    class Failing:  # the spool's file, whose write can fail part way
+        def __init__(self, *args, **kwargs):
+            self._f = real_temporary_file(*args, **kwargs)
+
+        def write(self, b):
+            plan["writes"] += 1
+            if plan["writes"] == plan["fail_on"]:
+                self._f.write(bytes(b)[:5])  # part of it reached the file
+                raise OSError(28, "No space left on device")
+            return self._f.write(b)
+
+        def __getattr__(self, name):
+            return getattr(self._f, name)
+
+    monkeypatch.setattr(core.tempfile, "TemporaryFile", Failing)
+    path = str(tmp_path / "d.rfs")
+    st = refstorage.FileStorage(path, create=True)
+    try:
+        t = TransactionMetaData()
+        st.tpc_begin(t)
+        for i in range(6):
+            st.store(p64(i), z64, b"object %d " % i + b"x" * 30, "", t)
+        assert plan["writes"] > 0  # spooled
+        plan["fail_on"] = plan["writes"] + (1 if fail_at == "header" else 2)
+        with pytest.raises(errors.StorageIOError, match="No space left"):
+            st.store(p64(6), z64, b"object 6 " + b"x" * 30, "", t)
+        with pytest.raises(errors.StorageIOError, match="earlier write to the commit spool failed"):
+            st.store(p64(7), z64, b"object 7", "", t)
+        st.tpc_abort(t)
+        # the storage goes on: a new transaction commits and loads
+        t = TransactionMetaData()
+        st.tpc_begin(t)
+        for i in range(8):
+            st.store(p64(i), z64, b"again %d" % i, "", t)
+        st.tpc_vote(t)
+        st.tpc_finish(t)
+        assert [st.load(p64(i))[0] for i in range(8)] == [b"again %d" % i for i in range(8)]
+    finally:
+        st.close()
+
+
+def test_a_spool_record_cut_short_is_an_error(tmp_path: Path) -> None:
+    spool = core.Spool(str(tmp_path), "d.rfs (commit spool)")
+    try:
+        spool.append(p64(1), b"abcdef", 0, 0)
+        spool.append(p64(2), b"ghi", 0, 0)
+        good = spool.end
+        spool.offsets[1] -= 2  # where the records are no longer matches what was written
+        with pytest.raises(errors.StorageIOError, match="commit spool record"):
+            spool.record(0)
+        spool.offsets[1] += 2
+        spool.end = good - 1  # the last record cut short
+        with pytest.raises(errors.StorageIOError, match="commit spool record"):
+            spool.record(1)
+        with pytest.raises(errors.StorageIOError, match="commit spool record"):
+            list(spool.chunks())
+        spool.end = good + 1  # a byte more than the records hold
+        with pytest.raises(errors.StorageIOError, match="commit spool"):
+            list(spool.chunks())
+    finally:
+        spool.close()
+
+
 def test_iterator_reads_a_large_transaction_in_bounded_chunks(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The iterator (copyTransactionsFrom, convert, ZEO's remote iterator) never reads a

@@ -1057,6 +1057,12 @@ gc_refs(PyObject *module, PyObject *args)
         crc_init();
     wpos = (uint64_t)wpos_ll;
     pack_pos = (uint64_t)pack_pos_ll;
+    if (i < 0 || wpos_ll < 0 || pack_pos_ll < 0) {
+        PyBuffer_Release(&win);
+        PyBuffer_Release(&positions);
+        PyErr_SetString(PyExc_ValueError, "gc_refs: negative index or position");
+        return NULL;
+    }
     ps = (const uint64_t *)positions.buf;
     np = positions.len / 8;
     if (n > np)

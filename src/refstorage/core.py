@@ -81,6 +81,7 @@ class Spool:
         self.oids = bytearray()
         self.offsets = array("Q")
         self.end = 0
+        self._failed: str | None = None
         try:
             self._file = tempfile.TemporaryFile(dir=directory, prefix=".refstorage-spool-",
                                                 buffering=1 << 20)
@@ -93,12 +94,19 @@ class Spool:
         return len(self.offsets)
 
     def append(self, oid: bytes, data: bytes | None, back: int, prev: int) -> None:
+        """Add a record.  After a failed write the spool is unusable (part of the record may be
+        in it, and later records would not be where `offsets` says): every later append
+        raises too, and the transaction can only be aborted."""
+        if self._failed is not None:
+            raise StorageIOError(self.path, "an earlier write to the commit spool failed "
+                                 f"({self._failed}); abort this transaction", self.end)
         header = _SPOOL_HEADER.pack(back, prev, _NO_DATA if data is None else len(data))
         try:
             self._file.write(header)
             if data:
                 self._file.write(data)
         except OSError as exc:
+            self._failed = exc.strerror or str(exc)
             raise StorageIOError(self.path, f"write failed: {exc.strerror or exc}", self.end,
                                  exc.errno) from None
         self.oids += oid
@@ -128,15 +136,23 @@ class Spool:
         size = _SPOOL_HEADER.size
         out = []
         off = 0
+        start = self.offsets[i] if i < len(self.offsets) else self.end
         for k in range(i, j):
+            if len(buf) - off < size:
+                raise StorageIOError(self.path, "commit spool record cut short", start + off)
             back, prev, dlen = unpack(buf, off)
             off += size
             if dlen == _NO_DATA:
                 data = None
             else:
+                if len(buf) - off < dlen:
+                    raise StorageIOError(self.path, "commit spool record cut short", start + off)
                 data = buf[off:off + dlen]
                 off += dlen
             out.append((bytes(oids[8 * k:8 * k + 8]), data, back, prev))
+        if off != len(buf):
+            raise StorageIOError(self.path, "commit spool records do not end where expected",
+                                 start + off)
         return out
 
     def chunks(self, limit: int = SPOOL_READ) -> Iterator[list[tuple[bytes, bytes | None, int, int]]]:

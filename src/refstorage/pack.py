@@ -611,17 +611,28 @@ class _TxnOut:
         if self.pending:
             pending, self.pending = self.pending, bytearray()
             self.table.append(pending)
-            self.copier.index.update_log_order(list(_TABLE_ENTRY.iter_unpack(pending)))
 
     def finish(self) -> None:
+        """Write the oid table and trailer, patch the header; then, and only then, the new
+        index gets the transaction's entries: until its end, a lookup (a record's prev) sees
+        the index as it was before the transaction, also for an oid stored twice in it."""
         self.flush()
         w = self.writer
         tlen = self.pos - self.tpos + fmt.oid_table_size(self.nrec)
+        update = self.copier.index.update_log_order
+        rest = b""  # the spool's chunks need not end on an entry's boundary
         try:
             for chunk in self.table.chunks():
                 w.write(chunk)
+                data = rest + chunk if rest else chunk
+                cut = len(data) - len(data) % _TABLE_ENTRY.size
+                if cut:
+                    update(list(_TABLE_ENTRY.iter_unpack(memoryview(data)[:cut])))
+                rest = bytes(data[cut:])
         finally:
             self.table.close()
+        if rest:
+            raise ValueError("oid table spool holds a partial entry")  # cannot happen
         w.write(_CRC.pack(self.table.crc))
         w.write(fmt.encode_trailer(tlen))
         w.patch(self.tpos, self._header(tlen, self.nrec))
