@@ -1355,46 +1355,68 @@ done:
 
 /* ---------------------------------------------------------------------------------
  * OidMap: verify's oid -> position map for its walk (tools.common.OidMap; the
- * Python twin is tools.common.PyOidMap).  An open-addressing hash table of
+ * Python twin is tools.common.PyOidMap).  Open-addressing hash tables of
  * (oid as a native uint64, position) pairs, linear probing, position 0 marks
  * an empty slot (positions are 1 .. 2**48-1, as in OidIndex).  No deletion.
- * The table doubles when it is 3/4 full: 21 to 43 bytes an entry, with no
- * merges (an OidIndex fed in batches spends its time merging them).
+ * 21 to 43 bytes an entry, with no merges (an OidIndex fed in batches spends
+ * its time merging them).
  */
 
 #define OIDMAP_MAX_POS ((((uint64_t)1) << 48) - 1)
-#define OIDMAP_MIN_CAP 1024
+#define OIDMAP_PART_BITS 6
+#define OIDMAP_PARTS (1 << OIDMAP_PART_BITS)
+#define OIDMAP_MIN_CAP 16
 
+/* The table is split in OIDMAP_PARTS parts by the top bits of the oid's hash, each
+ * an open-addressing table that doubles on its own when 3/4 full: a doubling holds
+ * the old and the new copy of one part only, not of the whole map. */
 typedef struct {
-    PyObject_HEAD
     uint64_t *slots;   /* 2 * cap: oid, position */
     Py_ssize_t cap;    /* a power of two */
     Py_ssize_t count;
     int shift;         /* 64 - log2(cap) */
+} OidMapPart;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t count;
+    OidMapPart parts[OIDMAP_PARTS];
 } OidMapObject;
 
-static inline Py_ssize_t
-oidmap_home(const OidMapObject *m, uint64_t oid)
+static inline uint64_t
+oidmap_hash(uint64_t oid)
 {
-    return (Py_ssize_t)((oid * UINT64_C(0x9E3779B97F4A7C15)) >> m->shift);
+    return oid * UINT64_C(0x9E3779B97F4A7C15);
 }
 
-/* The slot of `oid`: where it is, or the empty slot where it would go. */
-static inline Py_ssize_t
-oidmap_find(const OidMapObject *m, uint64_t oid)
+static inline OidMapPart *
+oidmap_part(OidMapObject *m, uint64_t h)
 {
-    Py_ssize_t mask = m->cap - 1, i = oidmap_home(m, oid);
-    const uint64_t *s = m->slots;
+    return &m->parts[h >> (64 - OIDMAP_PART_BITS)];
+}
+
+static inline Py_ssize_t
+oidmap_home(const OidMapPart *p, uint64_t h)
+{
+    return (Py_ssize_t)((h << OIDMAP_PART_BITS) >> p->shift);
+}
+
+/* The slot of `oid` in its part: where it is, or the empty slot where it would go. */
+static inline Py_ssize_t
+oidmap_find(const OidMapPart *p, uint64_t oid, uint64_t h)
+{
+    Py_ssize_t mask = p->cap - 1, i = oidmap_home(p, h);
+    const uint64_t *s = p->slots;
     while (s[2 * i + 1] != 0 && s[2 * i] != oid)
         i = (i + 1) & mask;
     return i;
 }
 
 static int
-oidmap_resize(OidMapObject *m, Py_ssize_t cap)
+oidmap_resize(OidMapPart *p, Py_ssize_t cap)
 {
-    uint64_t *old = m->slots, *slots;
-    Py_ssize_t oldcap = m->cap, i;
+    uint64_t *old = p->slots, *slots;
+    Py_ssize_t oldcap = p->cap, i;
     int bits = 0;
 
     if ((size_t)cap > PY_SSIZE_T_MAX / 16) {
@@ -1408,12 +1430,12 @@ oidmap_resize(OidMapObject *m, Py_ssize_t cap)
     }
     while (((Py_ssize_t)1 << bits) < cap)
         bits++;
-    m->slots = slots;
-    m->cap = cap;
-    m->shift = 64 - bits;
+    p->slots = slots;
+    p->cap = cap;
+    p->shift = 64 - bits;
     for (i = 0; i < oldcap; i++) {
         if (old[2 * i + 1] != 0) {
-            Py_ssize_t j = oidmap_find(m, old[2 * i]);
+            Py_ssize_t j = oidmap_find(p, old[2 * i], oidmap_hash(old[2 * i]));
             slots[2 * j] = old[2 * i];
             slots[2 * j + 1] = old[2 * i + 1];
         }
@@ -1422,42 +1444,53 @@ oidmap_resize(OidMapObject *m, Py_ssize_t cap)
     return 0;
 }
 
-/* Room for `more` new entries. */
-static int
-oidmap_reserve(OidMapObject *m, Py_ssize_t more)
-{
-    Py_ssize_t cap = m->cap;
-    if (more > PY_SSIZE_T_MAX / 4 - m->count) {
-        PyErr_NoMemory();
-        return -1;
-    }
-    while ((m->count + more) * 4 > cap * 3)
-        cap *= 2;
-    return cap == m->cap ? 0 : oidmap_resize(m, cap);
-}
-
-/* Set oid -> pos (room reserved); 1 if the oid was new. */
+/* Set oid -> pos (pos != 0); -1 with MemoryError set when its part cannot grow. */
 static inline int
 oidmap_set(OidMapObject *m, uint64_t oid, uint64_t pos)
 {
-    Py_ssize_t i = oidmap_find(m, oid);
-    int added = m->slots[2 * i + 1] == 0;
-    m->slots[2 * i] = oid;
-    m->slots[2 * i + 1] = pos;
-    m->count += added;
-    return added;
+    uint64_t h = oidmap_hash(oid);
+    OidMapPart *p = oidmap_part(m, h);
+    Py_ssize_t i = oidmap_find(p, oid, h);
+    if (p->slots[2 * i + 1] == 0) {
+        if ((p->count + 1) * 4 > p->cap * 3) {
+            if (oidmap_resize(p, p->cap * 2) < 0)
+                return -1;
+            i = oidmap_find(p, oid, h);
+        }
+        p->count++;
+        m->count++;
+        p->slots[2 * i] = oid;
+    }
+    p->slots[2 * i + 1] = pos;
+    return 0;
 }
 
 static inline uint64_t
-oidmap_get(const OidMapObject *m, uint64_t oid)
+oidmap_get(OidMapObject *m, uint64_t oid)
 {
-    return m->slots[2 * oidmap_find(m, oid) + 1];
+    uint64_t h = oidmap_hash(oid);
+    OidMapPart *p = oidmap_part(m, h);
+    return p->slots[2 * oidmap_find(p, oid, h) + 1];
+}
+
+static inline void
+oidmap_prefetch(OidMapObject *m, uint64_t oid)
+{
+#if defined(__GNUC__)
+    uint64_t h = oidmap_hash(oid);
+    OidMapPart *p = oidmap_part(m, h);
+    __builtin_prefetch(p->slots + 2 * oidmap_home(p, h));
+#else
+    (void)m;
+    (void)oid;
+#endif
 }
 
 static PyObject *
 oidmap_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 {
     OidMapObject *m;
+    int k;
     if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
         PyErr_SetString(PyExc_TypeError, "OidMap() takes no arguments");
         return NULL;
@@ -1465,12 +1498,17 @@ oidmap_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     m = (OidMapObject *)type->tp_alloc(type, 0);
     if (m == NULL)
         return NULL;
-    m->slots = NULL;
-    m->cap = 0;
     m->count = 0;
-    if (oidmap_resize(m, OIDMAP_MIN_CAP) < 0) {
-        Py_DECREF(m);
-        return NULL;
+    for (k = 0; k < OIDMAP_PARTS; k++) {
+        m->parts[k].slots = NULL;
+        m->parts[k].cap = 0;
+        m->parts[k].count = 0;
+    }
+    for (k = 0; k < OIDMAP_PARTS; k++) {
+        if (oidmap_resize(&m->parts[k], OIDMAP_MIN_CAP) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
     }
     return (PyObject *)m;
 }
@@ -1478,34 +1516,39 @@ oidmap_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
 static void
 oidmap_dealloc(OidMapObject *m)
 {
-    PyMem_Free(m->slots);
+    int k;
+    for (k = 0; k < OIDMAP_PARTS; k++)
+        PyMem_Free(m->parts[k].slots);
     Py_TYPE(m)->tp_free((PyObject *)m);
 }
 
-/* array('Q') of n native uint64 values. */
+/* A new array('Q') of n zeros, and a pointer to its items in *items (no copy on the way:
+ * array('Q', 8 zero bytes) * n); NULL with an exception set on failure.  The pointer is
+ * good while the array is not resized. */
 static PyObject *
-u64_array(const uint64_t *values, Py_ssize_t n)
+u64_array(Py_ssize_t n, uint64_t **items)
 {
-    PyObject *array_mod, *arr, *raw, *r;
+    PyObject *array_mod, *one, *zero, *arr;
+    Py_buffer view;
     array_mod = PyImport_ImportModule("array");
     if (array_mod == NULL)
         return NULL;
-    arr = PyObject_CallMethod(array_mod, "array", "s", "Q");
+    zero = PyBytes_FromStringAndSize("\0\0\0\0\0\0\0\0", 8);
+    one = zero == NULL ? NULL : PyObject_CallMethod(array_mod, "array", "sO", "Q", zero);
+    Py_XDECREF(zero);
     Py_DECREF(array_mod);
+    if (one == NULL)
+        return NULL;
+    arr = PySequence_Repeat(one, n);
+    Py_DECREF(one);
     if (arr == NULL)
         return NULL;
-    raw = PyBytes_FromStringAndSize((const char *)values, n * 8);
-    if (raw == NULL) {
+    if (PyObject_GetBuffer(arr, &view, PyBUF_WRITABLE) < 0) {
         Py_DECREF(arr);
         return NULL;
     }
-    r = PyObject_CallMethod(arr, "frombytes", "O", raw);
-    Py_DECREF(raw);
-    if (r == NULL) {
-        Py_DECREF(arr);
-        return NULL;
-    }
-    Py_DECREF(r);
+    *items = (uint64_t *)view.buf;
+    PyBuffer_Release(&view);
     return arr;
 }
 
@@ -1587,25 +1630,21 @@ oidmap_swap_table(OidMapObject *m, PyObject *arg)
             goto done;
         }
     }
-    out = PyMem_Malloc(n ? (size_t)n * 8 : 8);
-    if (out == NULL) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (oidmap_reserve(m, n) < 0)
+    result = u64_array(n, &out);
+    if (result == NULL)
         goto done;
     for (i = 0; i < n; i++) {
-#if defined(__GNUC__)
         if (i + 8 < n)
-            __builtin_prefetch(m->slots + 2 * oidmap_home(m, be64(t + 16 * (i + 8))));
-#endif
+            oidmap_prefetch(m, be64(t + 16 * (i + 8)));
         out[i] = oidmap_get(m, be64(t + 16 * i));
     }
-    for (i = 0; i < n; i++)
-        oidmap_set(m, be64(t + 16 * i), be64(t + 16 * i + 8));
-    result = u64_array(out, n);
+    for (i = 0; i < n; i++) {
+        if (oidmap_set(m, be64(t + 16 * i), be64(t + 16 * i + 8)) < 0) {
+            Py_CLEAR(result);
+            break;
+        }
+    }
 done:
-    PyMem_Free(out);
     PyBuffer_Release(&table);
     return result;
 }
@@ -1640,12 +1679,11 @@ oidmap_update(OidMapObject *m, PyObject *arg)
             return NULL;
         }
     }
-    if (oidmap_reserve(m, PyDict_GET_SIZE(arg)) < 0)
-        return NULL;
     it = 0;
     while (PyDict_Next(arg, &it, &key, &value)) {
         oidmap_key(key, &oid);
-        oidmap_set(m, oid, (uint64_t)PyLong_AsUnsignedLongLong(value));
+        if (oidmap_set(m, oid, (uint64_t)PyLong_AsUnsignedLongLong(value)) < 0)
+            return NULL;
     }
     Py_RETURN_NONE;
 }
@@ -1667,20 +1705,14 @@ oidmap_lookup(OidMapObject *m, PyObject *arg)
         return NULL;
     n = oids.len / 8;
     o = (const unsigned char *)oids.buf;
-    out = PyMem_Malloc(n ? (size_t)n * 8 : 8);
-    if (out == NULL) {
-        PyErr_NoMemory();
-    } else {
+    result = u64_array(n, &out);
+    if (result != NULL) {
         for (i = 0; i < n; i++) {
-#if defined(__GNUC__)
             if (i + 8 < n)
-                __builtin_prefetch(m->slots + 2 * oidmap_home(m, be64(o + 8 * (i + 8))));
-#endif
+                oidmap_prefetch(m, be64(o + 8 * (i + 8)));
             out[i] = oidmap_get(m, be64(o + 8 * i));
         }
-        result = u64_array(out, n);
     }
-    PyMem_Free(out);
     PyBuffer_Release(&oids);
     return result;
 }
@@ -1692,15 +1724,17 @@ static PyObject *
 oidmap_positions(OidMapObject *m, PyObject *Py_UNUSED(ignored))
 {
     Py_ssize_t i, k = 0;
-    uint64_t *out = PyMem_Malloc(m->count ? (size_t)m->count * 8 : 8);
-    PyObject *result;
-    if (out == NULL)
-        return PyErr_NoMemory();
-    for (i = 0; i < m->cap; i++)
-        if (m->slots[2 * i + 1] != 0)
-            out[k++] = m->slots[2 * i + 1];
-    result = u64_array(out, k);
-    PyMem_Free(out);
+    uint64_t *out;
+    PyObject *result = u64_array(m->count, &out);
+    if (result == NULL)
+        return NULL;
+    int part;
+    for (part = 0; part < OIDMAP_PARTS; part++) {
+        const OidMapPart *p = &m->parts[part];
+        for (i = 0; i < p->cap; i++)
+            if (p->slots[2 * i + 1] != 0)
+                out[k++] = p->slots[2 * i + 1];
+    }
     return result;
 }
 
@@ -1725,11 +1759,15 @@ oidmap_table(OidMapObject *m, PyObject *Py_UNUSED(ignored))
     unsigned char *dst;
     if (pairs == NULL)
         return PyErr_NoMemory();
-    for (i = 0; i < m->cap; i++) {
-        if (m->slots[2 * i + 1] != 0) {
-            pairs[2 * k] = m->slots[2 * i];
-            pairs[2 * k + 1] = m->slots[2 * i + 1];
-            k++;
+    int part;
+    for (part = 0; part < OIDMAP_PARTS; part++) {
+        const OidMapPart *p = &m->parts[part];
+        for (i = 0; i < p->cap; i++) {
+            if (p->slots[2 * i + 1] != 0) {
+                pairs[2 * k] = p->slots[2 * i];
+                pairs[2 * k + 1] = p->slots[2 * i + 1];
+                k++;
+            }
         }
     }
     qsort(pairs, (size_t)k, 16, cmp_pair);
