@@ -29,9 +29,13 @@ whole and its records checked in C (`_refscan.check_records`, the same checks
 as `log._checked_records`); only a transaction that fails them is decoded in
 Python, which names the error.  The records are then judged from arrays, and
 the references pass reads the current records through `_refscan.gc_refs`.  The
-index is fed in batches (a dict of at most INDEX_BATCH entries, a
-transaction's records RECORD_BATCH at a time), so memory does not grow with a
-transaction.
+walk's oid -> position map is `_refscan.OidMap`, a hash table in C (16 bytes a
+slot, at most 3/4 full): one `swap_table` call per transaction gives its
+records' expected prevs and sets them, and the index file is compared with
+`OidMap.same_as` (an OidIndex is built from the map only to list differences).
+Without the extension, its twin `common.PyOidMap` keeps an OidIndex fed in dict
+batches of at most INDEX_BATCH entries.  A decoded transaction's records go to
+the map RECORD_BATCH at a time, so memory does not grow with a transaction.
 """
 
 from __future__ import annotations
