@@ -1205,6 +1205,53 @@ cmp_u64(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+/* LSD radix sort, 16-bit digits, only over the digits the largest value has;
+ * -1 (nothing changed) when the scratch buffer cannot be had. */
+static int
+radix_sort_u64(uint64_t *a, Py_ssize_t n)
+{
+    uint64_t *tmp, *src = a, *dst, top = 0;
+    Py_ssize_t i, *count;
+    int shift;
+
+    if (n < 64) {
+        qsort(a, (size_t)n, 8, cmp_u64);
+        return 0;
+    }
+    for (i = 0; i < n; i++)
+        top |= a[i];
+    tmp = PyMem_Malloc((size_t)n * 8);
+    count = PyMem_Malloc(65536 * sizeof(Py_ssize_t));
+    if (tmp == NULL || count == NULL) {
+        PyMem_Free(tmp);
+        PyMem_Free(count);
+        return -1;
+    }
+    dst = tmp;
+    for (shift = 0; shift < 64 && (top >> shift); shift += 16) {
+        Py_ssize_t sum = 0;
+        uint64_t *t;
+        memset(count, 0, 65536 * sizeof(Py_ssize_t));
+        for (i = 0; i < n; i++)
+            count[(src[i] >> shift) & 0xffff]++;
+        for (i = 0; i < 65536; i++) {
+            Py_ssize_t c = count[i];
+            count[i] = sum;
+            sum += c;
+        }
+        for (i = 0; i < n; i++)
+            dst[count[(src[i] >> shift) & 0xffff]++] = src[i];
+        t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, (size_t)n * 8);
+    PyMem_Free(tmp);
+    PyMem_Free(count);
+    return 0;
+}
+
 PyDoc_STRVAR(sort_positions_doc,
 "sort_positions(positions) -> None\n\n"
 "Sort an array('Q') in place (no list of a million ints on the way).");
@@ -1220,7 +1267,8 @@ sort_positions(PyObject *module, PyObject *arg)
         PyErr_SetString(PyExc_TypeError, "sort_positions() needs an array('Q')");
         return NULL;
     }
-    qsort(view.buf, (size_t)(view.len / 8), 8, cmp_u64);
+    if (radix_sort_u64((uint64_t *)view.buf, view.len / 8) < 0)
+        qsort(view.buf, (size_t)(view.len / 8), 8, cmp_u64);  /* no memory for the radix sort */
     PyBuffer_Release(&view);
     Py_RETURN_NONE;
 }
@@ -1311,6 +1359,549 @@ done:
     return result;
 }
 
+/* ---------------------------------------------------------------------------------
+ * OidMap: verify's oid -> position map for its walk (tools.common.OidMap; the
+ * Python twin is tools.common.PyOidMap).  Open-addressing hash tables of
+ * (oid as a native uint64, position) pairs, linear probing, position 0 marks
+ * an empty slot (positions are 1 .. 2**48-1, as in OidIndex).  No deletion.
+ * 21 to 43 bytes an entry, with no merges (an OidIndex fed in batches spends
+ * its time merging them).
+ */
+
+#define OIDMAP_MAX_POS ((((uint64_t)1) << 48) - 1)
+#define OIDMAP_PART_BITS 6
+#define OIDMAP_PARTS (1 << OIDMAP_PART_BITS)
+#define OIDMAP_MIN_CAP 16
+
+/* The table is split in OIDMAP_PARTS parts by the top bits of the oid's hash, each
+ * an open-addressing table that doubles on its own when 3/4 full: a doubling holds
+ * the old and the new copy of one part only, not of the whole map. */
+typedef struct {
+    uint64_t *slots;   /* 2 * cap: oid, position */
+    Py_ssize_t cap;    /* a power of two */
+    Py_ssize_t count;
+    int shift;         /* 64 - log2(cap) */
+} OidMapPart;
+
+typedef struct {
+    PyObject_HEAD
+    Py_ssize_t count;
+    OidMapPart parts[OIDMAP_PARTS];
+} OidMapObject;
+
+static inline uint64_t
+oidmap_hash(uint64_t oid)
+{
+    return oid * UINT64_C(0x9E3779B97F4A7C15);
+}
+
+static inline OidMapPart *
+oidmap_part(OidMapObject *m, uint64_t h)
+{
+    return &m->parts[h >> (64 - OIDMAP_PART_BITS)];
+}
+
+static inline Py_ssize_t
+oidmap_home(const OidMapPart *p, uint64_t h)
+{
+    return (Py_ssize_t)((h << OIDMAP_PART_BITS) >> p->shift);
+}
+
+/* The slot of `oid` in its part: where it is, or the empty slot where it would go. */
+static inline Py_ssize_t
+oidmap_find(const OidMapPart *p, uint64_t oid, uint64_t h)
+{
+    Py_ssize_t mask = p->cap - 1, i = oidmap_home(p, h);
+    const uint64_t *s = p->slots;
+    while (s[2 * i + 1] != 0 && s[2 * i] != oid)
+        i = (i + 1) & mask;
+    return i;
+}
+
+static int
+oidmap_resize(OidMapPart *p, Py_ssize_t cap)
+{
+    uint64_t *old = p->slots, *slots;
+    Py_ssize_t oldcap = p->cap, i;
+    int bits = 0;
+
+    if ((size_t)cap > PY_SSIZE_T_MAX / 16) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    slots = PyMem_Calloc((size_t)cap, 16);
+    if (slots == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    while (((Py_ssize_t)1 << bits) < cap)
+        bits++;
+    p->slots = slots;
+    p->cap = cap;
+    p->shift = 64 - bits;
+    for (i = 0; i < oldcap; i++) {
+        if (old[2 * i + 1] != 0) {
+            Py_ssize_t j = oidmap_find(p, old[2 * i], oidmap_hash(old[2 * i]));
+            slots[2 * j] = old[2 * i];
+            slots[2 * j + 1] = old[2 * i + 1];
+        }
+    }
+    PyMem_Free(old);
+    return 0;
+}
+
+/* Set oid -> pos (pos != 0); -1 with MemoryError set when its part cannot grow. */
+static inline int
+oidmap_set(OidMapObject *m, uint64_t oid, uint64_t pos)
+{
+    uint64_t h = oidmap_hash(oid);
+    OidMapPart *p = oidmap_part(m, h);
+    Py_ssize_t i = oidmap_find(p, oid, h);
+    if (p->slots[2 * i + 1] == 0) {
+        if ((p->count + 1) * 4 > p->cap * 3) {
+            if (oidmap_resize(p, p->cap * 2) < 0)
+                return -1;
+            i = oidmap_find(p, oid, h);
+        }
+        p->count++;
+        m->count++;
+        p->slots[2 * i] = oid;
+    }
+    p->slots[2 * i + 1] = pos;
+    return 0;
+}
+
+static inline uint64_t
+oidmap_get(OidMapObject *m, uint64_t oid)
+{
+    uint64_t h = oidmap_hash(oid);
+    OidMapPart *p = oidmap_part(m, h);
+    return p->slots[2 * oidmap_find(p, oid, h) + 1];
+}
+
+static inline void
+oidmap_prefetch(OidMapObject *m, uint64_t oid)
+{
+#if defined(__GNUC__)
+    uint64_t h = oidmap_hash(oid);
+    OidMapPart *p = oidmap_part(m, h);
+    __builtin_prefetch(p->slots + 2 * oidmap_home(p, h));
+#else
+    (void)m;
+    (void)oid;
+#endif
+}
+
+static PyObject *
+oidmap_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    OidMapObject *m;
+    int k;
+    if (PyTuple_GET_SIZE(args) || (kwds != NULL && PyDict_GET_SIZE(kwds))) {
+        PyErr_SetString(PyExc_TypeError, "OidMap() takes no arguments");
+        return NULL;
+    }
+    m = (OidMapObject *)type->tp_alloc(type, 0);
+    if (m == NULL)
+        return NULL;
+    m->count = 0;
+    for (k = 0; k < OIDMAP_PARTS; k++) {
+        m->parts[k].slots = NULL;
+        m->parts[k].cap = 0;
+        m->parts[k].count = 0;
+    }
+    for (k = 0; k < OIDMAP_PARTS; k++) {
+        if (oidmap_resize(&m->parts[k], OIDMAP_MIN_CAP) < 0) {
+            Py_DECREF(m);
+            return NULL;
+        }
+    }
+    return (PyObject *)m;
+}
+
+static void
+oidmap_dealloc(OidMapObject *m)
+{
+    int k;
+    for (k = 0; k < OIDMAP_PARTS; k++)
+        PyMem_Free(m->parts[k].slots);
+    Py_TYPE(m)->tp_free((PyObject *)m);
+}
+
+/* A new array('Q') of n zeros, and a pointer to its items in *items (no copy on the way:
+ * array('Q', 8 zero bytes) * n); NULL with an exception set on failure.  The pointer is
+ * good while the array is not resized. */
+static PyObject *
+u64_array(Py_ssize_t n, uint64_t **items)
+{
+    PyObject *array_mod, *one, *zero, *arr;
+    Py_buffer view;
+    array_mod = PyImport_ImportModule("array");
+    if (array_mod == NULL)
+        return NULL;
+    zero = PyBytes_FromStringAndSize("\0\0\0\0\0\0\0\0", 8);
+    one = zero == NULL ? NULL : PyObject_CallMethod(array_mod, "array", "sO", "Q", zero);
+    Py_XDECREF(zero);
+    Py_DECREF(array_mod);
+    if (one == NULL)
+        return NULL;
+    arr = PySequence_Repeat(one, n);
+    Py_DECREF(one);
+    if (arr == NULL)
+        return NULL;
+    if (PyObject_GetBuffer(arr, &view, PyBUF_WRITABLE) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    *items = (uint64_t *)view.buf;
+    PyBuffer_Release(&view);
+    return arr;
+}
+
+/* The oid `key` as a native uint64: 1, or 0 when it is not 8 bytes (-1: error set). */
+static int
+oidmap_key(PyObject *key, uint64_t *oid)
+{
+    if (!PyBytes_Check(key))
+        return 0;
+    if (PyBytes_GET_SIZE(key) != 8)
+        return 0;
+    *oid = be64((const unsigned char *)PyBytes_AS_STRING(key));
+    return 1;
+}
+
+static Py_ssize_t
+oidmap_len(OidMapObject *m)
+{
+    return m->count;
+}
+
+static int
+oidmap_contains(OidMapObject *m, PyObject *key)
+{
+    uint64_t oid;
+    if (!oidmap_key(key, &oid))
+        return 0;
+    return oidmap_get(m, oid) != 0;
+}
+
+PyDoc_STRVAR(oidmap_get_doc, "get(oid, default=None): the position of `oid`, or `default`.");
+
+static PyObject *
+oidmap_get_method(OidMapObject *m, PyObject *args)
+{
+    PyObject *key, *dflt = Py_None;
+    uint64_t oid, pos = 0;
+    if (!PyArg_ParseTuple(args, "O|O:get", &key, &dflt))
+        return NULL;
+    if (oidmap_key(key, &oid))
+        pos = oidmap_get(m, oid);
+    if (pos == 0) {
+        Py_INCREF(dflt);
+        return dflt;
+    }
+    return PyLong_FromUnsignedLongLong(pos);
+}
+
+PyDoc_STRVAR(oidmap_swap_table_doc,
+"swap_table(table) -> array('Q')\n\n"
+"`table` is oid-table entries (16 bytes each: an 8-byte oid, its 8-byte\n"
+"big-endian position).  Returns each entry's oid's position before the call\n"
+"(0 if absent; all looked up before any is set), then sets the entries in\n"
+"order (where an oid repeats, the last wins).  ValueError (nothing changed)\n"
+"for a position not in 1..2**48-1.");
+
+static PyObject *
+oidmap_swap_table(OidMapObject *m, PyObject *arg)
+{
+    Py_buffer table;
+    Py_ssize_t i, n;
+    const unsigned char *t;
+    uint64_t *out = NULL;
+    PyObject *result = NULL;
+
+    if (PyObject_GetBuffer(arg, &table, PyBUF_SIMPLE) < 0)
+        return NULL;
+    if (table.len % 16) {
+        PyErr_SetString(PyExc_ValueError, "an oid table is made of 16-byte entries");
+        goto done;
+    }
+    n = table.len / 16;
+    t = (const unsigned char *)table.buf;
+    for (i = 0; i < n; i++) {
+        uint64_t pos = be64(t + 16 * i + 8);
+        if (pos == 0 || pos > OIDMAP_MAX_POS) {
+            PyErr_Format(PyExc_ValueError, "position %llu is not in 1..2**48-1",
+                         (unsigned long long)pos);
+            goto done;
+        }
+    }
+    result = u64_array(n, &out);
+    if (result == NULL)
+        goto done;
+    for (i = 0; i < n; i++) {
+        if (i + 8 < n)
+            oidmap_prefetch(m, be64(t + 16 * (i + 8)));
+        out[i] = oidmap_get(m, be64(t + 16 * i));
+    }
+    for (i = 0; i < n; i++) {
+        if (oidmap_set(m, be64(t + 16 * i), be64(t + 16 * i + 8)) < 0) {
+            Py_CLEAR(result);
+            break;
+        }
+    }
+done:
+    PyBuffer_Release(&table);
+    return result;
+}
+
+PyDoc_STRVAR(oidmap_update_doc,
+"update(entries: dict[bytes, int]) -> None\n\n"
+"Set every oid -> position of `entries`.  ValueError (nothing changed) for an\n"
+"oid that is not 8 bytes or a position not in 1..2**48-1.");
+
+static PyObject *
+oidmap_update(OidMapObject *m, PyObject *arg)
+{
+    Py_ssize_t it = 0;
+    PyObject *key, *value;
+    uint64_t oid;
+
+    if (!PyDict_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "OidMap.update() needs a dict");
+        return NULL;
+    }
+    while (PyDict_Next(arg, &it, &key, &value)) {
+        unsigned long long pos;
+        if (!oidmap_key(key, &oid)) {
+            PyErr_Format(PyExc_ValueError, "an oid is 8 bytes, not %R", key);
+            return NULL;
+        }
+        pos = PyLong_Check(value) ? PyLong_AsUnsignedLongLong(value) : 0;
+        if (pos == (unsigned long long)-1 && PyErr_Occurred())
+            PyErr_Clear();
+        if (pos == 0 || pos == (unsigned long long)-1 || pos > OIDMAP_MAX_POS) {
+            PyErr_Format(PyExc_ValueError, "position %R is not in 1..2**48-1", value);
+            return NULL;
+        }
+    }
+    it = 0;
+    while (PyDict_Next(arg, &it, &key, &value)) {
+        oidmap_key(key, &oid);
+        if (oidmap_set(m, oid, (uint64_t)PyLong_AsUnsignedLongLong(value)) < 0)
+            return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+PyDoc_STRVAR(oidmap_lookup_doc,
+"lookup(oids) -> array('Q')\n\n"
+"The position of each 8-byte oid of `oids` (joined), 0 for an absent one.");
+
+static PyObject *
+oidmap_lookup(OidMapObject *m, PyObject *arg)
+{
+    Py_buffer oids;
+    Py_ssize_t i, n;
+    uint64_t *out;
+    PyObject *result = NULL;
+    const unsigned char *o;
+
+    if (PyObject_GetBuffer(arg, &oids, PyBUF_SIMPLE) < 0)
+        return NULL;
+    n = oids.len / 8;
+    o = (const unsigned char *)oids.buf;
+    result = u64_array(n, &out);
+    if (result != NULL) {
+        for (i = 0; i < n; i++) {
+            if (i + 8 < n)
+                oidmap_prefetch(m, be64(o + 8 * (i + 8)));
+            out[i] = oidmap_get(m, be64(o + 8 * i));
+        }
+    }
+    PyBuffer_Release(&oids);
+    return result;
+}
+
+PyDoc_STRVAR(oidmap_positions_doc,
+"positions() -> array('Q')\n\nEvery entry's position, in no particular order.");
+
+static PyObject *
+oidmap_positions(OidMapObject *m, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t i, k = 0;
+    uint64_t *out;
+    PyObject *result = u64_array(m->count, &out);
+    if (result == NULL)
+        return NULL;
+    int part;
+    for (part = 0; part < OIDMAP_PARTS; part++) {
+        const OidMapPart *p = &m->parts[part];
+        for (i = 0; i < p->cap; i++)
+            if (p->slots[2 * i + 1] != 0)
+                out[k++] = p->slots[2 * i + 1];
+    }
+    return result;
+}
+
+static int
+cmp_pair(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+PyDoc_STRVAR(oidmap_table_doc,
+"table() -> bytes\n\n"
+"Every entry as an oid-table entry (8-byte oid, 8-byte big-endian position),\n"
+"in ascending oid order.");
+
+static PyObject *
+oidmap_table(OidMapObject *m, PyObject *Py_UNUSED(ignored))
+{
+    Py_ssize_t i, k = 0;
+    uint64_t *pairs = PyMem_Malloc(m->count ? (size_t)m->count * 16 : 16);
+    PyObject *result;
+    unsigned char *dst;
+    if (pairs == NULL)
+        return PyErr_NoMemory();
+    int part;
+    for (part = 0; part < OIDMAP_PARTS; part++) {
+        const OidMapPart *p = &m->parts[part];
+        for (i = 0; i < p->cap; i++) {
+            if (p->slots[2 * i + 1] != 0) {
+                pairs[2 * k] = p->slots[2 * i];
+                pairs[2 * k + 1] = p->slots[2 * i + 1];
+                k++;
+            }
+        }
+    }
+    qsort(pairs, (size_t)k, 16, cmp_pair);
+    result = PyBytes_FromStringAndSize(NULL, k * 16);
+    if (result != NULL) {
+        dst = (unsigned char *)PyBytes_AS_STRING(result);
+        for (i = 0; i < k; i++) {
+            put64(dst + 16 * i, pairs[2 * i]);
+            put64(dst + 16 * i + 8, pairs[2 * i + 1]);
+        }
+    }
+    PyMem_Free(pairs);
+    return result;
+}
+
+
+PyDoc_STRVAR(oidmap_same_as_doc,
+"same_as(index) -> bool\n\n"
+"Whether this map holds exactly the entries of OidIndex `index` (read through\n"
+"index.blocks(), the layout index.py documents, and len(index)); a block of\n"
+"another shape makes the answer False.");
+
+static PyObject *
+oidmap_same_as(OidMapObject *m, PyObject *index)
+{
+    PyObject *blocks, *key, *block;
+    Py_ssize_t it = 0, count, seen = 0;
+    int same = 1;
+
+    count = PyObject_Length(index);
+    if (count < 0)
+        return NULL;
+    if (count != m->count)
+        Py_RETURN_FALSE;
+    blocks = PyObject_CallMethod(index, "blocks", NULL);
+    if (blocks == NULL)
+        return NULL;
+    if (!PyDict_Check(blocks)) {
+        Py_DECREF(blocks);
+        PyErr_SetString(PyExc_TypeError, "index.blocks() is not a dict");
+        return NULL;
+    }
+    while (same && PyDict_Next(blocks, &it, &key, &block)) {
+        const unsigned char *b;
+        Py_ssize_t len, j;
+        uint64_t base;
+        if (PyBytes_Check(block)) {
+            b = (const unsigned char *)PyBytes_AS_STRING(block);
+            len = PyBytes_GET_SIZE(block);
+        } else if (PyByteArray_Check(block)) {
+            b = (const unsigned char *)PyByteArray_AS_STRING(block);
+            len = PyByteArray_GET_SIZE(block);
+        } else {
+            same = 0;
+            break;
+        }
+        base = PyLong_AsUnsignedLongLong(key);
+        if (base == (uint64_t)-1 && PyErr_Occurred()) {
+            PyErr_Clear();
+            same = 0;
+            break;
+        }
+        if (base >> 56) {
+            same = 0;
+            break;
+        }
+        base <<= 8;
+        if (len == 256 * 6) {
+            for (j = 0; j < 256 && same; j++) {
+                const unsigned char *q = b + 6 * j;
+                uint64_t pos = ((uint64_t)q[0] << 40) | ((uint64_t)q[1] << 32) | ((uint64_t)q[2] << 24)
+                               | ((uint64_t)q[3] << 16) | ((uint64_t)q[4] << 8) | q[5];
+                if (pos) {
+                    seen++;
+                    same = oidmap_get(m, base | (uint64_t)j) == pos;
+                }
+            }
+        } else if (len > 0 && len % 7 == 0) {
+            Py_ssize_t c = len / 7;
+            for (j = 0; j < c && same; j++) {
+                const unsigned char *q = b + c + 6 * j;
+                uint64_t pos = ((uint64_t)q[0] << 40) | ((uint64_t)q[1] << 32) | ((uint64_t)q[2] << 24)
+                               | ((uint64_t)q[3] << 16) | ((uint64_t)q[4] << 8) | q[5];
+                seen++;
+                same = pos != 0 && oidmap_get(m, base | b[j]) == pos;
+            }
+        } else {
+            same = 0;
+        }
+    }
+    Py_DECREF(blocks);
+    if (same && seen != count)
+        same = 0;
+    return PyBool_FromLong(same);
+}
+
+static PyMethodDef oidmap_methods[] = {
+    {"get", (PyCFunction)oidmap_get_method, METH_VARARGS, oidmap_get_doc},
+    {"swap_table", (PyCFunction)oidmap_swap_table, METH_O, oidmap_swap_table_doc},
+    {"update", (PyCFunction)oidmap_update, METH_O, oidmap_update_doc},
+    {"lookup", (PyCFunction)oidmap_lookup, METH_O, oidmap_lookup_doc},
+    {"positions", (PyCFunction)oidmap_positions, METH_NOARGS, oidmap_positions_doc},
+    {"table", (PyCFunction)oidmap_table, METH_NOARGS, oidmap_table_doc},
+    {"same_as", (PyCFunction)oidmap_same_as, METH_O, oidmap_same_as_doc},
+    {NULL, NULL, 0, NULL}
+};
+
+static PySequenceMethods oidmap_as_sequence = {
+    .sq_length = (lenfunc)oidmap_len,
+    .sq_contains = (objobjproc)oidmap_contains,
+};
+
+PyDoc_STRVAR(oidmap_doc,
+"OidMap(): verify's oid -> position map (8-byte oids, positions 1..2**48-1),\n"
+"an open-addressing hash table in C; its Python twin is tools.common.PyOidMap.");
+
+static PyTypeObject OidMapType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "refstorage._refscan.OidMap",
+    .tp_basicsize = sizeof(OidMapObject),
+    .tp_dealloc = (destructor)oidmap_dealloc,
+    .tp_as_sequence = &oidmap_as_sequence,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = oidmap_doc,
+    .tp_methods = oidmap_methods,
+    .tp_new = oidmap_new,
+};
+
 static PyMethodDef methods[] = {
     {"index_lookup", index_lookup, METH_VARARGS, index_lookup_doc},
     {"sort_positions", sort_positions, METH_O, sort_positions_doc},
@@ -1332,5 +1923,17 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC
 PyInit__refscan(void)
 {
-    return PyModule_Create(&module);
+    PyObject *mod;
+    if (PyType_Ready(&OidMapType) < 0)
+        return NULL;
+    mod = PyModule_Create(&module);
+    if (mod == NULL)
+        return NULL;
+    Py_INCREF(&OidMapType);
+    if (PyModule_AddObject(mod, "OidMap", (PyObject *)&OidMapType) < 0) {
+        Py_DECREF(&OidMapType);
+        Py_DECREF(mod);
+        return NULL;
+    }
+    return mod;
 }

@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime as _dt
 import pickletools
 import re
+import struct
 import time
+from array import array
 from collections.abc import Callable
+from operator import itemgetter
 from typing import NamedTuple
 
 from persistent.TimeStamp import TimeStamp
@@ -19,9 +22,14 @@ from ..errors import (
     RefStorageError,
     StorageIOError,
 )
-from ..index import OidIndex
+from ..index import MAX_POS, OidIndex
 from ..log import LogReader, ScanResult, scan
 from ..recovery import check_saved_index
+
+try:
+    from .._refscan import OidMap as _COidMap
+except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
+    _COidMap = None
 
 Z64 = fmt.Z64  # (re-exported for the cli)
 
@@ -340,3 +348,101 @@ class BatchedIndex:
 
     def __len__(self) -> int:
         return len(self.flush())
+
+
+_TABLE_ENTRY = struct.Struct(">8sQ")
+
+
+class PyOidMap:
+    """verify's oid -> position map for its walk: the Python twin of `_refscan.OidMap`.
+
+    The same methods with the same answers (tests/test_verify_paths.py), kept in
+    an OidIndex fed through a dict batch (BatchedIndex): a dict of more than
+    `direct` entries goes to the OidIndex at once."""
+
+    def __init__(self, batch: int = 1 << 18, direct: int = 1 << 16):
+        self._index = BatchedIndex(batch)
+        self._direct = direct
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __contains__(self, oid: object) -> bool:
+        return type(oid) is bytes and len(oid) == 8 and oid in self._index
+
+    def get(self, oid: bytes, default=None):
+        """The position of `oid`, or `default`."""
+        if type(oid) is not bytes or len(oid) != 8:
+            return default
+        return self._index.get(oid, default)
+
+    def swap_table(self, table: bytes | bytearray) -> array:
+        """Each oid-table entry's oid's position before the call (0 if absent), then set them."""
+        if len(table) % 16:
+            raise ValueError("an oid table is made of 16-byte entries")
+        entries = list(_TABLE_ENTRY.iter_unpack(table))
+        get = self._index.get
+        before = array("Q", [get(oid, 0) for oid, _pos in entries])
+        self.update(dict(entries))
+        return before
+
+    def update(self, entries: dict[bytes, int]) -> None:
+        """Set every oid -> position of `entries` (ValueError, nothing changed, for a bad one)."""
+        if not isinstance(entries, dict):
+            raise TypeError("OidMap.update() needs a dict")
+        for oid, pos in entries.items():
+            if type(oid) is not bytes or len(oid) != 8:
+                raise ValueError(f"an oid is 8 bytes, not {oid!r}")
+            if not isinstance(pos, int) or not 0 < pos <= MAX_POS:
+                raise ValueError(f"position {pos!r} is not in 1..2**48-1")
+        if len(entries) >= self._direct:
+            self._index.flush().update(entries)
+        else:
+            self._index.update(entries)
+
+    def lookup(self, oids: bytes | bytearray) -> array:
+        """The position of each 8-byte oid of `oids` (joined), 0 for an absent one."""
+        get = self._index.get
+        return array("Q", [get(bytes(oids[i:i + 8]), 0) for i in range(0, len(oids) - 7, 8)])
+
+    def positions(self) -> array:
+        """Every entry's position, in no particular order."""
+        return array("Q", map(itemgetter(1), self._index.flush().items()))
+
+    def table(self) -> bytes:
+        """Every entry as an oid-table entry (oid, 8-byte big-endian position), oids ascending."""
+        return b"".join([oid + pos.to_bytes(8, "big") for oid, pos in self._index.flush().items()])
+
+    def same_as(self, index: OidIndex) -> bool:
+        """Whether this map holds exactly the entries of `index`."""
+        if len(index) != len(self):
+            return False
+        get = self._index.get
+        return all(get(oid) == pos for oid, pos in index.items())
+
+    def to_index(self) -> OidIndex:
+        """An OidIndex of the entries (this map's own: do not change it)."""
+        return self._index.flush()
+
+
+def index_of_table(table: bytes | bytearray, chunk: int = 1 << 16) -> OidIndex:
+    """An OidIndex of oid-table entries given in ascending oid order (as `OidMap.table()`),
+    built `chunk` entries at a time."""
+    index = OidIndex()
+    step = 16 * chunk
+    for i in range(0, len(table), step):
+        index.update_table(table[i:i + step])
+    return index
+
+
+if _COidMap is not None:
+
+    class OidMap(_COidMap):
+        """verify's oid -> position map: `_refscan.OidMap` (a hash table in C), or PyOidMap."""
+
+        def to_index(self) -> OidIndex:
+            """An OidIndex of the entries."""
+            return index_of_table(self.table())
+
+else:  # pragma: no cover - depends on the build (the extension is optional)
+    OidMap = PyOidMap  # type: ignore[assignment,misc]

@@ -29,44 +29,48 @@ whole and its records checked in C (`_refscan.check_records`, the same checks
 as `log._checked_records`); only a transaction that fails them is decoded in
 Python, which names the error.  The records are then judged from arrays, and
 the references pass reads the current records through `_refscan.gc_refs`.  The
-index is fed in batches (a dict of at most INDEX_BATCH entries, a
-transaction's records RECORD_BATCH at a time), so memory does not grow with a
-transaction.
+walk's oid -> position map is `_refscan.OidMap`, a hash table in C (16 bytes a
+slot, at most 3/4 full): one `swap_table` call per transaction gives its
+records' expected prevs and sets them, and the index file is compared with
+`OidMap.same_as` (an OidIndex is built from the map only to list differences).
+Without the extension, its twin `common.PyOidMap` keeps an OidIndex fed in dict
+batches of at most INDEX_BATCH entries.  A decoded transaction's records go to
+the map RECORD_BATCH at a time, so memory does not grow with a transaction.
 """
 
 from __future__ import annotations
 
 import os
-import struct
 import time
 from array import array
 from dataclasses import dataclass, field
 from itertools import compress, repeat
-from operator import and_, eq, itemgetter, ne
+from operator import and_, ne
 
 from .. import fileformat as fmt
 from .. import fileio
 from ..errors import CorruptedError
 from ..index import OidIndex
 from ..recovery import check_saved_index
-from .common import BatchedIndex, Log, Progress, oid_repr, phase, tid_repr
+from .common import Log, Progress, PyOidMap, oid_repr, phase, tid_repr
+from .common import OidMap as _OidMap
 from .walk import Damage, walk
 
 try:
     from .._refscan import check_records as _check_records
     from .._refscan import gc_refs as _gc_refs
-    from .._refscan import index_lookup as _index_lookup
     from .._refscan import sort_positions as _sort_positions
 except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
-    _check_records = _gc_refs = _index_lookup = _sort_positions = None
+    _check_records = _gc_refs = _sort_positions = None
+if _OidMap is PyOidMap:  # pragma: no cover - depends on the build
+    _OidMap = None
 
 MAX_PROBLEMS = 10_000  # problems kept in the report (all are counted)
 MAX_LISTED = 20
 FAST_TXN = 8 << 20  # a transaction up to this size is read whole and its records checked in C
-INDEX_BATCH = 1 << 18  # index entries merged at once (BatchedIndex): a dict of at most this many
+INDEX_BATCH = 1 << 18  # Python path: index entries merged at once (PyOidMap): a dict of at most this many
 RECORD_BATCH = 1 << 16  # a transaction with more records goes to the index this many at a time
 WINDOW = 1 << 20  # reads of the references pass
-_TABLE_ENTRY = struct.Struct(">8sQ")
 _NO_PACK_POS = (1 << 63) - 1
 
 
@@ -189,11 +193,12 @@ class _Verifier:
         self.blobs = blobs
         self.reader = log.reader
         self.report = report
-        self.index = BatchedIndex(INDEX_BATCH)
+        # oid -> position of its newest record: `_refscan.OidMap` (a hash table in C), or
+        # its Python twin, an OidIndex fed in dict batches
+        self.index = _OidMap() if _OidMap is not None else PyOidMap(INDEX_BATCH, RECORD_BATCH)
         self.deleted: set[bytes] = set()
         self.damaged: list[tuple[int, int]] = []
         self._checked: tuple[int, bytes, bytearray] | None = None  # see _decode
-        self._top = b""  # the largest oid in the index: a larger one has no earlier record
         self.saved = self._load_saved_index()
 
     # -- the index file ----------------------------------------------------------------
@@ -229,7 +234,10 @@ class _Verifier:
             report.add("index", f"{ipath} says the transaction ending at {saved.pos} has tid "
                        f"{saved.tid.hex()}, the data file's has {(tid or b'').hex() or 'none'}")
             return
-        diffs, listed = _index_diffs(saved.index, self.index.flush())
+        if self.index.same_as(saved.index):
+            diffs, listed = 0, []
+        else:
+            diffs, listed = _index_diffs(saved.index, self.index.to_index())
         if diffs:
             report.index_file = "mismatch"
             report.add("index", f"{ipath} differs from the index a scan builds in {diffs} entries: "
@@ -268,7 +276,6 @@ class _Verifier:
             report.index_file = "mismatch"
             report.add("index", f"{log.path}.index covers up to {self.saved.pos}, "
                        "which is not the end of a good transaction")
-        self.index = self.index.flush()
         report.objects = len(self.index)
         report.deleted = len(self.deleted)
         self._check_references(progress)
@@ -303,45 +310,36 @@ class _Verifier:
 
     def _checked_txn(self, th: fmt.TxnHeader) -> None:
         """What `_records` does, for a transaction whose records the C check passed: the same
-        judgements from (oid, position) and (prev, backpointer, flags) arrays, with C-level
-        passes over them (a record is decoded again only to report it)."""
+        judgements from the oid table and the (prev, backpointer, flags) array, with C-level
+        passes over them (a record is decoded again only to report it).  The oid map's
+        `swap_table` gives every record's expected prev and sets the transaction's entries."""
         (_pos, table, raw), self._checked = self._checked, None  # set by _decode for th
-        report, index, deleted = self.report, self.index, self.deleted
-        entries = list(_TABLE_ENTRY.iter_unpack(table))
-        oids = list(map(itemgetter(0), entries))
+        report, deleted = self.report, self.deleted
+        expected = self.index.swap_table(table)
+        n = len(expected)
         info = array("Q", raw)
-        prevs, backs, flags = info[0::3], info[1::3], info[2::3]
-        recent_get, older_get = index.recent.get, index.index.get
-        top = self._top
-        if _index_lookup is not None:  # the OidIndex's answers, in one C pass over its blocks
-            expected = list(map(recent_get, oids))
-            missed = [oid for oid, pos in zip(oids, expected, strict=True) if pos is None and oid <= top]
-            if missed:
-                found = iter(_index_lookup(index.index.blocks(), b"".join(missed)))
-            expected = [pos if pos is not None else 0 if oid > top else next(found)
-                        for oid, pos in zip(oids, expected, strict=True)]
-        else:
-            expected = [pos if pos is not None else 0 if oid > top else older_get(oid, 0)
-                        for oid, pos in zip(oids, map(recent_get, oids), strict=True)]
-        if prevs.tolist() != expected:
-            for k in compress(range(len(oids)), map(ne, prevs, expected)):
-                rec = self.reader.read_data_record(entries[k][1], oids[k])
+        flags = info[2::3]
+        if info[0::3] != expected:
+            for k in compress(range(n), map(ne, info[0::3], expected)):
+                rec = self.reader.read_data_record(_entry_pos(table, k), _entry_oid(table, k))
                 self._bad_prev(rec, expected[k])
         if deleted:
-            deleted.difference_update(oids)
-        bp = fmt.FLAG_BACKPOINTER
-        for k in compress(range(len(oids)), map(and_, flags, repeat(bp))):
-            report.backpointers += 1
-            if backs[k]:
-                self._check_backpointer(self.reader.read_data_record(entries[k][1], oids[k]), th.pos)
-            else:
-                deleted.add(oids[k])
-        report.refs_unknown += sum(map(eq, map(and_, flags, repeat(bp | fmt.FLAG_REFS_UNKNOWN)),
-                                       repeat(fmt.FLAG_REFS_UNKNOWN)))
-        report.records += len(oids)
-        index.update(entries)
-        if oids:
-            self._top = max(top, max(oids))
+            deleted.difference_update(map(_entry_oid, repeat(table, n), range(n)))
+        bp, unknown = fmt.FLAG_BACKPOINTER, fmt.FLAG_REFS_UNKNOWN
+        kinds = set(flags)
+        if any(f & bp for f in kinds):
+            backs = info[1::3]
+            for k in compress(range(n), map(and_, flags, repeat(bp))):
+                report.backpointers += 1
+                oid = _entry_oid(table, k)
+                if backs[k]:
+                    self._check_backpointer(self.reader.read_data_record(_entry_pos(table, k), oid), th.pos)
+                else:
+                    deleted.add(oid)
+        for f in kinds:
+            if f & (bp | unknown) == unknown:
+                report.refs_unknown += flags.count(f)
+        report.records += n
 
     def _records(self, th: fmt.TxnHeader, recs, delta: int) -> None:
         """Judge the decoded records of `th` (prev, backpointers, deletions, blobs), put them in
@@ -349,11 +347,6 @@ class _Verifier:
         report, index, deleted = self.report, self.index, self.deleted
         index_get = index.get
         tpos = th.pos
-        # a large transaction goes straight to the OidIndex, RECORD_BATCH records at a time
-        # (not through the dict batch, which would add up to INDEX_BATCH entries to them)
-        large = len(recs) > RECORD_BATCH
-        if large:
-            index.flush()
         local: dict[bytes, int] = {}
         for rec in recs:
             oid = rec.oid
@@ -375,20 +368,12 @@ class _Verifier:
             local[oid] = rec.pos
             report.records += 1
             if len(local) >= RECORD_BATCH:
-                self._index_update(local, large)
+                index.update(local)
                 local = {}
-        self._index_update(local, large)
+        index.update(local)
         if self.blobs is not None:
             for rec in recs:
                 self._blob_revision(rec)
-
-    def _index_update(self, local: dict[bytes, int], direct: bool = False) -> None:
-        if direct:
-            self.index.index.update(local)
-        else:
-            self.index.update(local)
-        if local:
-            self._top = max(self._top, max(local))
 
     def _blob_revision(self, rec: fmt.DataRecord) -> None:
         report, unmatched, files = self.report, self.blobs.unmatched, self.blobs.files
@@ -459,7 +444,7 @@ class _Verifier:
 
     def _check_references(self, progress: Progress | None = None) -> None:
         report, reader, index = self.report, self.reader, self.index
-        positions = array("Q", map(itemgetter(1), index.items()))
+        positions = index.positions()
         if _sort_positions is not None:
             _sort_positions(positions)
         else:
@@ -467,8 +452,7 @@ class _Verifier:
         phase(progress, "verify: references", len(positions), "objects")
         listening = progress is not None and hasattr(progress, "phase")
         read = reader.file.read
-        contains = index.__contains__
-        lookup, blocks = _index_lookup, index.blocks()
+        lookup = index.lookup
         deleted = self.deleted
         fast = _gc_refs is not None and self.blobs is None
         found = bytearray()
@@ -489,10 +473,7 @@ class _Verifier:
                     j, status = _gc_refs(wbuf, wpos, positions, i, n, _NO_PACK_POS, found, 1)
                     if found:
                         raw = bytes(found)
-                        if lookup is not None:
-                            absent = 0 in lookup(blocks, raw)
-                        else:
-                            absent = not all(map(contains, fmt.split_refs(raw)))
+                        absent = 0 in lookup(raw)
                         if absent or deleted and not deleted.isdisjoint(fmt.split_refs(raw)):
                             for k in range(i, j):
                                 self._check_current(reader.read_data_record(positions[k]))
@@ -545,6 +526,16 @@ class _Verifier:
                 continue
             report.add("dangling", f"oid {oid_repr(rec.oid)} (record at {rec.pos}) references "
                        f"oid {oid_repr(ref)}, {why}", rec.pos, ref, rec.oid)
+
+
+def _entry_oid(table: bytes, k: int) -> bytes:
+    """The oid of oid-table entry k."""
+    return table[16 * k:16 * k + 8]
+
+
+def _entry_pos(table: bytes, k: int) -> int:
+    """The position of oid-table entry k."""
+    return int.from_bytes(table[16 * k + 8:16 * k + 16], "big")
 
 
 def _is_blob_record(data: bytes) -> bool:
