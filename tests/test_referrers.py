@@ -420,3 +420,33 @@ def test_lookup_reads_only_the_blocks_it_needs(tmp_path, monkeypatch):
         ri.lookup(oid(1))
         ri.close()
     assert 1 <= len(read) <= 3
+
+
+def test_many_changes_rebuild_instead_of_update(tmp_path, monkeypatch):
+    path = tmp_path / "D.rfs"
+    make_db(path)
+    check_same(path, 300)
+    add_txns(path, 3)
+    monkeypatch.setattr(referrers, "UPDATE_MAX", 1)
+    note = check_same(path, 300)
+    assert note.startswith("rebuilt") and "too many changes" in note
+
+
+def test_wrong_pair_found_by_a_query_is_rebuilt(tmp_path):
+    """A cache that passes every check but names a referrer the file does not have: the query
+    notices (no current record), rebuilds, and answers as the scan does."""
+    path = tmp_path / "D.rfs"
+    make_db(path)
+    check_same(path, 300)
+    rpath = referrers.referrers_path(path)
+    with Log(str(path)) as log:
+        built = log.build_index()
+        ri = referrers.open_referrers(rpath, log.reader, log.header.file_id, built.end)
+        pairs = sorted(set(k for i in range(len(ri.firsts)) for k in ri.block_keys(i)) | {1 << 64 | 0xDEAD})
+        unknown, unreadable = ri.lists()
+        referrers.write_file(rpath, ri.file_id, ri.pos, ri.tid, pairs, unknown, unreadable)
+        ri.close()
+    reports = refs_many(str(path), [oid(1)])
+    assert reports[0].method == "index" and reports[0].method_note.startswith("rebuilt")
+    assert "dead" in reports[0].method_note
+    assert answers(path, [oid(1)], True)[0] == answers(path, [oid(1)], False)[0]
