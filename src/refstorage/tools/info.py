@@ -459,7 +459,8 @@ def _referrers_from_index(log: Log, built: IndexBuild, reports: list[RefsReport]
         try:
             rindex, status = referrers.up_to_date(log.path, reader, log.header.file_id, built.end,
                                                   built.last_tid, positions, built_progress, on_build)
-        except ReferrerIndexError as exc:
+        except (ReferrerIndexError, CorruptedError, StorageIOError) as exc:
+            # (a damaged data file: the scan reports it as it always did)
             return False, f"the referrer index failed ({exc}); searched by a scan"
         if rindex is None:
             return False, f"{status.why}; searched by a scan"
