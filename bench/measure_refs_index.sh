@@ -2,7 +2,7 @@
 # The referrer index figures of docs/benchmarks.md ("Referrer index (part 4)"):
 #   bench/measure_refs_index.sh DIR N   (DIR holds Data.rfs and build.out from
 #   bench_scale.py --child build ["rs", "DIR/Data.rfs", N]; results in DIR/measure.log)
-cd /work/wt-refidx
+cd "$(dirname "$0")/.."
 D=${1:-/work/refidx-10m}
 P=$D/Data.rfs
 LIVE=$(grep '^RESULT ' $D/build.out | sed 's/^RESULT //' | .venv/bin/python -c 'import json,sys; print(json.load(sys.stdin)["live_oid"])')
