@@ -28,8 +28,13 @@ that phase's alone.  Phases, each for both storages:
     backup_incr    after 10 more transactions of 1,000 changes: incremental backup of
                    each (refstorage backup; repozo -B)
     info           `refstorage info` against ZODB's scripts/analyze.py (per-class report)
-    refs           referrers of one object: `refstorage refs` against ZODB's
+    refs           referrers of one object by a scan: `refstorage refs --scan` against ZODB's
                    FileStorage.fsoids.Tracer (the FileStorage way to find them)
+    refs_index     refstorage only: `refstorage refs` with the referrer index
+                   (<name>.referrers): its one-time build (the first run: build and query;
+                   seconds, peak RSS, file size), then a query with it in a fresh process,
+                   and (after backup_incr's 10 more transactions, or 10 of its own when
+                   backup is not measured) the query that updates it incrementally
     pack           pack to now with GC (seconds, ru_maxrss)
 
 Ratios are refstorage / FileStorage (seconds: lower is better for refstorage;
@@ -288,9 +293,23 @@ def child_refs(kind: str, path: str, oid_hex: str) -> dict:
         referrers = out.getvalue().count("referenced by")
     else:
         from refstorage.tools.info import refs
-        report = refs(path, oid)
+        report = refs(path, oid, use_index=False)
         referrers = len(report.referrers)
     return {"seconds": time.perf_counter() - started, "referrers": referrers}
+
+
+def child_refs_index(kind: str, path: str, oid_hex: str) -> dict:
+    """`refstorage refs` through the referrer index: build, use or update it, as the file needs."""
+    from refstorage.referrers import referrers_path
+    from refstorage.tools.info import refs
+
+    oid = bytes.fromhex(oid_hex)
+    started = time.perf_counter()
+    report = refs(path, oid)
+    seconds = time.perf_counter() - started
+    assert report.method == "index", report.method_note
+    return {"seconds": seconds, "referrers": len(report.referrers), "note": report.method_note,
+            "size": os.path.getsize(referrers_path(path))}
 
 
 def child_pack(kind: str, path: str) -> dict:
@@ -316,7 +335,8 @@ def child_pack(kind: str, path: str) -> dict:
 CHILDREN = {
     "build": child_build, "append": child_append, "convert": child_convert,
     "reopen": child_reopen, "cold_loads": child_cold_loads, "verify": child_verify,
-    "backup": child_backup, "info": child_info, "refs": child_refs, "pack": child_pack,
+    "backup": child_backup, "info": child_info, "refs": child_refs, "refs_index": child_refs_index,
+    "pack": child_pack,
 }
 
 
@@ -345,13 +365,13 @@ def run_child(phase: str, *args) -> dict:
 
 
 def remove_storage(path: str) -> None:
-    for suffix in ("", ".index", ".lock", ".tmp", ".old", ".pack"):
+    for suffix in ("", ".index", ".lock", ".tmp", ".old", ".pack", ".referrers"):
         if os.path.exists(path + suffix):
             os.remove(path + suffix)
 
 
 PHASES = ("build", "convert", "reopen_index", "reopen_scan", "cold_loads", "verify", "info", "refs",
-          "backup", "pack")
+          "refs_index", "backup", "pack")
 
 
 def measure_size(n: int, work: str, only: set[str] | None = None, rounds: int = 1) -> dict:
@@ -414,6 +434,9 @@ def measure_size(n: int, work: str, only: set[str] | None = None, rounds: int = 
         record("info", kind, run_child("info", kind, paths[kind]))
     for kind in KINDS if want("refs") else ():
         record("refs", kind, run_child("refs", kind, paths[kind], live))
+    if want("refs_index"):
+        record("refs_index_build", "rs", run_child("refs_index", "rs", paths["rs"], live))
+        record("refs_index", "rs", run_child("refs_index", "rs", paths["rs"], live))
     for kind in KINDS if want("backup") else ():
         bdir = os.path.join(work, "backup." + kind)
         os.makedirs(bdir)
@@ -421,6 +444,10 @@ def measure_size(n: int, work: str, only: set[str] | None = None, rounds: int = 
         run_child("append", kind, paths[kind], n)
         record("backup_incr", kind, run_child("backup", kind, paths[kind], bdir, False))
         shutil.rmtree(bdir)
+    if want("refs_index"):
+        if not want("backup"):
+            run_child("append", "rs", paths["rs"], n)
+        record("refs_index_update", "rs", run_child("refs_index", "rs", paths["rs"], live))
     for kind in KINDS if want("pack") else ():
         record("pack", kind, run_child("pack", kind, paths[kind]))
     for kind in KINDS:
@@ -446,7 +473,12 @@ FIGURES = [
     ("backup_full", "seconds", "full backup (s; FS: repozo -F)", None),
     ("backup_incr", "seconds", "incremental backup (s; FS: repozo)", None),
     ("info", "seconds", "info (s; FS: analyze.py)", None),
-    ("refs", "seconds", "referrers of one object (s; FS: fsoids)", None),
+    ("refs", "seconds", "referrers of one object, scan (s; FS: fsoids; rs: refs --scan)", None),
+    ("refs_index_build", "seconds", "referrers, first run: build the referrer index + query (s)", None),
+    ("refs_index_build", "maxrss", "referrer index build peak RSS", None),
+    ("refs_index_build", "size", "referrer index file size", None),
+    ("refs_index", "seconds", "referrers with the referrer index (s)", None),
+    ("refs_index_update", "seconds", "referrers after 10 more transactions: update + query (s)", None),
     ("build", "size", "file size after build", None),
 ]
 
@@ -466,8 +498,11 @@ def table(results: dict[int, dict]) -> str:
              "|---|---:|---:|---:|---:|---|---|"]
     for phase, key, label, target in FIGURES:
         for n, res in results.items():
-            if "fs" not in res.get(phase, {}) or "rs" not in res[phase]:
+            if "rs" not in res.get(phase, {}):
                 continue  # not measured (--only)
+            if "fs" not in res[phase]:  # a refstorage-only figure
+                lines.append(f"| {label} | {n:,} | — | {fmt_value(key, res[phase]['rs'][key])} | | | |")
+                continue
             fs, rs = res[phase]["fs"][key], res[phase]["rs"][key]
             ratio = rs / fs if fs else float("inf")
             verdict, tgt = "", ""

@@ -30,10 +30,14 @@ def test_bench_scale_quick(tmp_path: Path) -> None:
     assert size == "5000"
     phases = ["build", "convert", "reopen_index", "reopen_scan", "cold_loads", "verify", "info",
               "refs", "backup_full", "backup_incr", "pack"]
-    assert sorted(res) == sorted(phases)
+    rs_only = ["refs_index_build", "refs_index", "refs_index_update"]
+    assert sorted(res) == sorted(phases + rs_only)
     for phase in phases:
         for kind in ("fs", "rs"):
             assert res[phase][kind]["maxrss"] > 0, (phase, kind)
+    # the referrer index: built, used, then updated after backup_incr's transactions; same answer
+    assert [res[p]["rs"]["note"] for p in rs_only] == ["built", "used", "updated"]
+    assert all(res[p]["rs"]["referrers"] == 1 for p in rs_only)
     # same database on both sides
     assert res["build"]["fs"]["last_oid"] == res["build"]["rs"]["last_oid"]
     assert res["reopen_index"]["fs"]["objects"] == res["reopen_index"]["rs"]["objects"]

@@ -23,6 +23,7 @@ __all__ = [
     "CorruptedTransactionError",
     "CorruptedDataError",
     "IndexFileError",
+    "ReferrerIndexError",
     "StorageIOError",
     "FilePermissionError",
     "MissingFileError",
@@ -95,6 +96,10 @@ class CorruptedDataError(CorruptedError):
 
 class IndexFileError(FileError):
     """The saved index file cannot be used (it is rebuilt from the data file)."""
+
+
+class ReferrerIndexError(FileError):
+    """The referrer index file (`<name>.referrers`) cannot be used: it is a cache, rebuilt."""
 
 
 class StorageIOError(FileError):

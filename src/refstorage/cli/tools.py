@@ -353,24 +353,33 @@ def _print_history(oid: bytes, rows: list[dict]) -> None:
 Examples:
   refstorage refs Data.rfs 0x1a
   refstorage refs Data.rfs 0x1a 0x2b --json
-  refstorage refs Data.rfs 0x1a --path      # why is it still alive: a path from the root""")
+  refstorage refs Data.rfs 0x1a --path      # why is it still alive: a path from the root
+  refstorage refs Data.rfs 0x1a --scan      # without the referrer index""")
 @click.argument("path", type=DATABASE)
 @click.argument("oids", metavar="OID...", nargs=-1, required=True, type=OID)
 @click.option("--path", "show_path", is_flag=True,
               help="Also show a shortest chain of references from the root (oid 0x00) to each OID: "
                    "why a pack keeps it.")
+@click.option("--scan", "scan", is_flag=True,
+              help="Find the referrers by reading every current record, without the referrer index.")
 @JSON_OPTION
-def refs(path: str, oids: tuple[bytes, ...], show_path: bool, as_json: bool) -> None:
+def refs(path: str, oids: tuple[bytes, ...], show_path: bool, scan: bool, as_json: bool) -> None:
     """What each OID references, and which current objects reference it, in PATH.
 
-    From the stored references (nothing is unpickled).  Exit status 1 if an
-    OID is missing or deleted, or if a reference dangles: OID references a
-    missing or deleted object.  With one OID, --json prints its report; with
-    several, a list of them.
+    From the stored references (nothing is unpickled).  The referrers come from
+    the referrer index PATH.referrers, built by a scan the first time and
+    brought up to date with the transactions written since on later runs; if it
+    cannot be written (a read-only directory), or with --scan, a scan of every
+    current record finds them (same answer; --json says which in "method").
+    Exit status 1 if an OID is missing or deleted, or if a reference dangles:
+    OID references a missing or deleted object.  With one OID, --json prints
+    its report; with several, a list of them.
     """
     with failing_cleanly(path), byte_progress(None, "refs") as progress:
-        reports = info_mod.refs_many(path, list(oids), progress)
+        reports = info_mod.refs_many(path, list(oids), progress, use_index=not scan)
         paths = info_mod.paths_from_root(path, list(oids)) if show_path else None
+    if reports and not scan and reports[0].method == "scan":
+        click.echo(f"refs: {reports[0].method_note}", err=True)
     problem = False
     out = []
     for i, report in enumerate(reports):

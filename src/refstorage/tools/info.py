@@ -18,8 +18,9 @@ from array import array
 from dataclasses import dataclass, field
 
 from .. import fileformat as fmt
+from .. import fileio, referrers
 from .. import pack as packmod
-from ..errors import CorruptedError
+from ..errors import CorruptedError, ReferrerIndexError, StorageIOError
 from ..refs import references_one
 from .common import (
     BatchedIndex,
@@ -336,6 +337,8 @@ class RefsReport:
     referrers: list[dict] = field(default_factory=list)  # oid, pos, class
     unknown_referrers: int = 0  # current records whose references are not stored
     unreadable_referrers: int = 0  # current backpointers whose data cannot be read
+    method: str = "scan"  # how the referrers were found: "index" (the referrer index) or "scan"
+    method_note: str = ""  # what happened to the referrer index (built, updated...) or why it was not used
 
     @property
     def dangling(self) -> list[dict]:
@@ -350,7 +353,7 @@ class RefsReport:
                 "refs_known": self.refs_known, "references": self.references,
                 "referrers": self.referrers, "unknown_referrers": self.unknown_referrers,
                 "unreadable_referrers": self.unreadable_referrers,
-                "dangling": len(self.dangling)}
+                "dangling": len(self.dangling), "method": self.method, "method_note": self.method_note}
 
 
 def _state(reader, index, oid: bytes) -> tuple[str, fmt.DataRecord | None]:
@@ -365,13 +368,19 @@ def _state(reader, index, oid: bytes) -> tuple[str, fmt.DataRecord | None]:
     return ("deleted", None) if rec is None else ("current", rec)
 
 
-def refs(path: str, oid: bytes, progress: Progress | None = None) -> RefsReport:
+def refs(path: str, oid: bytes, progress: Progress | None = None, use_index: bool = True) -> RefsReport:
     """What `oid` references, and which current objects reference it."""
-    return refs_many(path, [oid], progress)[0]
+    return refs_many(path, [oid], progress, use_index)[0]
 
 
-def refs_many(path: str, oids: list[bytes], progress: Progress | None = None) -> list[RefsReport]:
-    """`refs` for each of `oids`, in one pass over the current records."""
+def refs_many(path: str, oids: list[bytes], progress: Progress | None = None,
+              use_index: bool = True) -> list[RefsReport]:
+    """`refs` for each of `oids`: referrers from the referrer index, or one pass over the current records.
+
+    With `use_index` the referrer index beside the file (`refstorage.referrers`)
+    answers, built or brought up to date first if needed; if it cannot be had
+    (a read-only directory) or fails in any way, the scan answers, with the
+    same result.  Each report's `method` says which answered."""
     with Log(path) as log:
         built = log.build_index()
         index = built.index
@@ -390,6 +399,13 @@ def refs_many(path: str, oids: list[bytes], progress: Progress | None = None) ->
                     report.references.append({"oid": ref.hex(), "state": state,
                                               "class": names(target.data) if target is not None else None})
             reports.append(report)
+        note = "--scan" if not use_index else ""
+        if use_index:
+            found, note = _referrers_from_index(log, built, reports, names, progress)
+            if found:
+                return reports
+        for report in reports:
+            report.method, report.method_note = "scan", note
         positions = array("Q", sorted(pos for _o, pos in index.items()))
         phase(progress, "refs: searching referrers", len(positions), "objects")
         listening = progress is not None and hasattr(progress, "phase")
@@ -420,6 +436,73 @@ def refs_many(path: str, oids: list[bytes], progress: Progress | None = None) ->
                     report.referrers.append({"oid": rec.oid.hex(), "pos": rec.pos,
                                              "class": names(target.data)})
         return reports
+
+
+def _referrers_from_index(log: Log, built: IndexBuild, reports: list[RefsReport], names: ClassNames,
+                          progress: Progress | None) -> tuple[bool, str]:
+    """Fill the reports' referrers from the referrer index: (True, note) or (False, why not)."""
+    index, reader = built.index, log.reader
+    listening = progress is not None and hasattr(progress, "phase")
+
+    def positions() -> array:
+        return array("Q", sorted(pos for _o, pos in index.items()))
+
+    def on_build() -> None:
+        phase(progress, "refs: building the referrer index", len(index), "objects")
+
+    def built_progress(done: int) -> None:
+        if listening:
+            progress(done)
+
+    why = ""
+    for attempt in range(2):
+        try:
+            rindex, status = referrers.up_to_date(log.path, reader, log.header.file_id, built.end,
+                                                  built.last_tid, positions, built_progress, on_build)
+        except (ReferrerIndexError, CorruptedError, StorageIOError) as exc:
+            # (a damaged data file: the scan reports it as it always did)
+            return False, f"the referrer index failed ({exc}); searched by a scan"
+        if rindex is None:
+            return False, f"{status.why}; searched by a scan"
+        note = status.how + (f" ({status.why})" if status.why else "")
+        try:
+            with rindex:
+                found = [_index_referrers(rindex, reader, index, names, r.oid) for r in reports]
+        except ReferrerIndexError as exc:
+            # damaged where only a query reads: remove it, so the next attempt rebuilds it
+            why = str(exc)
+            try:
+                fileio.remove_if_exists(rindex.path)
+            except StorageIOError:
+                break
+            continue
+        except CorruptedError as exc:  # a referrer's record: the scan reports it as it always did
+            return False, f"a referrer's record cannot be read ({exc}); searched by a scan"
+        if attempt:
+            note = f"rebuilt ({why})"
+        for report, referrers_ in zip(reports, found, strict=True):
+            report.referrers = referrers_
+            report.unknown_referrers = rindex.nunknown
+            report.unreadable_referrers = rindex.nunreadable
+            report.method, report.method_note = "index", note
+        return True, note
+    return False, f"the referrer index failed ({why}); searched by a scan"
+
+
+def _index_referrers(rindex: referrers.ReferrerIndex, reader, index, names: ClassNames,
+                     oid: bytes) -> list[dict]:
+    """The referrer entries of `oid` from the referrer index, as the scan gives them (by position)."""
+    out = []
+    for source in rindex.lookup(oid):
+        pos = index.get(source)
+        if pos is None:
+            raise ReferrerIndexError(rindex.path, f"it names referrer {source.hex()}, which has no record")
+        target = reader.resolve(reader.read_data_record(pos, source))
+        if target is None:
+            raise ReferrerIndexError(rindex.path, f"it names referrer {source.hex()}, which holds no data")
+        out.append({"oid": source.hex(), "pos": pos, "class": names(target.data)})
+    out.sort(key=lambda r: r["pos"])
+    return out
 
 
 # -- a path from the root -------------------------------------------------------------------
