@@ -377,6 +377,33 @@ def test_index_is_saved_while_running(path, monkeypatch):
     st.close()
 
 
+def test_index_save_interval_grows_with_the_index(path, monkeypatch):
+    """Past INDEX_SAVE_SCALE objects a running storage saves its index less often (in
+    proportion to the index), so saving stays a bounded share of the writes; a reopen
+    after a crash still finds every object (the log after the save is scanned)."""
+    assert storage.index_save_interval(0) == storage.INDEX_SAVE_BYTES
+    assert storage.index_save_interval(storage.INDEX_SAVE_SCALE) == storage.INDEX_SAVE_BYTES
+    assert storage.index_save_interval(4 * storage.INDEX_SAVE_SCALE) == 4 * storage.INDEX_SAVE_BYTES
+    monkeypatch.setattr(storage, "INDEX_SAVE_BYTES", 2000)
+    monkeypatch.setattr(storage, "INDEX_SAVE_SCALE", 10)
+    saves = []
+    real = storage.save_index
+    monkeypatch.setattr(storage, "save_index", lambda *a, **k: saves.append(len(a[1])) or real(*a, **k))
+    st = refstorage.FileStorage(path)
+    for i in range(40):
+        commit(st, {p64(i): b"x" * 300})  # ~370 bytes a transaction
+    # without the scaling: a save every 6 transactions (2000 bytes); with it the
+    # interval is 200 bytes per object once past 10 objects
+    assert 2 <= len(saves) <= 4, saves
+    assert all(b - a >= 5 for a, b in zip(saves, saves[1:], strict=False)), saves
+    assert os.path.getsize(path) - st._saved_end < storage.index_save_interval(40)
+    st._state.file.close()  # crash: no close
+    st._release_lock_file()
+    st = refstorage.FileStorage(path)
+    assert [st.load(p64(i))[0] for i in range(40)] == [b"x" * 300] * 40
+    st.close()
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, os
     import refstorage
