@@ -188,18 +188,25 @@ def _records(path):
         return f.read()[1024:]  # past the file header (its file id differs)
 
 
-@pytest.mark.parametrize("batch", [4096, 3])
-def test_bulk_restore_writes_what_restore_one_by_one_writes(tmp_path, monkeypatch, batch):
+@pytest.mark.parametrize("batch,batch_bytes,spool", [(4096, 8 << 20, False), (3, 8 << 20, False),
+                                                    (4096, 100, False), (4096, 8 << 20, True)])
+def test_bulk_restore_writes_what_restore_one_by_one_writes(tmp_path, monkeypatch, batch, batch_bytes,
+                                                            spool):
     """copy_transactions' bulk path (restore_records) gives the same bytes as one restore() per
     record: prev positions, backpointers of undo records, undone creations (no data),
-    an oid stored twice in one transaction, across batch boundaries."""
+    an oid stored twice in one transaction, across batch boundaries (records, bytes),
+    and with the transaction spilling to the commit spool mid-batch."""
     from ZODB.Connection import TransactionMetaData
     from ZODB.utils import p64, z64
 
+    from refstorage import core
     from refstorage import storage as storage_module
     from refstorage.copying import copy_transactions
 
     monkeypatch.setattr(storage_module, "RESTORE_BATCH", batch)
+    monkeypatch.setattr(storage_module, "RESTORE_BATCH_BYTES", batch_bytes)
+    if spool:
+        monkeypatch.setattr(core, "SPOOL_RECORDS", 50)
     src = str(tmp_path / "Data.fs")
     make_zodb_fs(src, extra_txns=3)
     zs = ZFS(src)  # one more transaction storing an oid twice, then a new oid

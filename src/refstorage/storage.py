@@ -36,7 +36,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from itertools import islice
+from itertools import repeat
 from operator import attrgetter
 from typing import Any
 
@@ -90,7 +90,10 @@ def index_save_interval(objects: int) -> int:
 
 
 RESTORE_BATCH = 4096  # records of a source transaction restore_records takes at a time
+RESTORE_BATCH_BYTES = 8 << 20  # ... and about this much data at most
 _get_oid = attrgetter("oid")
+_get_data = attrgetter("data")
+_get_data_txn = attrgetter("data_txn")
 
 logger = logging.getLogger("refstorage")
 
@@ -854,10 +857,12 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         bytes of data).
 
         The committed positions (the new records' prev) are looked up a batch
-        at a time (one C pass over the index's blocks with the extension);
-        a record naming a `data_txn` goes through `restore` (it may become a
-        backpointer).  The records are read `RESTORE_BATCH` at a time, so a
-        huge transaction still goes to the commit spool in bounded memory."""
+        at a time (one C pass over the index's blocks with the extension), and
+        a batch of plain records (no `data_txn`) joins the transaction in one
+        C-level step; a record naming a `data_txn` goes through `restore` (it
+        may become a backpointer).  A batch is at most `RESTORE_BATCH` records
+        and about `RESTORE_BATCH_BYTES` of data, so a huge transaction still
+        goes to the commit spool in bounded memory."""
         if self._is_read_only:
             raise POSException.ReadOnlyError()
         pending = self._check_transaction(transaction)
@@ -866,26 +871,44 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
         restore = self.restore
         count = nbytes = 0
         it = iter(records)
+        batch, batch_bytes = RESTORE_BATCH, RESTORE_BATCH_BYTES
         while True:
-            chunk = list(islice(it, RESTORE_BATCH))
+            chunk: list = []
+            append = chunk.append
+            size = 0
+            for rec in it:
+                append(rec)
+                data = rec.data
+                if data is not None:
+                    size += len(data)
+                    if size >= batch_bytes:
+                        break
+                if len(chunk) >= batch:
+                    break
             if not chunk:
                 break
+            nbytes += size
             oids = list(map(_get_oid, chunk))
             joined = b"".join(oids)
             if len(joined) == 8 * len(oids) and _index_lookup is not None:
                 prevs = _index_lookup(index.blocks(), joined)
             else:
                 prevs = [index.get(oid, 0) if len(oid) == 8 else 0 for oid in oids]
-            for rec, oid, prev in zip(chunk, oids, prevs, strict=True):
-                data = rec.data
-                if data is not None:
-                    nbytes += len(data)
-                    if rec.data_txn or len(oid) != 8:
+            datas = list(map(_get_data, chunk))
+            if (pending.spool is None and quota is None and len(joined) == 8 * len(oids)
+                    and not any(map(_get_data_txn, chunk))):
+                # the common case, as pending.add one by one: size, records, then the spill check
+                pending.size += size + 8 * datas.count(None)
+                pending.records.extend(zip(oids, datas, repeat(0), prevs))
+                pending.check_spill()
+            else:
+                for rec, oid, data, prev in zip(chunk, oids, datas, prevs, strict=True):
+                    if data is not None and (rec.data_txn or len(oid) != 8):
                         restore(oid, rec.tid, data, "", rec.data_txn, transaction)
                         continue
-                pending.add(oid, data, 0, prev)
-                if quota is not None:
-                    self._check_quota(pending.size)
+                    pending.add(oid, data, 0, prev)
+                    if quota is not None:
+                        self._check_quota(pending.size)
             count += len(chunk)
             top = max(oids)
             if top > self._oid:
