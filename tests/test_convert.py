@@ -169,3 +169,90 @@ def test_python_dash_m_and_missing_source(tmp_path):
     assert r.exit_code != 0
     assert "nope.rfs" in r.output
     assert not os.path.exists(tmp_path / "dst.rfs")
+
+
+class _OneByOne:
+    """A refstorage destination seen without its bulk restore (the per-record path)."""
+
+    def __init__(self, storage):
+        self._storage = storage
+
+    def __getattr__(self, name):
+        if name == "restore_records":
+            raise AttributeError(name)
+        return getattr(self._storage, name)
+
+
+def _records(path):
+    with open(path, "rb") as f:
+        return f.read()[1024:]  # past the file header (its file id differs)
+
+
+@pytest.mark.parametrize("batch,batch_bytes,spool", [(4096, 8 << 20, False), (3, 8 << 20, False),
+                                                    (4096, 100, False), (4096, 8 << 20, True)])
+def test_bulk_restore_writes_what_restore_one_by_one_writes(tmp_path, monkeypatch, batch, batch_bytes,
+                                                            spool):
+    """copy_transactions' bulk path (restore_records) gives the same bytes as one restore() per
+    record: prev positions, backpointers of undo records, undone creations (no data),
+    an oid stored twice in one transaction, across batch boundaries (records, bytes),
+    and with the transaction spilling to the commit spool mid-batch."""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import p64, z64
+
+    from refstorage import core
+    from refstorage import storage as storage_module
+    from refstorage.copying import copy_transactions
+
+    monkeypatch.setattr(storage_module, "RESTORE_BATCH", batch)
+    monkeypatch.setattr(storage_module, "RESTORE_BATCH_BYTES", batch_bytes)
+    if spool:
+        monkeypatch.setattr(core, "SPOOL_RECORDS", 50)
+    src = str(tmp_path / "Data.fs")
+    make_zodb_fs(src, extra_txns=3)
+    zs = ZFS(src)  # one more transaction storing an oid twice, then a new oid
+    t = TransactionMetaData()
+    zs.tpc_begin(t)
+    zs.restore(p64(1), z64, b"first", "", None, t)
+    zs.restore(p64(1), z64, b"second", "", None, t)
+    zs.restore(p64(5000), z64, b"new", "", None, t)
+    zs.tpc_vote(t)
+    zs.tpc_finish(t)
+    zs.close()
+    source = ZFS(src, read_only=True)
+    try:
+        bulk = refstorage.FileStorage(str(tmp_path / "bulk.rfs"), create=True)
+        calls = []
+        real = bulk.restore_records
+        monkeypatch.setattr(bulk, "restore_records", lambda recs, txn: calls.append(1) or real(recs, txn))
+        rb = copy_transactions(source, bulk)
+        bulk.close()
+        one = refstorage.FileStorage(str(tmp_path / "one.rfs"), create=True)
+        ro = copy_transactions(source, _OneByOne(one))
+        one.close()
+    finally:
+        source.close()
+    assert len(calls) == rb.transactions == ro.transactions == 12
+    assert (rb.records, rb.bytes, rb.last_tid) == (ro.records, ro.bytes, ro.last_tid)
+    assert _records(tmp_path / "bulk.rfs") == _records(tmp_path / "one.rfs")
+    st = refstorage.FileStorage(str(tmp_path / "bulk.rfs"), read_only=True)
+    try:
+        assert st.load(p64(1))[0] == b"second"
+        assert st._oid == p64(5000)
+        backpointers = [r for t in st.iterator() for r in t if r.data_txn]
+        assert backpointers  # the undo records stayed backpointers
+    finally:
+        st.close()
+
+
+def test_bulk_restore_refuses_what_restore_refuses(tmp_path):
+    from ZODB.POSException import ReadOnlyError, StorageTransactionError
+
+    path = str(tmp_path / "d.rfs")
+    st = refstorage.FileStorage(path, create=True)
+    with pytest.raises(StorageTransactionError):
+        st.restore_records([], object())  # no transaction begun
+    st.close()
+    st = refstorage.FileStorage(path, read_only=True)
+    with pytest.raises(ReadOnlyError):
+        st.restore_records([], object())
+    st.close()

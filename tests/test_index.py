@@ -1055,3 +1055,117 @@ def test_a_wrong_dense_position_is_never_served(tmp_path, where):
         assert info.value.offset == wrong and path in str(info.value)
     finally:
         s.close()
+
+
+# -- the index file used in place: dense blocks are views of its memory map -----------
+
+
+def _saved_dense(tmp_path, nums=range(1, 2000)) -> tuple[str, dict[bytes, int]]:
+    index, model = build(list(nums), bulk=True)
+    path = str(tmp_path / "m.index")
+    save_index(path, index, file_id=FILE_ID, pos=2**40, tid=TID)
+    return path, model
+
+
+def test_loaded_dense_blocks_are_read_only_views_of_the_map(tmp_path):
+    """An open copies no dense block: each is a read-only view of the file's memory map."""
+    path, model = _saved_dense(tmp_path)
+    loaded, *_ = load_index(path)
+    dense = [b for b in loaded.blocks().values() if len(b) == 1536]
+    assert dense and all(type(b) is memoryview and b.readonly for b in dense)
+    assert all(isinstance(b.obj, __import__("mmap").mmap) for b in dense)
+    assert_same(loaded, model)
+
+
+def test_changing_a_loaded_index_copies_the_block_and_leaves_the_file(tmp_path):
+    """Copy on write: set and delete replace the view by a bytearray; the file is untouched."""
+    path, model = _saved_dense(tmp_path)
+    before = Path(path).read_bytes()
+    loaded, *_ = load_index(path)
+    shared = loaded.copy()  # shares the read-only views
+    loaded[p64(5)] = 777           # an existing entry of a loaded dense block
+    loaded[p64(0)] = 778           # a new entry (suffix 0 was absent)
+    del loaded[p64(300)]           # a delete in another loaded dense block
+    model2 = dict(model)
+    model2[p64(5)] = 777
+    model2[p64(0)] = 778
+    del model2[p64(300)]
+    assert_same(loaded, model2)
+    for key in (0, 1):
+        assert type(loaded.blocks()[key]) is bytearray
+    assert type(loaded.blocks()[2]) is memoryview  # untouched: still the view
+    assert_same(shared, model)  # the copy taken before did not change
+    assert Path(path).read_bytes() == before
+    assert_same(load_index(path)[0], model)
+    # Saving a loaded (partly viewed) index writes the same bytes as saving the model.
+    again = str(tmp_path / "again.index")
+    save_index(again, loaded, file_id=FILE_ID, pos=2**40, tid=TID)
+    fresh = str(tmp_path / "fresh.index")
+    save_index(fresh, build_from(model2), file_id=FILE_ID, pos=2**40, tid=TID)
+    assert Path(again).read_bytes() == Path(fresh).read_bytes()
+
+
+def build_from(model: dict[bytes, int]) -> OidIndex:
+    index = OidIndex()
+    index.update(model)
+    return index
+
+
+def test_a_loaded_index_outlives_the_file_being_replaced(tmp_path):
+    """save_index replaces the file by rename: views of the old one stay valid."""
+    path, model = _saved_dense(tmp_path)
+    loaded, *_ = load_index(path)
+    other = build_from({p64(n): 5000 + n for n in range(1, 2000)})
+    save_index(path, other, file_id=FILE_ID, pos=2**40, tid=TID)
+    gc.collect()
+    assert_same(loaded, model)
+    assert load_index(path)[0][p64(7)] == 5007
+
+
+def test_a_damaged_dense_payload_is_caught_through_the_map(tmp_path):
+    """The crc still covers the mapped dense payloads: one flipped payload byte is refused."""
+    path, _ = _saved_dense(tmp_path)
+    data = bytearray(Path(path).read_bytes())
+    nd = int.from_bytes(data[52:56], "big")
+    payload = 60 + 16 * nd
+    data[payload + 1536 + 6 * 9 + 5] ^= 0x40  # a position in the second dense block
+    Path(path).write_bytes(bytes(data))
+    with pytest.raises(IndexFileError, match="checksum mismatch"):
+        load_index(path)
+
+
+def test_load_falls_back_to_reading_when_the_file_cannot_be_mapped(tmp_path):
+    from refstorage import fileio
+
+    class NoMap(fileio.Ops):
+        def __init__(self):
+            self.tried = 0
+
+        def map_read(self, fd, size):
+            self.tried += 1
+            raise OSError(19, "no mmap here")
+
+    path, model = _saved_dense(tmp_path)
+    with fileio.injected(NoMap()) as ops:
+        loaded, *_ = load_index(path)
+    assert ops.tried == 1
+    assert_same(loaded, model)
+    dense = [b for b in loaded.blocks().values() if len(b) == 1536]
+    assert dense and all(type(b) is memoryview and b.readonly and type(b.obj) is bytes for b in dense)
+    loaded[p64(3)] = 42
+    assert loaded[p64(3)] == 42 and type(loaded.blocks()[0]) is bytearray
+    # an empty file (which cannot be mapped) is refused as truncated
+    Path(path).write_bytes(b"")
+    with pytest.raises(IndexFileError, match="truncated|bad magic"):
+        load_index(path)
+
+
+def test_index_lookup_reads_loaded_views():
+    """The C lookup (verify) reads a dense block that is a view as it reads a bytearray."""
+    refscan = pytest.importorskip("refstorage._refscan")
+    index, model = build(list(range(1, 2000)) + [0x10000], bulk=True)
+    blocks = {k: memoryview(bytes(b)) if len(b) == 1536 else b for k, b in index.blocks().items()}
+    oids = sorted(model) + [p64(2500), p64(0)]
+    got = refscan.index_lookup(blocks, b"".join(oids)).tolist()
+    assert got == [model.get(o, 0) for o in oids]
+    assert refscan.index_lookup(index.blocks(), b"".join(oids)).tolist() == got

@@ -377,6 +377,33 @@ def test_index_is_saved_while_running(path, monkeypatch):
     st.close()
 
 
+def test_index_save_interval_grows_with_the_index(path, monkeypatch):
+    """Past INDEX_SAVE_SCALE objects a running storage saves its index less often (in
+    proportion to the index), so saving stays a bounded share of the writes; a reopen
+    after a crash still finds every object (the log after the save is scanned)."""
+    assert storage.index_save_interval(0) == storage.INDEX_SAVE_BYTES
+    assert storage.index_save_interval(storage.INDEX_SAVE_SCALE) == storage.INDEX_SAVE_BYTES
+    assert storage.index_save_interval(4 * storage.INDEX_SAVE_SCALE) == 4 * storage.INDEX_SAVE_BYTES
+    monkeypatch.setattr(storage, "INDEX_SAVE_BYTES", 2000)
+    monkeypatch.setattr(storage, "INDEX_SAVE_SCALE", 10)
+    saves = []
+    real = storage.save_index
+    monkeypatch.setattr(storage, "save_index", lambda *a, **k: saves.append(len(a[1])) or real(*a, **k))
+    st = refstorage.FileStorage(path)
+    for i in range(40):
+        commit(st, {p64(i): b"x" * 300})  # ~370 bytes a transaction
+    # without the scaling: a save every 6 transactions (2000 bytes); with it the
+    # interval is 200 bytes per object once past 10 objects
+    assert 2 <= len(saves) <= 4, saves
+    assert all(b - a >= 5 for a, b in zip(saves, saves[1:], strict=False)), saves
+    assert os.path.getsize(path) - st._saved_end < storage.index_save_interval(40)
+    st._state.file.close()  # crash: no close
+    st._release_lock_file()
+    st = refstorage.FileStorage(path)
+    assert [st.load(p64(i))[0] for i in range(40)] == [b"x" * 300] * 40
+    st.close()
+
+
 KILL_SCRIPT = textwrap.dedent("""
     import sys, os
     import refstorage
@@ -630,3 +657,57 @@ def test_history_matches_filestorage(tmp_path):
     assert comparable(ours) == comparable(theirs)
     assert [sorted(d) for d in ours] == [sorted(d) for d in theirs]
     assert ours[0]["size"] == 0  # the undo wrote a backpointer
+
+
+def test_reopening_an_unchanged_file_writes_and_syncs_nothing(path):
+    """An open of a file whose saved index is current (read-only or read-write, then
+    closed) makes no write, fsync, rename, truncation or removal of the storage's files
+    (the lock file, written by zc.lockfile, aside), and maps the index file."""
+
+    class Recorder(fileio.Ops):
+        def __init__(self):
+            self.calls = []
+
+        def pwrite(self, fd, data, pos):
+            self.calls.append("pwrite")
+            return super().pwrite(fd, data, pos)
+
+        def fsync(self, fd):
+            self.calls.append("fsync")
+            super().fsync(fd)
+
+        def fsync_dir(self, p):
+            self.calls.append("fsync_dir")
+            super().fsync_dir(p)
+
+        def ftruncate(self, fd, size):
+            self.calls.append("ftruncate")
+            super().ftruncate(fd, size)
+
+        def replace(self, src, dst):
+            self.calls.append("replace")
+            super().replace(src, dst)
+
+        def unlink(self, p):
+            self.calls.append("unlink")
+            super().unlink(p)
+
+        def map_read(self, fd, size):
+            self.calls.append("map")
+            return super().map_read(fd, size)
+
+    st = refstorage.FileStorage(path)
+    for i in range(3):
+        commit(st, {p64(i): b"x%d" % i})
+    st.close()
+    before = {name: os.path.getmtime(os.path.join(os.path.dirname(path), name))
+              for name in os.listdir(os.path.dirname(path)) if not name.endswith(".lock")}
+    for read_only in (True, False):
+        with fileio.injected(Recorder()) as ops:
+            st = refstorage.FileStorage(path, read_only=read_only)
+            assert st.load(p64(2))[0] == b"x2"
+            st.close()
+        assert ops.calls == ["map"], (read_only, ops.calls)
+    after = {name: os.path.getmtime(os.path.join(os.path.dirname(path), name))
+             for name in os.listdir(os.path.dirname(path)) if not name.endswith(".lock")}
+    assert after == before

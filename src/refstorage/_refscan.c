@@ -1277,7 +1277,7 @@ PyDoc_STRVAR(index_lookup_doc,
 "index_lookup(blocks, oids) -> array('Q')\n\n"
 "OidIndex.get(oid, 0) of each 8-byte oid in `oids` (joined), read from the\n"
 "index's blocks (OidIndex.blocks(): key oid >> 8 -> a dense block of 256\n"
-"6-byte positions, or a sparse one of n suffixes then n positions; see\n"
+"6-byte positions (bytearray, or a read-only memoryview), or a sparse one of n suffixes then n positions; see\n"
 "index.py).  A block of any other length counts as absent.");
 
 static PyObject *
@@ -1316,6 +1316,13 @@ index_lookup(PyObject *module, PyObject *args)
             } else if (PyByteArray_Check(block)) {
                 b = (const unsigned char *)PyByteArray_AS_STRING(block);
                 len = PyByteArray_GET_SIZE(block);
+            } else if (PyMemoryView_Check(block)) {
+                /* a dense block loaded from the index file: a view of its map */
+                const Py_buffer *mv = PyMemoryView_GET_BUFFER(block);
+                if (mv->itemsize == 1 && PyBuffer_IsContiguous(mv, 'C')) {
+                    b = (const unsigned char *)mv->buf;
+                    len = mv->len;
+                }
             }
             if (len == 256 * 6) {
                 b += 6 * s;

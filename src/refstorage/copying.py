@@ -32,6 +32,9 @@ def copy_transactions(source, dest, start: bytes | None = None,
     """Copy every transaction of `source` with tid >= start into `dest`."""
     report = CopyReport()
     with_blobs = copies_blobs(source, dest)
+    # refstorage's bulk restore (storage.FileStorage.restore_records: the same records as
+    # restore() one by one), unless blobs are copied
+    bulk = None if with_blobs else getattr(dest, "restore_records", None)
     it = source.iterator(start) if start is not None else source.iterator()
     try:
         for txn in it:
@@ -43,7 +46,11 @@ def copy_transactions(source, dest, start: bytes | None = None,
                     f"transaction {last.hex()}")
             dest.tpc_begin(txn, tid, txn.status)
             try:
-                for rec in txn:
+                if bulk is not None:
+                    n, nbytes = bulk(txn, txn)
+                    report.records += n
+                    report.bytes += nbytes
+                for rec in txn if bulk is None else ():
                     blob = copy_blob_to_temporary(source, dest, rec) if with_blobs else None
                     if blob is not None:
                         dest.restoreBlob(rec.oid, rec.tid, rec.data, blob, rec.data_txn, txn)

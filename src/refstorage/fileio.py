@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno as _errno
+import mmap
 import os
 from collections.abc import Iterable, Iterator
 
@@ -42,6 +43,7 @@ __all__ = [
     "point",
     "make_dirs",
     "same_file",
+    "map_whole",
 ]
 
 
@@ -92,6 +94,12 @@ class Ops:
 
     def link(self, src: str, dst: str) -> None:
         os.link(src, dst)
+
+    def map_read(self, fd: int, size: int) -> mmap.mmap:
+        """A read-only shared mapping of the first `size` bytes (> 0) of `fd`, its pages
+        mapped at once where the system can (MAP_POPULATE: no fault per page later)."""
+        flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+        return mmap.mmap(fd, size, flags=flags, prot=mmap.PROT_READ)
 
 
 ops: Ops = Ops()
@@ -363,6 +371,41 @@ def read_whole(path: str, limit: int | None = None) -> bytes:
         pos = 0
         while limit is None or pos < limit:
             chunk = ops.pread(fd, 1 << 20 if limit is None else min(1 << 20, limit - pos), pos)
+            if not chunk:
+                break
+            parts.append(chunk)
+            pos += len(chunk)
+        return b"".join(parts)
+    except OSError as exc:
+        raise _io_error(path, "read", exc) from exc
+    finally:
+        ops.close(fd)
+
+
+def map_whole(path: str) -> mmap.mmap | bytes:
+    """The whole content of a file, read-only: a memory map of it (no copy, no read),
+    or its bytes where it cannot be mapped (empty, or a file system without mmap).
+
+    For a file that is only ever replaced by rename (`atomic_write`), never
+    changed in place: the map keeps showing the file that was opened, but
+    truncating that very file meanwhile would make a later access fail (SIGBUS).
+    The map closes when the last buffer taken from it is released."""
+    path = str(path)
+    try:
+        fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _io_error(path, "open", exc) from exc
+    try:
+        size = ops.fsize(fd)
+        if size > 0:
+            try:
+                return ops.map_read(fd, size)
+            except (OSError, ValueError, OverflowError):
+                pass  # read it instead
+        parts = []
+        pos = 0
+        while True:
+            chunk = ops.pread(fd, 1 << 20, pos)
             if not chunk:
                 break
             parts.append(chunk)

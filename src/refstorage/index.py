@@ -10,6 +10,10 @@ key to one block object, in one of two forms:
 
 * dense: a ``bytearray`` of 256 * 6 = 1536 bytes, the 6-byte big-endian
   position of suffix ``s = oid_int & 255`` at ``[6s:6s+6]`` (all zero = absent);
+  or, as loaded from the index file (`indexfile.load_index`), a read-only
+  ``memoryview`` of those 1536 bytes inside the file's memory map, never
+  changed: the first change of such a block stores a ``bytearray`` copy of it
+  in its place (copy on write, so an open copies nothing);
 * sparse: a ``bytes`` of 7n bytes (1 <= n <= 219): the n suffixes in strictly
   ascending order, then their n positions (6 bytes each, same order).  A lookup
   is one ``bytes.find`` of the suffix among the first n bytes.
@@ -28,7 +32,8 @@ Threads: `get`, `__getitem__`, `__contains__` and `len` may run in any number
 of threads while ONE writer thread calls the mutating methods.  The writer
 never leaves a block half-changed: a sparse block is immutable and replaced by
 a new object in one dict assignment; a dense block changes in place only by one
-6-byte slice assignment of the same size (atomic under the GIL); a conversion,
+6-byte slice assignment of the same size (atomic under the GIL), and a
+read-only dense view is replaced by its changed copy in one dict assignment; a conversion,
 or `update`, builds new blocks completely before storing them (`update` stores
 them all with one ``dict.update``).  `items`, `__iter__`, `max_oid`, `copy`,
 `blocks` and `indexfile.save_index` must not run concurrently with the writer
@@ -46,7 +51,7 @@ from array import array
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Iterator, Mapping
 from itertools import chain, compress, islice, repeat
-from operator import eq, ge, is_, itemgetter, lt, ne, not_, rshift, sub
+from operator import eq, ge, itemgetter, lt, ne, not_, rshift, sub
 from sys import getsizeof
 
 __all__ = ["OidIndex", "MAX_POS"]
@@ -277,8 +282,14 @@ class OidIndex:
             return
         if len(b) == DENSE_SIZE:
             i = s * 6
-            added = b.startswith(_Z6, i)
-            b[i:i + 6] = pb
+            if type(b) is bytearray:
+                added = b.startswith(_Z6, i)
+                b[i:i + 6] = pb
+            else:  # a read-only view loaded from the index file: changed in a copy
+                added = b[i:i + 6] == _Z6
+                b = bytearray(b)
+                b[i:i + 6] = pb
+                blocks[key] = b
             if added:
                 self._len += 1
             return
@@ -315,8 +326,12 @@ class OidIndex:
             if 255 - arr.count(0) < DENSE_MIN:
                 arr[s] = 0
                 blocks[key] = sparse_block(dict(zip(compress(_R256, arr), compress(arr, arr), strict=True)))
-            else:
+            elif type(b) is bytearray:
                 b[i:i + 6] = _Z6
+            else:  # a read-only view loaded from the index file: changed in a copy
+                b = bytearray(b)
+                b[i:i + 6] = _Z6
+                blocks[key] = b
         else:
             c = len(b) // 7
             j = b.find(s, 0, c)
@@ -634,7 +649,7 @@ class OidIndex:
         return None
 
     def copy(self) -> OidIndex:
-        """An independent copy (sparse blocks are immutable and shared)."""
+        """An independent copy (sparse blocks and read-only dense views are immutable and shared)."""
         new = OidIndex()
         new._blocks = {k: (bytearray(b) if type(b) is bytearray else b) for k, b in self._blocks.items()}
         new._len = self._len
@@ -649,7 +664,7 @@ class OidIndex:
 
     def block_stats(self) -> dict[str, int]:
         """Numbers of dense and sparse blocks (for tests and diagnostics)."""
-        dense = sum(map(is_, map(type, self._blocks.values()), repeat(bytearray)))
+        dense = sum(map(eq, map(len, self._blocks.values()), repeat(DENSE_SIZE)))
         return {"dense": dense, "sparse": len(self._blocks) - dense, "entries": self._len}
 
     def _check(self) -> None:
@@ -662,7 +677,9 @@ class OidIndex:
         for key, b in self._blocks.items():
             if type(key) is not int or not 0 <= key < KEY_LIMIT:
                 fail(f"bad block key {key!r}")
-            if type(b) is bytearray:
+            if type(b) is bytearray or type(b) is memoryview:
+                if type(b) is memoryview and not (b.readonly and b.contiguous and b.format == "B"):
+                    fail(f"dense block {key:#x} is a memoryview that is not read-only bytes")
                 if len(b) != DENSE_SIZE:
                     fail(f"dense block {key:#x} has {len(b)} bytes, not {DENSE_SIZE}")
                 count = 256 - unpack6(b).count(0)

@@ -1,7 +1,10 @@
 """The index file: the saved `OidIndex` that spares a reopen the scan of the data file.
 
 `save_index` writes it in one piece through `fileio.atomic_write` (temp file,
-fsync, rename, directory fsync); `load_index` reads it back.  Its layout and
+fsync, rename, directory fsync); `load_index` reads it back, in place: the
+file is memory-mapped (`fileio.map_whole`) and the loaded index's dense blocks
+are read-only views of the map, copied only when first changed (see
+refstorage.index), so a load copies no payload.  Its layout and
 the rules a reader checks are specified in docs/format.md ("The index file"):
 a header (magic, version, flags, the data file's file_id, the position and tid
 the index covers, counts), then the blocks as columns -- dense block keys and
@@ -28,7 +31,7 @@ import zlib
 from array import array
 from collections.abc import Iterable
 from itertools import accumulate, chain, compress, islice, repeat
-from operator import add, floordiv, is_, lt, mul, not_, or_, sub
+from operator import add, eq, floordiv, lt, mul, not_, or_, sub
 
 from . import fileio
 from .errors import IndexFileError, StorageIOError
@@ -92,7 +95,7 @@ def save_index(path: str, index: OidIndex, *, file_id: bytes, pos: int, tid: byt
     blocks = index.blocks()
     keys = list(blocks)
     bl = list(blocks.values())
-    isdense = list(map(is_, map(type, bl), repeat(bytearray)))
+    isdense = list(map(eq, map(len, bl), repeat(DENSE_SIZE)))
     if any(isdense):
         isparse = list(map(not_, isdense))
         dkeys = list(compress(keys, isdense))
@@ -142,7 +145,9 @@ def load_index(path: str) -> tuple[OidIndex, bytes, int, bytes] | None:
     """
     path = str(path)
     try:
-        data = fileio.read_whole(path)
+        # Mapped, not read: the dense blocks are views of the map (no copy, no page
+        # fault per page), copied by OidIndex on their first change.
+        data = fileio.map_whole(path)
     except StorageIOError as exc:
         if exc.errno == _errno.ENOENT:
             return None
@@ -162,7 +167,7 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
 
     size = len(data)
     if data[:8] != INDEX_MAGIC[:size]:
-        if data.startswith(_DATA_MAGIC):
+        if data[:len(_DATA_MAGIC)] == _DATA_MAGIC:
             raise bad("is a refstorage data file, not an index file", 0)
         raise bad("not a refstorage index file (bad magic)", 0)
     if size < _HEADER_SIZE + 4:
@@ -263,8 +268,9 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
                 blocks[key] = dense_block(block_map(blocks[key]))
     dk = dkeys.tolist()
     bounds = range(dpay_at, dpay_at + DENSE_SIZE * nd + 1, DENSE_SIZE)
-    blocks.update(zip(dk, map(bytearray, map(view.__getitem__, map(slice, bounds, islice(bounds, 1, None)))),
-                      strict=True))
+    # The dense blocks are read-only views of the file's buffer (OidIndex copies one
+    # into a bytearray when it first changes it).
+    blocks.update(zip(dk, map(view.__getitem__, map(slice, bounds, islice(bounds, 1, None))), strict=True))
     if nd and min(dcounts) < DENSE_MIN:
         for i in compress(range(nd), map(lt, dcounts, repeat(DENSE_MIN))):
             arr = unpack6(blocks[dk[i]])

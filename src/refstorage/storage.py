@@ -35,7 +35,9 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import zc.lockfile
@@ -77,11 +79,32 @@ from .recovery import open_log
 from .refs import references_many
 from .undo import UndoPlanner, find_txn, tid_from_undo_id, undo_log
 
+try:
+    from ._refscan import index_lookup as _index_lookup
+except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
+    _index_lookup = None
+
+def index_save_interval(objects: int) -> int:
+    """Bytes of commits after which a running storage saves its index of `objects` entries."""
+    return max(INDEX_SAVE_BYTES, INDEX_SAVE_BYTES * objects // INDEX_SAVE_SCALE)
+
+
+RESTORE_BATCH = 4096  # records of a source transaction restore_records takes at a time
+RESTORE_BATCH_BYTES = 8 << 20  # ... and about this much data at most
+_get_oid = attrgetter("oid")
+_get_data = attrgetter("data")
+_get_data_txn = attrgetter("data_txn")
+
 logger = logging.getLogger("refstorage")
 
 # Save the index while running once this many bytes were committed since the
-# last save, so a reopen after a crash scans at most about this much.
+# last save, so a reopen after a crash scans at most about this much; past
+# INDEX_SAVE_SCALE objects the interval grows in proportion to the index (64
+# bytes of log per object: 64 MiB at 1M objects), so that saving, which
+# writes the whole index (~6 bytes an object) each time, stays a bounded share
+# of the bytes written instead of growing with the square of the file.
 INDEX_SAVE_BYTES = 32 << 20
+INDEX_SAVE_SCALE = 1 << 19
 # Flush a voting transaction to the file in pieces of about this size.
 WRITE_CHUNK = 1 << 20
 # A spooled transaction's index entries are published this many at a time.
@@ -234,7 +257,7 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
 
     def _maybe_save_index(self) -> None:
         """Called with the commit lock held, so the index does not change meanwhile."""
-        if self._end - self._saved_end >= INDEX_SAVE_BYTES:
+        if self._end - self._saved_end >= index_save_interval(len(self._state.index)):
             try:
                 self._save_index_now(self._state.index, self._end, self._ltid)
             except Exception:
@@ -825,6 +848,72 @@ class FileStorage(BlobSupport, ConflictResolvingStorage):
             if target is not None and target.data == data:
                 back, data = target.pos, None
         self.add_record(pending, oid, data, back)
+
+    def restore_records(self, records: Iterable, transaction) -> tuple[int, int]:
+        """`restore` of each record of a source transaction, in bulk (what
+        `copying.copy_transactions` runs): the same records as one `restore` call
+        per record, in order.  `records` yields objects with the attributes of
+        a storage iterator's records (oid, data, data_txn).  Returns (records,
+        bytes of data).
+
+        The committed positions (the new records' prev) are looked up a batch
+        at a time (one C pass over the index's blocks with the extension), and
+        a batch of plain records (no `data_txn`) joins the transaction in one
+        C-level step; a record naming a `data_txn` goes through `restore` (it
+        may become a backpointer).  A batch is at most `RESTORE_BATCH` records
+        and about `RESTORE_BATCH_BYTES` of data, so a huge transaction still
+        goes to the commit spool in bounded memory."""
+        if self._is_read_only:
+            raise POSException.ReadOnlyError()
+        pending = self._check_transaction(transaction)
+        index = self._state.index
+        quota = self._quota
+        restore = self.restore
+        count = nbytes = 0
+        it = iter(records)
+        batch, batch_bytes = RESTORE_BATCH, RESTORE_BATCH_BYTES
+        while True:
+            chunk: list = []
+            append = chunk.append
+            size = 0
+            for rec in it:
+                append(rec)
+                data = rec.data
+                if data is not None:
+                    size += len(data)
+                    if size >= batch_bytes:
+                        break
+                if len(chunk) >= batch:
+                    break
+            if not chunk:
+                break
+            nbytes += size
+            oids = list(map(_get_oid, chunk))
+            joined = b"".join(oids)
+            if len(joined) == 8 * len(oids) and _index_lookup is not None:
+                prevs = _index_lookup(index.blocks(), joined)
+            else:
+                prevs = [index.get(oid, 0) if len(oid) == 8 else 0 for oid in oids]
+            datas = list(map(_get_data, chunk))
+            if (pending.spool is None and quota is None and len(joined) == 8 * len(oids)
+                    and not any(map(_get_data_txn, chunk))):
+                # the common case, as pending.add one by one: size, records, then the spill check
+                pending.size += size + 8 * datas.count(None)
+                pending.records.extend(zip(oids, datas, repeat(0), prevs))
+                pending.check_spill()
+            else:
+                for rec, oid, data, prev in zip(chunk, oids, datas, prevs, strict=True):
+                    if data is not None and (rec.data_txn or len(oid) != 8):
+                        restore(oid, rec.tid, data, "", rec.data_txn, transaction)
+                        continue
+                    pending.add(oid, data, 0, prev)
+                    if quota is not None:
+                        self._check_quota(pending.size)
+            count += len(chunk)
+            top = max(oids)
+            if top > self._oid:
+                self.set_max_oid(top)
+        return count, nbytes
 
     def _revision(self, oid: bytes, tid: bytes) -> fmt.DataRecord | None:
         """The data record holding oid's data as written by transaction `tid`."""
