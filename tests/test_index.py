@@ -1047,14 +1047,68 @@ def test_a_wrong_dense_position_is_never_served(tmp_path, where):
              else int.from_bytes(data[pay + 6 * 6:pay + 6 * 7], "big"))  # oid 6's record
     data[pay + 6 * 5:pay + 6 * 6] = wrong.to_bytes(6, "big")  # oid 5, maxima left as they are
     Path(path + ".index").write_bytes(with_crc(bytes(data)))
+    if where == "past the end":  # above the block's stored maximum: refused at open
+        with pytest.raises(IndexFileError, match="do not match its entries"):
+            load_index(path + ".index")
     s = FileStorage(path, read_only=True)
     try:
         assert s.load(zp64(4))[0] == b"v4"
+        if where == "past the end":  # the index was rebuilt from the data file
+            assert s.load(zp64(5))[0] == b"v5"
+            return
         with pytest.raises(CorruptedDataError) as info:
             s.load(zp64(5))
         assert info.value.offset == wrong and path in str(info.value)
     finally:
         s.close()
+
+
+@pytest.mark.parametrize("shape", ["entries zeroed", "middle zeroed", "whole block zeroed",
+                                   "extra entry"])
+def test_dense_counts_and_maxima_are_checked_against_the_entries(tmp_path, shape, monkeypatch):
+    """A version-2 index whose per-block count or maximum does not match the block's entries
+    (a writer's bug, or a file edited and its crc recomputed) is refused, and the storage
+    rebuilds its index: no oid is lost, new_oid never reuses an existing oid (outside
+    review: a new object replaced oid 240).  Both the C check and its Python twin."""
+    from ZODB.Connection import TransactionMetaData
+    from ZODB.utils import p64 as zp64
+
+    from refstorage import indexfile
+    from refstorage.storage import FileStorage
+
+    for twin in (False, True):
+        if twin:
+            monkeypatch.setattr(indexfile, "_dense_check", indexfile._py_dense_check)
+        path = str(tmp_path / f"d{twin}.rfs")
+        s = FileStorage(path)
+        t = TransactionMetaData()
+        s.tpc_begin(t)
+        for i in range(250):
+            s.store(zp64(i), zp64(0), b"v%d" % i, "", t)
+        s.tpc_vote(t)
+        s.tpc_finish(t)
+        s.close()
+        data = bytearray(Path(path + ".index").read_bytes()[:-4])
+        nd = int.from_bytes(data[52:56], "big")
+        pay = 60 + 16 * nd
+        if shape == "entries zeroed":
+            data[pay + 6 * 240:pay + 6 * 250] = bytes(60)
+        elif shape == "middle zeroed":
+            data[pay + 6 * 50:pay + 6 * 150] = bytes(600)
+        elif shape == "whole block zeroed":
+            data[pay:pay + 1536] = bytes(1536)
+        else:  # oid 252 gets oid 3's position, count and maximum unchanged
+            data[pay + 6 * 252:pay + 6 * 253] = data[pay + 6 * 3:pay + 6 * 4]
+        Path(path + ".index").write_bytes(with_crc(bytes(data)))
+        with pytest.raises(IndexFileError, match="do not match its entries"):
+            load_index(path + ".index")
+        s = FileStorage(path)
+        try:
+            assert len(s) == 250
+            assert [s.load(zp64(i))[0] for i in range(250)] == [b"v%d" % i for i in range(250)]
+            assert int.from_bytes(s.new_oid(), "big") >= 250
+        finally:
+            s.close()
 
 
 # -- the index file used in place: dense blocks are views of its memory map -----------

@@ -993,6 +993,53 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(dense_check_doc,
+"dense_check(payloads, counts, maxima) -> int\n\n"
+"The first dense block of an index file whose stored entry count or largest\n"
+"position does not match its 256 6-byte big-endian positions, or -1 if all\n"
+"match.  `payloads`: nd blocks of 1536 bytes; `counts`: array('H') of nd;\n"
+"`maxima`: array('Q') of nd.  Twin of indexfile._dense_check.");
+
+static PyObject *
+dense_check(PyObject *module, PyObject *args)
+{
+    Py_buffer pay, counts, maxima;
+    Py_ssize_t nd, b, bad = -1;
+
+    if (!PyArg_ParseTuple(args, "y*y*y*:dense_check", &pay, &counts, &maxima))
+        return NULL;
+    nd = pay.len / 1536;
+    if (pay.len != nd * 1536 || counts.len != nd * 2 || maxima.len != nd * 8) {
+        PyBuffer_Release(&pay);
+        PyBuffer_Release(&counts);
+        PyBuffer_Release(&maxima);
+        PyErr_SetString(PyExc_ValueError, "dense_check: sizes do not match");
+        return NULL;
+    }
+    for (b = 0; b < nd; b++) {
+        const unsigned char *p = (const unsigned char *)pay.buf + 1536 * b;
+        unsigned c = 0, j;
+        uint64_t top = 0;
+        for (j = 0; j < 256; j++, p += 6) {
+            uint64_t v = ((uint64_t)p[0] << 40) | ((uint64_t)p[1] << 32) | ((uint64_t)p[2] << 24)
+                         | ((uint64_t)p[3] << 16) | ((uint64_t)p[4] << 8) | p[5];
+            if (v) {
+                c++;
+                if (v > top)
+                    top = v;
+            }
+        }
+        if (c != ((const uint16_t *)counts.buf)[b] || top != ((const uint64_t *)maxima.buf)[b]) {
+            bad = b;
+            break;
+        }
+    }
+    PyBuffer_Release(&pay);
+    PyBuffer_Release(&counts);
+    PyBuffer_Release(&maxima);
+    return PyLong_FromSsize_t(bad);
+}
+
 PyDoc_STRVAR(count_kept_doc,
 "count_kept(starts, n, keep) -> int\n\n"
 "How many of starts[0:n] (an array('Q') of record positions) have their bit\n"
@@ -1916,6 +1963,7 @@ static PyMethodDef methods[] = {
     {"scan_many", scan_many, METH_O, scan_many_doc},
     {"relocate", relocate, METH_VARARGS, relocate_doc},
     {"count_kept", count_kept, METH_VARARGS, count_kept_doc},
+    {"dense_check", dense_check, METH_VARARGS, dense_check_doc},
     {"gc_refs", gc_refs, METH_VARARGS, gc_refs_doc},
     {"check_records", check_records, METH_VARARGS, check_records_doc},
     {NULL, NULL, 0, NULL}

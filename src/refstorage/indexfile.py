@@ -25,6 +25,7 @@ The storage then rebuilds the index from the data file.
 from __future__ import annotations
 
 import errno as _errno
+import os
 import struct
 import sys
 import zlib
@@ -62,6 +63,26 @@ _R256 = range(256)
 _LITTLE = sys.byteorder == "little"
 _fb = int.from_bytes
 _join = b"".join
+
+
+def _py_dense_check(payloads: bytes | memoryview, counts: array, maxima: array) -> int:
+    """The first dense block whose count or maximum does not match its entries, or -1
+    (the twin of `_refscan.dense_check`)."""
+    arr = unpack6(payloads)
+    for b in range(len(counts)):
+        block = arr[256 * b:256 * b + 256]
+        if 256 - block.count(0) != counts[b] or max(block) != maxima[b]:
+            return b
+    return -1
+
+
+try:
+    from ._refscan import dense_check as _dense_check
+except ImportError:  # no C extension: the Python twin
+    _dense_check = _py_dense_check
+else:
+    if os.environ.get("REFSTORAGE_PURE_PYTHON"):
+        _dense_check = _py_dense_check
 
 
 def _be_array(code: str, raw: bytes) -> array:
@@ -222,8 +243,9 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
 
     view = memoryview(data)
     if version >= 2:
-        # The per-block counts and maxima stand for the payloads (the writer computes
-        # them from the blocks; the crc covers them): nothing per entry is read here.
+        # The per-block counts and maxima are checked against the payloads below, in one
+        # C pass (a writer's bug or a forged file whose crc was recomputed: len() and
+        # new_oid must not trust them), without decoding the blocks into Python objects.
         dcounts: list[int] | array = dcounts_a
         if dcounts and not (min(dcounts) >= 1 and max(dcounts) <= 256):
             raise bad("a dense block count is not in 1..256", dcounts_at)
@@ -246,6 +268,11 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
     top = max(dtop, max(sarr, default=0))
     if total and top >= pos:
         raise bad(f"position {top} is not below the index's end position {pos}", 28)
+    if version >= 2:
+        i = _dense_check(view[dpay_at:dpay_at + DENSE_SIZE * nd], dcounts_a, dmax)
+        if i >= 0:
+            raise bad(f"dense block {i}: the stored counts or maximum do not match its entries",
+                      dpay_at + DENSE_SIZE * i)
 
     if nsp == ns:
         # Every sparse block holds one entry (the common sparse case).
