@@ -98,8 +98,9 @@ from .log import LogReader
 try:
     from ._refscan import count_kept as _count_kept_c
     from ._refscan import gc_refs as _gc_refs
+    from ._refscan import index_lookup as _index_lookup
 except ImportError:  # pragma: no cover - depends on the build (the extension is optional)
-    _count_kept_c = _gc_refs = None
+    _count_kept_c = _gc_refs = _index_lookup = None
 
 __all__ = ["PackReport", "Progress", "pack_storage", "pack_tid_for"]
 
@@ -337,13 +338,23 @@ class GC:
 
     def _discover(self, oids: Iterable[bytes], found: _Level) -> _Level:
         """Add to `found` the newest record positions of the not yet visited `oids`."""
-        index_get = self.index.get
+        return self._add_positions(map(self.index.get, oids, repeat(0)), found)
+
+    def _discover_joined(self, joined: bytes, found: _Level) -> _Level:
+        """`_discover` of the 8-byte oids joined in `joined`: their positions looked up in
+        one C pass over the index's blocks when the extension is built (the GIL is held
+        throughout, so a commit's change to the live index is seen whole or not at all)."""
+        if _index_lookup is None:
+            return self._discover(fmt.split_refs(joined), found)
+        return self._add_positions(_index_lookup(self.index.blocks(), joined), found)
+
+    def _add_positions(self, positions: Iterable[int], found: _Level) -> _Level:
+        """Add to `found` the not yet visited `positions` (0: no record, skipped)."""
         keep, visited = self.keep, self._visited
         pack_pos = self.pack_pos
         regions = found.regions
-        for oid in oids:
-            pos = index_get(oid)
-            if pos is None:
+        for pos in positions:
+            if not pos:
                 continue  # a dangling reference, or an object created after the pack started
             if pos < pack_pos:
                 s = pos // MIN_RECORD
@@ -391,7 +402,7 @@ class GC:
                     marked += j - i
                     i = j
                     if found_refs:
-                        self._discover(fmt.split_refs(bytes(found_refs)), following)
+                        self._discover_joined(bytes(found_refs), following)
                         found_refs = bytearray()
                     slow = status == fmt.RELOC_STOP
                     continue
