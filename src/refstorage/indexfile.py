@@ -85,6 +85,36 @@ else:
         _dense_check = _py_dense_check
 
 
+_NOT_CHECKED = -2
+_CHECK_BLOCKS = 128  # dense blocks per chunk of the fused crc and block check (192 KiB)
+
+
+def _crc_and_dense_check(view: memoryview, end: int, version: int, nd: int,
+                         path: str) -> int | None:
+    """The crc of view[:end] against the 4 bytes after it: None if it does not match.
+    Otherwise, for a version-2 file, the first dense block whose stored count or maximum
+    does not match its entries (-1: none), computed in the same pass; _NOT_CHECKED when
+    the header's layout does not fit the file (the parse after the crc reports it)."""
+    want = _fb(view[end:end + 4], "big")
+    pay = _HEADER_SIZE + 16 * nd
+    if version < 2 or not nd or pay + DENSE_SIZE * nd > end:
+        return None if zlib.crc32(view[:end]) != want else _NOT_CHECKED
+    counts = _be_array("H", bytes(view[_HEADER_SIZE + 8 * nd:_HEADER_SIZE + 10 * nd]))
+    maxima = unpack6(bytes(view[_HEADER_SIZE + 10 * nd:pay]))
+    crc = zlib.crc32(view[:pay])
+    bad = -1
+    for b in range(0, nd, _CHECK_BLOCKS):
+        e = min(nd, b + _CHECK_BLOCKS)
+        chunk = view[pay + DENSE_SIZE * b:pay + DENSE_SIZE * e]
+        crc = zlib.crc32(chunk, crc)
+        if bad < 0:
+            i = _dense_check(chunk, counts[b:e], maxima[b:e])
+            if i >= 0:
+                bad = b + i
+    crc = zlib.crc32(view[pay + DENSE_SIZE * nd:end], crc)
+    return None if crc != want else bad
+
+
 def _be_array(code: str, raw: bytes) -> array:
     a = array(code, raw)
     if _LITTLE:
@@ -198,7 +228,12 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
         raise bad(f"index format version {version}, this code reads versions "
                   f"{', '.join(map(str, READ_VERSIONS))}", 8)
     end = size - 4
-    if zlib.crc32(memoryview(data)[:end]) != _fb(data[end:], "big"):
+    # Version 2's dense blocks are checked against their stored counts and maxima in the
+    # same pass as the crc, a chunk at a time, while the chunk is in the CPU's cache
+    # (a second pass over the file would read it from memory again: 3 ms at 2M oids).
+    # A failed block check is only reported once the crc has matched.
+    dense_bad = _crc_and_dense_check(memoryview(data), end, version, nd, path)
+    if dense_bad is None:
         raise bad("checksum mismatch (the file is truncated or damaged)", end)
     if flags:
         raise bad(f"unknown flags {flags:#x}", 10)
@@ -269,7 +304,8 @@ def _decode(path: str, data: bytes) -> tuple[OidIndex, bytes, int, bytes]:
     if total and top >= pos:
         raise bad(f"position {top} is not below the index's end position {pos}", 28)
     if version >= 2:
-        i = _dense_check(view[dpay_at:dpay_at + DENSE_SIZE * nd], dcounts_a, dmax)
+        i = dense_bad if dense_bad != _NOT_CHECKED else _dense_check(
+            view[dpay_at:dpay_at + DENSE_SIZE * nd], dcounts_a, dmax)
         if i >= 0:
             raise bad(f"dense block {i}: the stored counts or maximum do not match its entries",
                       dpay_at + DENSE_SIZE * i)
