@@ -359,6 +359,19 @@ def atomic_write(path: str, chunks: Iterable[bytes], point_prefix: str = "") -> 
         point(point_prefix + ".after-replace")
 
 
+def _read_fd(fd: int, limit: int | None) -> bytes:
+    """An open file's bytes from its start, to its end or `limit`, 1 MiB a read."""
+    parts = []
+    pos = 0
+    while limit is None or pos < limit:
+        chunk = ops.pread(fd, 1 << 20 if limit is None else min(1 << 20, limit - pos), pos)
+        if not chunk:
+            break
+        parts.append(chunk)
+        pos += len(chunk)
+    return b"".join(parts)
+
+
 def read_whole(path: str, limit: int | None = None) -> bytes:
     """The whole content of a (small) file, or its first `limit` bytes."""
     path = str(path)
@@ -367,15 +380,7 @@ def read_whole(path: str, limit: int | None = None) -> bytes:
     except OSError as exc:
         raise _io_error(path, "open", exc) from exc
     try:
-        parts = []
-        pos = 0
-        while limit is None or pos < limit:
-            chunk = ops.pread(fd, 1 << 20 if limit is None else min(1 << 20, limit - pos), pos)
-            if not chunk:
-                break
-            parts.append(chunk)
-            pos += len(chunk)
-        return b"".join(parts)
+        return _read_fd(fd, limit)
     except OSError as exc:
         raise _io_error(path, "read", exc) from exc
     finally:
@@ -402,15 +407,7 @@ def map_whole(path: str) -> mmap.mmap | bytes:
                 return ops.map_read(fd, size)
             except (OSError, ValueError, OverflowError):
                 pass  # read it instead
-        parts = []
-        pos = 0
-        while True:
-            chunk = ops.pread(fd, 1 << 20, pos)
-            if not chunk:
-                break
-            parts.append(chunk)
-            pos += len(chunk)
-        return b"".join(parts)
+        return _read_fd(fd, None)
     except OSError as exc:
         raise _io_error(path, "read", exc) from exc
     finally:
