@@ -25,8 +25,11 @@ import time
 
 import pytest
 import ZEO
+from persistent.TimeStamp import TimeStamp
 
 import refstorage
+from refstorage import fileformat as fmt
+from refstorage.pack import pack_tid_for
 from test_replicate import blob_contents, history
 from test_zeo import ENV, _free_port, _read_line, _stop, _wait_listening
 
@@ -194,7 +197,14 @@ def test_primary_replica_server_and_chained_replicator_survive_kills_and_a_pack(
     try:
         compare(r, r2)                        # the chain copied everything, before any pack
         assert any(t[1] == "p" for t in history(p)), "the primary's pack removed nothing"
-        r.pack(pack_time)                     # the replica packs on its own schedule
+        # The replica packs on its own schedule, to the time the primary's pack took
+        # effect: a pack never goes past the last *finished* transaction, so when the
+        # writer's commit was in flight (its tid below pack_time, not yet finished) the
+        # primary packed to the transaction before it, and a replica packed to pack_time
+        # itself would rightly drop one revision more (seen in CI under load).
+        effective = p.read_snapshot().pack_tid
+        assert fmt.Z64 < effective <= pack_tid_for(pack_time)
+        r.pack(TimeStamp(effective).timeTime() + 1e-6)
         compare(p, r)
     finally:
         p.close()
