@@ -271,13 +271,18 @@ def fsync_dir(dirpath: str) -> None:
         raise _io_error(dirpath, "directory fsync", exc) from exc
 
 
+def _open_read(path: str) -> int:
+    """A read-only descriptor of `path` (StorageIOError naming it if it cannot be opened)."""
+    try:
+        return ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise _io_error(path, "open", exc) from exc
+
+
 def sync_path(path: str) -> None:
     """fsync the file at `path` (opened read-only for it)."""
     path = str(path)
-    try:
-        fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise _io_error(path, "open", exc) from exc
+    fd = _open_read(path)
     try:
         ops.fsync(fd)
     except OSError as exc:
@@ -375,10 +380,7 @@ def _read_fd(fd: int, limit: int | None) -> bytes:
 def read_whole(path: str, limit: int | None = None) -> bytes:
     """The whole content of a (small) file, or its first `limit` bytes."""
     path = str(path)
-    try:
-        fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise _io_error(path, "open", exc) from exc
+    fd = _open_read(path)
     try:
         return _read_fd(fd, limit)
     except OSError as exc:
@@ -396,10 +398,7 @@ def map_whole(path: str) -> mmap.mmap | bytes:
     truncating that very file meanwhile would make a later access fail (SIGBUS).
     The map closes when the last buffer taken from it is released."""
     path = str(path)
-    try:
-        fd = ops.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise _io_error(path, "open", exc) from exc
+    fd = _open_read(path)
     try:
         size = ops.fsize(fd)
         if size > 0:
